@@ -1,0 +1,320 @@
+"""The typed run config: one frozen dataclass per training run, validated once.
+
+Everything inside `vae/` trusts a `TrainConfig`; only `jobs/` builds one from
+flags or YAML (through `parse_train_args`), and every bad value becomes a
+`ConfigError` whose message is one line naming the flag and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+DATASETS = ("mnist", "gaussian2d")
+MODELS = ("mlp", "gaussian-mlp", "linear")
+DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
+DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # seed 1 and seed 2
+DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
+STORAGE_SCHEMES = ("", "file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    dataset: str = "mnist"
+    subset: int = 0  # first N training images (0: all)
+    data_dir: str = ""  # "" -> $VAE_DATA_DIR or ./data
+    # model
+    model: str = ""  # "" -> the dataset's default model
+    latent_dim: int = 0  # 0 -> 20 for mnist, 2 for gaussian2d
+    hidden_dim: int = 0  # 0 -> 400 for mnist, 64 for gaussian2d
+    decoder_var: str = "learned"  # Gaussian decoders: "learned" or a fixed variance
+    # objective
+    beta: float = 1.0
+    kl_warmup_epochs: float = 0.0
+    free_bits: float = 0.0
+    num_mc: int = 1
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128  # global: split evenly over the workers
+    lr: float = 1e-3
+    seed: int = 0
+    # diagnostics
+    active_threshold: float = 0.01
+    iw_samples: int = 1000
+    iw_subset: int = 1000
+    # scaling (None: decided from the cluster by the job)
+    num_workers: int = 1
+    use_gpu: bool | None = None
+    cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out by the job
+    max_failures: int = 0
+    # where results go
+    storage: str = "./results"
+    name: str = ""  # "" -> derived from the time and the config
+    trial_id: str = ""  # "" -> the run name (a sweep sets one per trial)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def fixed_decoder_var(self) -> float | None:
+        return None if self.decoder_var == "learned" else float(self.decoder_var)
+
+    @property
+    def run_id(self) -> str:
+        return self.trial_id or self.name
+
+
+# ---------------------------------------------------------------- validation
+
+def _check(ok: bool, flag: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"--{flag.replace('_', '-')}: must be {allowed} (got {value!r})")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_int(flag: str, value: Any, lo: int, hi: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+           flag, f"an integer in [{lo}, {hi}]", value)
+
+
+def check_float(flag: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = _finite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    _check(ok, flag, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]", value)
+
+
+def check_choice(flag: str, value: Any, choices: Sequence[str]) -> None:
+    _check(value in choices, flag, "one of " + ", ".join(choices), value)
+
+
+def check_storage(value: Any) -> None:
+    _check(isinstance(value, str) and value.strip() != "", "storage", "a path or URI", value)
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    _check(scheme in STORAGE_SCHEMES, "storage",
+           "a local path or a URI with scheme " + ", ".join(s for s in STORAGE_SCHEMES if s), value)
+
+
+def check_name(flag: str, value: str) -> None:
+    _check(value == "" or bool(NAME_PATTERN.match(value)), flag,
+           "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", value)
+
+
+def validate(c: TrainConfig) -> None:
+    check_choice("dataset", c.dataset, DATASETS)
+    check_int("subset", c.subset, 0, 10_000_000)
+    if c.model:
+        check_choice("model", c.model, MODELS)
+        if c.model == "mlp" and c.dataset != "mnist":
+            raise ConfigError("--model: mlp has a Bernoulli decoder for [0, 1] pixels; "
+                              f"use gaussian-mlp or linear with --dataset {c.dataset}")
+    check_int("latent_dim", c.latent_dim, 0, 4096)
+    check_int("hidden_dim", c.hidden_dim, 0, 65536)
+    if c.decoder_var != "learned":
+        try:
+            var = float(c.decoder_var)
+        except (TypeError, ValueError):
+            var = float("nan")
+        _check(math.isfinite(var) and 0 < var <= 1e6, "decoder_var",
+               "'learned' or a variance in (0, 1e6]", c.decoder_var)
+    check_float("beta", c.beta, 0.0, 1e6)
+    check_float("kl_warmup_epochs", c.kl_warmup_epochs, 0.0, 1e6)
+    check_float("free_bits", c.free_bits, 0.0, 1e3)
+    check_int("num_mc", c.num_mc, 1, 1024)
+    check_int("epochs", c.epochs, 1, 100_000)
+    check_int("batch_size", c.batch_size, 1, 1_000_000)
+    check_float("lr", c.lr, 0.0, 100.0, lo_open=True)
+    check_int("seed", c.seed, 0, 2**31 - 1)
+    check_float("active_threshold", c.active_threshold, 0.0, 1e6, lo_open=True)
+    check_int("iw_samples", c.iw_samples, 0, 100_000)
+    check_int("iw_subset", c.iw_subset, 1, 1_000_000)
+    check_int("num_workers", c.num_workers, 1, 4096)
+    _check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
+    check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
+    check_int("max_failures", c.max_failures, -1, 1_000_000)
+    _check(c.batch_size >= c.num_workers, "batch_size",
+           f"at least --num-workers ({c.num_workers}), as it is the global batch", c.batch_size)
+    check_storage(c.storage)
+    check_name("name", c.name)
+    check_name("trial_id", c.trial_id)
+
+
+def resolve(c: TrainConfig) -> TrainConfig:
+    """Fill the settings whose default depends on others (model, sizes, data_dir, name, storage)."""
+    model = c.model or DEFAULT_MODEL[c.dataset]
+    latent_dim = c.latent_dim or DEFAULT_LATENT[c.dataset]
+    hidden_dim = c.hidden_dim or DEFAULT_HIDDEN[c.dataset]
+    data_dir = os.path.abspath(c.data_dir or os.environ.get("VAE_DATA_DIR", "") or "./data")
+    name = c.name or f"{c.dataset}-{model}-z{latent_dim}-b{c.beta:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return c.replace(model=model, latent_dim=latent_dim, hidden_dim=hidden_dim, data_dir=data_dir, name=name,
+                     storage=absolute_storage(c.storage))
+
+
+def absolute_storage(storage: str) -> str:
+    """Workers run in other folders than the driver: pin local storage to an absolute path."""
+    if "://" in storage:
+        return storage[len("file://"):] if storage.startswith("file://") else storage
+    return os.path.abspath(os.path.expanduser(storage))
+
+
+# -------------------------------------------------------- flags and YAML files
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def boolean(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not true/false: {text!r}")
+
+
+HELP = {
+    "dataset": "mnist (seed 1) or gaussian2d (seed 2's correlated 2-D Gaussian)",
+    "subset": "train on the first N training examples only (0: all)",
+    "data_dir": "MNIST root in torchvision's layout (default: $VAE_DATA_DIR or ./data; downloaded when absent)",
+    "model": "mlp (Bernoulli decoder), gaussian-mlp (learned output variance) or linear "
+             "(default: mlp for mnist, gaussian-mlp for gaussian2d)",
+    "latent_dim": "latent size (0: 20 for mnist, 2 for gaussian2d)",
+    "hidden_dim": "hidden layer width (0: 400 for mnist, 64 for gaussian2d)",
+    "decoder_var": "Gaussian decoders: 'learned' or a fixed observation variance",
+    "beta": "KL weight of the objective (recon + beta * KL)",
+    "kl_warmup_epochs": "raise the KL weight linearly from 0 to beta over this many epochs",
+    "free_bits": "per-dimension floor (nats) on the batch-mean KL in the training objective",
+    "num_mc": "Monte Carlo samples of z per input",
+    "epochs": "training epochs",
+    "batch_size": "global batch size (split evenly over the workers)",
+    "lr": "Adam learning rate",
+    "seed": "random seed (data order, initialisation, noise)",
+    "active_threshold": "a latent unit is active when Var_x(E_q[z_j]) exceeds this",
+    "iw_samples": "importance samples for the final IW NLL bound (0: skip it)",
+    "iw_subset": "test examples used for the IW NLL bound",
+    "num_workers": "Ray Train data-parallel workers",
+    "use_gpu": "true/false (default: GPU when the cluster has one)",
+    "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",
+    "max_failures": "worker-group restarts from the latest checkpoint (-1: unlimited)",
+    "storage": "local path or pyarrow.fs URI (s3://bucket/prefix) for tables and checkpoints",
+    "name": "run name; rerunning a name resumes it (default: dataset-model-z-b-time)",
+    "trial_id": "trial id in the tables (default: the run name)",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per dataclass field, defaulting to 'not given' so YAML can fill it."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = {"int": number(int), "float": number(float), "bool | None": boolean,
+                "bool": boolean}.get(str(f.type), str)
+        default = f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
+                            default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"{HELP.get(f.name, '')} (default: {default if default != '' else 'see text'})")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build(cls: type, values: Mapping[str, Any], source: str = "--config") -> Any:
+    """Make a config dataclass from plain values, with one-line errors."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
+    coerced = {}
+    for key, value in values.items():
+        kind = str(names[key].type)
+        if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        expected = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": (bool, type(None))}
+        want = expected.get(kind)
+        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise ConfigError(f"--{key.replace('_', '-')}: must be {kind} (got {value!r})")
+        coerced[key] = value
+    return cls(**coerced)
+
+
+def parse_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None) -> tuple[Any, argparse.Namespace]:
+    """Flags override YAML (--config) which overrides the dataclass defaults.
+
+    A bad value exits 2 with one line on stderr; nothing else has happened yet.
+    """
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cls)}}
+    try:
+        values = load_yaml(args.config) if getattr(args, "config", None) else {}
+        values.update(given)
+        return build(cls, values), args
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=prog, description="Train a VAE with Ray Train and write Parquet tables.")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flags")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log stream")
+    add_config_flags(parser, TrainConfig)
+    return parser
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = train_parser()
+    config, args = parse_args(parser, TrainConfig, argv)
+    return resolve(config), args
+
+
+def fail(message: str, prog: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,135 @@
+"""Datasets as whole tensors, and per-rank shards of them.
+
+MNIST is read once through torchvision into one float tensor (no per-item
+PIL/ToTensor in the hot loop); the 2-D Gaussian of seed 2 is generated from a
+seed. Batches are index slices of these tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GAUSSIAN_MEAN = (1.0, 0.5)
+GAUSSIAN_COV = ((1.0, 0.5), (0.5, 1.0))
+GAUSSIAN_TRAIN, GAUSSIAN_TEST = 10_000, 2_000
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_SIZES = dict(zip(MNIST_FILES, (47_040_016, 60_008, 7_840_016, 10_008)))
+
+
+class DataError(RuntimeError):
+    """Data that cannot be had; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # [N, D] float32
+    y: torch.Tensor  # [N] int64 labels (0 where the data has none)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class Data:
+    train: Split
+    test: Split
+    image_shape: tuple[int, ...] | None  # (28, 28) for images, None for points
+
+
+def check_mnist_files(root: str) -> None:
+    """Refuse missing, truncated or corrupted MNIST files, naming the file.
+
+    Sizes are always checked; digests too when the folder has `MNIST/MD5SUMS`.
+    Nothing is repaired or downloaded here.
+    """
+    raw = Path(root) / "MNIST" / "raw"
+    sums_file = Path(root) / "MNIST" / "MD5SUMS"
+    expected: dict[str, str] = {}
+    if sums_file.is_file():
+        for line in sums_file.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                expected[parts[1]] = parts[0]
+    for name in MNIST_FILES:
+        path = raw / name
+        if not path.is_file():
+            raise DataError(f"MNIST file missing: {path}")
+        size = path.stat().st_size
+        if size != MNIST_SIZES[name]:
+            raise DataError(f"MNIST file {path} has {size} bytes, expected {MNIST_SIZES[name]} "
+                            "(truncated or corrupted; replace it, it is not repaired here)")
+        want = expected.get(name, "")
+        if want:
+            got = hashlib.md5(path.read_bytes()).hexdigest()
+            if got != want:
+                raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {sums_file} "
+                                "(corrupted; replace it, it is not repaired here)")
+
+
+def load_mnist(root: str, subset: int = 0) -> Data:
+    """MNIST as [0, 1] intensities, flattened to 784 values (seed 1: ToTensor only)."""
+    from torchvision.datasets import MNIST
+
+    raw = Path(root) / "MNIST" / "raw"
+    if any((raw / f).exists() for f in MNIST_FILES):  # present: check, never re-download over it
+        check_mnist_files(root)
+    try:
+        train = MNIST(root, train=True, download=True)
+        test = MNIST(root, train=False, download=True)
+    except Exception as e:  # URLError, HTTPError, RuntimeError from torchvision
+        raise DataError(f"MNIST is not in {Path(root) / 'MNIST' / 'raw'} and could not be downloaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "point --data-dir or VAE_DATA_DIR at a folder that holds it") from None
+
+    def split(ds: MNIST, limit: int) -> Split:
+        x, y = ds.data, ds.targets
+        if limit:
+            x, y = x[:limit], y[:limit]
+        return Split(x.reshape(len(x), -1).to(torch.float32).div_(255.0), y.to(torch.int64))
+
+    return Data(split(train, subset), split(test, 0), (28, 28))
+
+
+def gaussian2d(seed: int, subset: int = 0) -> Data:
+    """Seed 2's correlated 2-D Gaussian: 10,000 training and 2,000 test points."""
+    mean = torch.tensor(GAUSSIAN_MEAN)
+    cov = torch.tensor(GAUSSIAN_COV)
+    dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)  # checks positive definiteness
+    gen = torch.Generator().manual_seed(10_007 + seed)
+    eps = torch.randn(GAUSSIAN_TRAIN + GAUSSIAN_TEST, 2, generator=gen)
+    x = mean + eps @ dist.scale_tril.T
+    n_train = subset or GAUSSIAN_TRAIN
+    zeros = torch.zeros(len(x), dtype=torch.int64)
+    return Data(Split(x[:n_train], zeros[:n_train]),
+                Split(x[GAUSSIAN_TRAIN:], zeros[GAUSSIAN_TRAIN:]), None)
+
+
+def load(dataset: str, data_dir: str, seed: int, subset: int = 0) -> Data:
+    if dataset == "mnist":
+        return load_mnist(data_dir, subset)
+    if dataset == "gaussian2d":
+        return gaussian2d(seed, subset)
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int) -> torch.Tensor:
+    """This rank's indices for one epoch, with DistributedSampler's semantics.
+
+    One permutation per (seed, epoch), shared by every rank; padded by wrapping
+    so each rank gets the same count; rank r takes positions r, r + world, ...
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    per_rank = -(-n // world)
+    total = per_rank * world
+    if total > n:
+        order = torch.cat([order, order[: total - n]])
+    return order[rank:total:world]

@@ -1,0 +1,98 @@
+"""Posterior-collapse diagnostics: pure functions of encoder outputs and models.
+
+- KL per latent dimension (test-set mean of the analytic KL),
+- active units (Burda et al. 2015): Var_x(E_q[z_j]) > threshold,
+- mutual information I(x; z) under q (He et al. 2019's estimator),
+- the importance-weighted NLL bound (Burda et al. 2015) at the end of training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import losses
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    recon: float  # mean per example, nats
+    kl: float  # mean per example, nats (unweighted)
+    kl_per_dim: torch.Tensor  # [L]
+    mu: torch.Tensor  # [N, L]
+    logvar: torch.Tensor  # [N, L]
+
+    @property
+    def loss(self) -> float:
+        """Negative ELBO with beta = 1, the number comparable across runs."""
+        return self.recon + self.kl
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) -> Evaluation:
+    """Test-set ELBO terms with fixed noise eps [S, N, L] (the same every epoch)."""
+    recon_sum = x.new_zeros(())
+    kl_dims_sum = x.new_zeros(model.latent_dim)
+    mus, logvars = [], []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        mu, logvar = model.encode(xb)
+        z = losses.reparameterize(mu, logvar, eps[:, start:start + batch_size])
+        recon_sum += model.recon_nll(xb, model.decode(z)).mean(0).sum()
+        kl_dims_sum += losses.kl_per_dim(mu, logvar).sum(0)
+        mus.append(mu)
+        logvars.append(logvar)
+    n = len(x)
+    kl_per_dim = (kl_dims_sum / n).cpu()
+    return Evaluation(recon=float(recon_sum) / n, kl=float(kl_per_dim.sum()), kl_per_dim=kl_per_dim,
+                      mu=torch.cat(mus).cpu(), logvar=torch.cat(logvars).cpu())
+
+
+def unit_activity(mu: torch.Tensor) -> torch.Tensor:
+    """Var over examples of E_q[z_j | x] per dimension: [L]."""
+    return mu.var(0, unbiased=False)
+
+
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
+    """Number of latent dimensions whose activity exceeds the threshold."""
+    return int((unit_activity(mu) > threshold).sum())
+
+
+def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, chunk: int = 512) -> float:
+    """I(x; z) under q(x, z) = p_data(x) q(z|x), estimated as in He et al. (2019).
+
+    mu, logvar [N, L]; z [N, L] one sample from each q(z|x_n).
+    I = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the aggregate
+    posterior q(z) approximated by the mixture (1/N) sum_m q(z|x_m).
+    """
+    n, dims = mu.shape
+    neg_entropy = (-0.5 * dims * math.log(2 * math.pi) - 0.5 * (1 + logvar).sum(-1)).mean()
+    log_qz = []
+    for start in range(0, n, chunk):
+        zc = z[start:start + chunk, None, :]  # [C, 1, L] against every q(.|x_m) [1, N, L]
+        log_q_zm = losses.log_normal_diag(zc, mu[None], logvar[None])  # [C, N]
+        log_qz.append(torch.logsumexp(log_q_zm, dim=1) - math.log(n))
+    return float(neg_entropy - torch.cat(log_qz).mean())
+
+
+@torch.no_grad()
+def iw_nll(model, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+           chunk: int = 100) -> float:
+    """-log p(x) bounded with K importance samples, mean over examples (nats).
+
+    log p(x) >= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K.
+    """
+    mu, logvar = model.encode(x)
+    total = torch.full((len(x),), -math.inf, device=x.device)
+    done = 0
+    while done < num_samples:
+        k = min(chunk, num_samples - done)
+        eps = torch.randn((k, *mu.shape), generator=generator, device="cpu").to(x.device)
+        z = losses.reparameterize(mu, logvar, eps)  # [k, B, L]
+        log_w = (-model.recon_nll(x, model.decode(z)) + losses.log_standard_normal(z)
+                 - losses.log_normal_diag(z, mu, logvar))
+        total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+        done += k
+    return float(-(total - math.log(num_samples)).mean())

@@ -1,0 +1,127 @@
+"""Ray at the edge: connect to (or start) a cluster, fit a TorchTrainer, follow progress.
+
+Nothing here is imported by the loop; `jobs/` calls these after validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from typing import Any, Callable
+
+from .config import TrainConfig
+from .results import Results, run_root
+
+
+def connect(verbose: bool = False, num_cpus: int | None = None) -> None:
+    """Attach to the cluster in RAY_ADDRESS / `ray start`, or start a local one.
+
+    Ray's own log stream (worker prefixes, controller chatter) stays off
+    unless `verbose`; progress comes from the results tables instead.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return
+    level = logging.INFO if verbose else logging.ERROR
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    kwargs: dict[str, Any] = dict(logging_level=level, log_to_driver=verbose)
+    attaching = bool(os.environ.get("RAY_ADDRESS"))
+    if not attaching:
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    logging.getLogger("ray").setLevel(level)
+
+
+def cluster_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) of the cluster we are attached to."""
+    import ray
+
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 0)), int(res.get("GPU", 0))
+
+
+def settle_scaling(cfg: TrainConfig) -> TrainConfig:
+    """Decide GPU use and CPUs per worker from the cluster when the user left them open."""
+    cpus, gpus = cluster_resources()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
+    cpus_per_worker = cfg.cpus_per_worker or max(1, cpus // cfg.num_workers if cpus else 1)
+    return cfg.replace(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+
+
+def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
+    def num(v: float, spec: str = ".2f") -> str:
+        return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    speed = row.get("samples_per_second")
+    return (f"epoch {int(row['epoch'])}/{total}  train {num(row['train_loss'])}  test {num(row['test_loss'])} "
+            f"(recon {num(row['test_recon'])}, KL {num(row['test_kl'])})  active {int(row['active_units'])}/"
+            f"{latent_dim}  MI {num(row['mutual_info'])}"
+            + (f"  {num(speed, ',.0f')} samples/s" if speed == speed and speed is not None else ""))
+
+
+class EpochFollower(threading.Thread):
+    """Prints each new `epochs/` row of one trial while the run goes on."""
+
+    def __init__(self, cfg: TrainConfig, emit: Callable[[str], None] = print, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.cfg, self.emit, self.every = cfg, emit, every
+        self.results = Results(run_root(cfg.storage, cfg.name))
+        self.seen: set[int] = set()
+        self.stop_event = threading.Event()
+
+    def poll(self) -> None:
+        import pyarrow.dataset as ds
+
+        try:
+            df = self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id)
+        except Exception:  # a file being renamed in place: try again on the next tick
+            return
+        for row in df.sort_values("epoch").to_dict("records"):
+            if int(row["epoch"]) not in self.seen:
+                self.seen.add(int(row["epoch"]))
+                self.emit(format_epoch(row, self.cfg.epochs, self.cfg.latent_dim))
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.every):
+            self.poll()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+        self.poll()
+
+
+def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None):
+    """Run `train_loop` on `cfg.num_workers` Ray Train workers; returns the `ray.train.Result`.
+
+    Rerunning the same (storage, name) resumes from the latest checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_func
+
+    resources = {"CPU": cfg.cpus_per_worker or 1}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env_vars} if env_vars else None,
+                             callbacks=callbacks),
+    )
+    return trainer.fit()

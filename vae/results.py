@@ -1,0 +1,169 @@
+"""The results contract: every Parquet table's name, schema, writer and reader.
+
+A run (or sweep) lives under `<storage>/<name>/`, one folder per table. Each
+write is one Parquet file, written under a hidden temporary name and renamed
+into place, and keyed so that a retried epoch replaces its file instead of
+adding a second one. `pandas.read_parquet("<storage>/<name>/epochs")` reads a
+table; `read_table` does the same through pyarrow.fs for any storage URI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+# The run settings that become columns of `epochs/` and `trials/` (the science, not the plumbing).
+CONFIG_FIELDS = [
+    ("dataset", pa.string()), ("model", pa.string()), ("latent_dim", pa.int64()),
+    ("hidden_dim", pa.int64()), ("decoder_var", pa.string()), ("beta", pa.float64()),
+    ("kl_warmup_epochs", pa.float64()), ("free_bits", pa.float64()), ("num_mc", pa.int64()),
+    ("epochs", pa.int64()), ("batch_size", pa.int64()), ("lr", pa.float64()),
+    ("seed", pa.int64()), ("subset", pa.int64()), ("num_workers", pa.int64()),
+]
+CONFIG_COLUMNS = [name for name, _ in CONFIG_FIELDS]
+KEY = [("trial_id", pa.string())]
+
+METRIC_FIELDS = [
+    ("kl_weight", pa.float64()), ("train_loss", pa.float64()), ("train_recon", pa.float64()),
+    ("train_kl", pa.float64()), ("test_loss", pa.float64()), ("test_recon", pa.float64()),
+    ("test_kl", pa.float64()), ("active_units", pa.int64()), ("mutual_info", pa.float64()),
+    ("epoch_seconds", pa.float64()), ("samples_per_second", pa.float64()),
+]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    # one row per (trial_id, epoch); epoch 0 is the test before the first step
+    "epochs": pa.schema(KEY + [("epoch", pa.int64())] + CONFIG_FIELDS + METRIC_FIELDS),
+    # test-set mean KL and activity Var_x(E_q[z_j]) of each latent dimension
+    "kl_per_dim": pa.schema(KEY + [("epoch", pa.int64()), ("dim", pa.int64()),
+                                   ("kl", pa.float64()), ("activity", pa.float64())]),
+    # one row per trial: its config, where it stopped, and its final metrics
+    "trials": pa.schema(KEY + CONFIG_FIELDS + [
+        ("status", pa.string()),  # running | finished | diverged | failed
+        ("error", pa.string()), ("epochs_done", pa.int64()),
+        ("train_loss", pa.float64()), ("test_loss", pa.float64()), ("test_recon", pa.float64()),
+        ("test_kl", pa.float64()), ("active_units", pa.int64()), ("mutual_info", pa.float64()),
+        ("iw_nll", pa.float64()), ("wall_seconds", pa.float64()),
+    ]),
+    # test-set encoder means (latest epoch) with labels, for latent-space plots
+    "latents": pa.schema(KEY + [("epoch", pa.int64()), ("index", pa.int64()), ("label", pa.int64()),
+                                ("mu", pa.list_(pa.float32()))]),
+    # pixel arrays (MNIST) or 2-D points (gaussian2d); kind says which figure they feed
+    "images": pa.schema(KEY + [("epoch", pa.int64()),
+                               ("kind", pa.string()),  # original | reconstruction | prior_sample | interpolation | generated | generated_noisy
+                               ("index", pa.int64()), ("pair", pa.int64()),  # pair: interpolation path, else -1
+                               ("values", pa.list_(pa.float32()))]),
+    # one row per (latent_dim, lr, beta) cell of a sweep, aggregated over repeats
+    "collapse_map": pa.schema([
+        ("latent_dim", pa.int64()), ("lr", pa.float64()), ("beta", pa.float64()),
+        ("n_trials", pa.int64()), ("active_units_mean", pa.float64()), ("active_units_min", pa.float64()),
+        ("active_units_max", pa.float64()), ("active_fraction", pa.float64()), ("total_kl", pa.float64()),
+        ("mutual_info", pa.float64()), ("test_loss", pa.float64()), ("iw_nll", pa.float64()),
+        ("frac_collapsed", pa.float64()), ("frac_partial", pa.float64()), ("frac_diverged", pa.float64()),
+        ("status", pa.string()),  # the cell's majority class
+        # per (latent_dim, lr): where the active fraction first falls below 1/2
+        ("critical_beta", pa.float64()), ("critical_beta_lower", pa.float64()),
+        ("critical_beta_upper", pa.float64()), ("monotone", pa.bool_()),
+    ]),
+}
+TABLES = tuple(SCHEMAS)
+IMAGE_KINDS = ("original", "reconstruction", "prior_sample", "interpolation", "generated", "generated_noisy")
+SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class StorageError(RuntimeError):
+    """Results could not be written; the message names the path."""
+
+
+def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
+def run_root(storage: str, name: str) -> str:
+    return storage.rstrip("/") + "/" + name
+
+
+def config_row(config: Any) -> dict[str, Any]:
+    values = config if isinstance(config, Mapping) else config.to_dict()
+    return {k: values[k] for k in CONFIG_COLUMNS}
+
+
+def file_key(trial_id: str, epoch: int | None = None) -> str:
+    key = SAFE_KEY.sub("_", trial_id)
+    return f"{key}.e{epoch:05d}.parquet" if epoch is not None else f"{key}.parquet"
+
+
+class Results:
+    """Writer and reader of one run's tables (`<storage>/<name>/<table>/`)."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.fs, self.path = filesystem(self.root)
+
+    # ---------------------------------------------------------------- write
+    def write(self, table: str, rows: Iterable[Mapping[str, Any]] | pd.DataFrame, key: str) -> str:
+        """Write rows as `<table>/<key>` atomically (temp file + rename), replacing any old file."""
+        schema = SCHEMAS[table]
+        frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=schema.names)
+        missing = [c for c in schema.names if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{table}: rows lack columns {missing}")
+        data = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+        folder = f"{self.path}/{table}"
+        final = f"{folder}/{key}"
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{key}"
+        try:
+            self.fs.create_dir(folder, recursive=True)
+            with self.fs.open_output_stream(tmp) as out:
+                pq.write_table(data, out, compression="zstd")
+            self.fs.move(tmp, final)
+        except OSError as e:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write results to {final}: {e}") from None
+        return final
+
+    def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
+        final = f"{self.path}/{name}"
+        tmp = f"{self.path}/.tmp-{uuid.uuid4().hex}-{name}"
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(json.dumps(payload, indent=2, default=str).encode())
+            self.fs.move(tmp, final)
+        except OSError as e:
+            raise StorageError(f"cannot write {final}: {e}") from None
+
+    # ---------------------------------------------------------------- read
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def read(self, table: str, filter: ds.Expression | None = None) -> pd.DataFrame:
+        """The whole table as a DataFrame with the contract's columns (empty if absent)."""
+        schema = SCHEMAS[table]
+        folder = f"{self.path}/{table}"
+        if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+            return schema.empty_table().to_pandas()
+        dataset = ds.dataset(folder, schema=schema, format="parquet", filesystem=self.fs)
+        return dataset.to_table(filter=filter).to_pandas()
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = f"{self.path}/{name}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as src:
+            return json.loads(src.read().decode())

@@ -1,0 +1,107 @@
+"""Where the training loop runs: alone, in a Ray Train worker, or in a Tune trial.
+
+A session tells the loop its rank, world size and device, wraps the model
+for data parallelism, hands it the latest checkpoint folder, and takes its
+per-epoch report. The loop itself never imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Any, Iterator
+
+import torch
+
+
+class LocalSession:
+    """One process, no Ray: plain tests and benchmarks.
+
+    With `checkpoint_dir` the latest checkpoint is kept there, so a second
+    call with the same folder resumes.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_dir: str | None = None, device: str = "cpu"):
+        self.checkpoint_dir = checkpoint_dir
+        self.device = torch.device(device)
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        found = self.checkpoint_dir and os.path.isfile(os.path.join(self.checkpoint_dir, "state.pt"))
+        yield self.checkpoint_dir if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir and self.checkpoint_dir:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+            shutil.copy2(os.path.join(checkpoint_dir, "state.pt"),
+                         os.path.join(self.checkpoint_dir, ".state.pt.tmp"))
+            os.replace(os.path.join(self.checkpoint_dir, ".state.pt.tmp"),
+                       os.path.join(self.checkpoint_dir, "state.pt"))
+
+
+class RayTrainSession:
+    """A worker of a Ray Train `TorchTrainer` (DDP over gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as folder:
+                yield folder
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class TuneSession(LocalSession):
+    """A Tune function trial that trains in its own process (one worker)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        super().__init__(None, device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as folder:
+                yield folder
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)

@@ -1,0 +1,69 @@
+"""What the figures need from a model, taken at chosen epochs as table rows.
+
+Reconstructions, prior samples and interpolation paths for images; generated
+points (decoded means and noisy samples) for the 2-D toy; test-set encoder
+means for latent maps. The inputs and the noise are fixed per trial, so the
+same test images and the same prior draws appear at every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .data import Data
+
+N_ORIGINALS = 16
+N_PRIOR = 64
+N_PAIRS = 4
+N_STEPS = 10
+N_POINTS = 2000
+N_LATENTS = 2000
+
+
+def snapshot_epochs(total: int) -> set[int]:
+    """0, 1, 2, 4, 8, ... and the last epoch: spread over training, few of them."""
+    epochs, k = {0, total}, 1
+    while k < total:
+        epochs.add(k)
+        k *= 2
+    return epochs
+
+
+def _rows(trial_id: str, epoch: int, kind: str, values: torch.Tensor, pair: int = -1) -> list[dict[str, Any]]:
+    return [{"trial_id": trial_id, "epoch": epoch, "kind": kind, "index": i, "pair": pair,
+             "values": v.tolist()} for i, v in enumerate(values.float().cpu())]
+
+
+@torch.no_grad()
+def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[dict[str, Any]]:
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed + 77)
+    rows: list[dict[str, Any]] = []
+    if data.image_shape is None:  # 2-D toy: true test points once, generated points every time
+        if epoch == 0:
+            rows += _rows(trial_id, epoch, "original", data.test.x[:N_POINTS])
+        z = torch.randn(N_POINTS, model.latent_dim, generator=gen).to(device)
+        rows += _rows(trial_id, epoch, "generated", model.decode_mean(z))
+        noisy_gen = torch.Generator().manual_seed(seed + 78)
+        noisy = model.decode_sample(z, noisy_gen if device.type == "cpu" else None)
+        rows += _rows(trial_id, epoch, "generated_noisy", noisy)
+        return rows
+    x = data.test.x[:N_ORIGINALS].to(device)
+    mu, _ = model.encode(x)
+    rows += _rows(trial_id, epoch, "original", x)
+    rows += _rows(trial_id, epoch, "reconstruction", model.decode_mean(mu))
+    z = torch.randn(N_PRIOR, model.latent_dim, generator=gen).to(device)
+    rows += _rows(trial_id, epoch, "prior_sample", model.decode_mean(z))
+    t = torch.linspace(0, 1, N_STEPS, device=device)[:, None]
+    for pair in range(N_PAIRS):
+        path = (1 - t) * mu[2 * pair] + t * mu[2 * pair + 1]  # straight line between two test codes
+        rows += _rows(trial_id, epoch, "interpolation", model.decode_mean(path), pair)
+    return rows
+
+
+def latent_rows(mu: torch.Tensor, labels: torch.Tensor, trial_id: str, epoch: int) -> list[dict[str, Any]]:
+    n = min(N_LATENTS, len(mu))
+    return [{"trial_id": trial_id, "epoch": epoch, "index": i, "label": int(labels[i]),
+             "mu": mu[i].float().tolist()} for i in range(n)]
