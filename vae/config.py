@@ -235,17 +235,16 @@ HELP = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, help: Mapping[str, str] | None = None) -> None:
     """One flag per dataclass field, defaulting to 'not given' so YAML can fill it."""
+    help = HELP if help is None else help
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         kind = {"int": number(int), "float": number(float), "bool | None": boolean,
                 "bool": boolean}.get(str(f.type), str)
         default = f.default
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                             default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{HELP.get(f.name, '')} (default: {default if default != '' else 'see text'})")
+                            help=f"{help.get(f.name, '')} (default: {default if default != '' else 'see text'})")
 
 
 def load_yaml(path: str) -> dict[str, Any]:

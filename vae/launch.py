@@ -25,6 +25,8 @@ def connect(verbose: bool = False, num_cpus: int | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's banner and tables off; our progress line instead
     if ray.is_initialized():
         return
     level = logging.INFO if verbose else logging.ERROR
@@ -100,10 +102,13 @@ class EpochFollower(threading.Thread):
         self.poll()
 
 
-def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None):
+def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None,
+        run_name: str = "", run_storage: str = ""):
     """Run `train_loop` on `cfg.num_workers` Ray Train workers; returns the `ray.train.Result`.
 
-    Rerunning the same (storage, name) resumes from the latest checkpoint.
+    Ray Train's run (checkpoints) is `run_storage/run_name`, by default the
+    results folder `storage/name` itself. Rerunning the same run resumes from
+    its latest checkpoint. A failed run raises `ray.train.TrainingFailedError`.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -118,7 +123,7 @@ def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: lis
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage,
+        run_config=RunConfig(name=run_name or cfg.name, storage_path=run_storage or cfg.storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env_vars} if env_vars else None,

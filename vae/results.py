@@ -60,9 +60,10 @@ SCHEMAS: dict[str, pa.Schema] = {
                                ("kind", pa.string()),  # original | reconstruction | prior_sample | interpolation | generated | generated_noisy
                                ("index", pa.int64()), ("pair", pa.int64()),  # pair: interpolation path, else -1
                                ("values", pa.list_(pa.float32()))]),
-    # one row per (latent_dim, lr, beta) cell of a sweep, aggregated over repeats
+    # one row per (latent_dim, lr, beta) cell of a sweep (other swept axes split cells too), over repeats
     "collapse_map": pa.schema([
-        ("latent_dim", pa.int64()), ("lr", pa.float64()), ("beta", pa.float64()),
+        ("latent_dim", pa.int64()), ("lr", pa.float64()), ("hidden_dim", pa.int64()),
+        ("kl_warmup_epochs", pa.float64()), ("free_bits", pa.float64()), ("beta", pa.float64()),
         ("n_trials", pa.int64()), ("active_units_mean", pa.float64()), ("active_units_min", pa.float64()),
         ("active_units_max", pa.float64()), ("active_fraction", pa.float64()), ("total_kl", pa.float64()),
         ("mutual_info", pa.float64()), ("test_loss", pa.float64()), ("iw_nll", pa.float64()),

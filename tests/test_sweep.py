@@ -1,0 +1,90 @@
+"""Ray Tune sweeps end to end on 2 CPUs: grids, collapse, divergence, and a killed driver."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jobs import sweep as sweep_job
+from tests.conftest import ROOT
+from vae.results import Results
+
+
+def test_mnist_grid_maps_collapse_at_large_beta(ray_cluster, tmp_path, data_dir):
+    rc = sweep_job.main(["--dataset", "mnist", "--subset", "1000", "--epochs", "1", "--latent-dims", "2,4",
+                         "--lrs", "1e-3,3e-3", "--betas", "0.01,300", "--hidden-dims", "64", "--iw-samples", "5",
+                         "--iw-subset", "20", "--storage", str(tmp_path), "--name", "grid"])
+    assert rc == 0
+    res = Results(f"{tmp_path}/grid")
+    trials = res.read("trials")
+    assert len(trials) == 8 and set(trials.status) == {"finished"}
+    assert len(trials.drop_duplicates(["latent_dim", "lr", "beta"])) == 8
+    assert len(res.read("epochs")) == 8 * 2  # epoch 0 and 1 of each trial
+    table = res.read("collapse_map")
+    assert len(table) == 8
+    assert set(table[table.beta == 300].status) == {"collapsed"}
+    assert "collapsed" not in set(table[table.beta == 0.01].status)
+    assert (table[table.beta == 0.01].active_fraction > 0.5).all()
+
+
+def test_linear_vae_loses_units_as_beta_rises_and_a_diverging_trial_is_kept(ray_cluster, tmp_path):
+    # Data covariance eigenvalues 1.5 and 0.5, decoder variance 1: units die at beta 0.5 and 1.5.
+    rc = sweep_job.main(["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
+                         "--lrs", "1e-2", "--betas", "0.2,1,3", "--epochs", "6", "--iw-samples", "5",
+                         "--storage", str(tmp_path), "--name", "linear"])
+    assert rc == 0
+    table = Results(f"{tmp_path}/linear").read("collapse_map").sort_values("beta")
+    assert table.active_units_mean.tolist() == [2, 1, 0]
+    assert table.critical_beta_lower.iloc[0] == 1.0 and table.critical_beta_upper.iloc[0] == 3.0
+
+    rc = sweep_job.main(["--dataset", "gaussian2d", "--model", "gaussian-mlp", "--latent-dims", "2",
+                         "--lrs", "1e-3,10", "--betas", "1", "--epochs", "2", "--iw-samples", "5",
+                         "--storage", str(tmp_path), "--name", "diverge"])
+    assert rc == 0
+    res = Results(f"{tmp_path}/diverge")
+    trials = res.read("trials").set_index("lr")
+    assert trials.loc[10.0, "status"] == "diverged" and "epoch 1" in trials.loc[10.0, "error"]
+    assert trials.loc[1e-3, "status"] == "finished" and trials.loc[1e-3, "epochs_done"] == 2
+    table = res.read("collapse_map").set_index("lr")
+    assert table.loc[10.0, "frac_diverged"] == 1.0 and table.loc[10.0, "status"] == "diverged"
+
+
+def test_bad_sweep_input_exits_2_before_ray(tmp_path):
+    for args, needle in [(["--betas", ""], "--betas: must list"), (["--betas", "1,x"], "--betas: must be a comma"),
+                         (["--latent-dims", "2.5"], "--latent-dims"), (["--scheduler", "hyperband"], "--scheduler"),
+                         (["--resume"], "--resume: needs --name"),
+                         (["--resume", "--name", "nope", "--storage", str(tmp_path)], "no sweep to finish")]:
+        proc = subprocess.run([sys.executable, "-m", "jobs.sweep", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
+    args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
+            "--latent-dims", "2", "--lrs", "1e-2", "--betas", "0.1,0.3,1,3", "--epochs", "4", "--iw-samples", "5",
+            "--storage", str(tmp_path), "--name", "killed"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    res = Results(f"{tmp_path}/killed")
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once some, not all, trials have finished
+        trials = res.read("trials")
+        if (trials.status == "finished").sum() >= 1:
+            break
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert (res.read("trials").status == "finished").sum() < 4
+    proc = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    trials = res.read("trials")
+    assert sorted(trials.beta) == [0.1, 0.3, 1, 3] and set(trials.status) == {"finished"}
+    epochs = res.read("epochs")
+    assert len(epochs) == 4 * 5 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert sorted(res.read("collapse_map").beta) == [0.1, 0.3, 1, 3]

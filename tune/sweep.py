@@ -1,0 +1,180 @@
+"""The sweep under Ray Tune: one trial per configuration, each running the same train_loop.
+
+With one worker per trial the trial trains inside its Tune process; with more,
+the trial launches a Ray Train TorchTrainer (a V2 trainer cannot be passed to
+Tune directly) and forwards its reports with TuneReportCallback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from vae.config import resolve
+from vae.results import Results, config_row, file_key, run_root
+
+from .space import SweepConfig
+
+AXIS_KEYS = ("latent_dim", "lr", "beta", "hidden_dim", "kl_warmup_epochs", "free_bits", "seed")
+
+
+def trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: the sweep's settings plus this trial's point in the space."""
+    sweep = SweepConfig(**config["sweep"])
+    trial_id = tune.get_context().get_trial_id()
+    cfg = resolve(sweep.trial_config(trial_id=trial_id, **{k: config[k] for k in AXIS_KEYS if k in config}))
+    if sweep.workers_per_trial == 1:
+        import torch
+
+        from vae.loop import train_loop
+        from vae.session import TuneSession
+
+        device = "cuda" if sweep.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+        train_loop(cfg, TuneSession(device))
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from vae import launch
+
+        # A stable Train run name per trial: a retried trial resumes its Train run.
+        launch.fit(cfg, run_name=f"train-{trial_id}", run_storage=run_root(sweep.storage, sweep.name),
+                   callbacks=[TuneReportCallback()])
+
+
+class CollapseKeepingASHA(ASHAScheduler):
+    """ASHA on test loss that never stops a trial because it collapsed: collapsed trials are the data."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get("active_units", 1) == 0:
+            return TrialScheduler.CONTINUE
+        return decision
+
+
+class Progress(tune.Callback):
+    """One concise line whenever the sweep's state changes (Tune's own table stays off)."""
+
+    def __init__(self, total: int, emit=print):
+        self.total, self.emit = total, emit
+        self.started = time.time()
+        self.last: dict[str, dict] = {}
+        self.running: set[str] = set()
+        self.done: set[str] = set()
+        self.errored: set[str] = set()
+        self.line = ""
+        self.counts: tuple = ()
+        self.said_at = 0.0
+
+    def _say(self) -> None:
+        finals = [self.last[t] for t in self.done if t in self.last]
+        losses = [r["test_loss"] for r in self.last.values()
+                  if isinstance(r.get("test_loss"), float) and math.isfinite(r["test_loss"])]
+        collapsed = sum(1 for r in finals if r.get("active_units", 1) == 0 and r.get("status") != "diverged")
+        diverged = sum(1 for r in finals if r.get("status") == "diverged")
+        pending = max(0, self.total - len(self.done) - len(self.errored) - len(self.running))
+        line = (f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
+                f"{len(self.errored)} errored | best test loss {min(losses):.2f}" if losses else
+                f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
+                f"{len(self.errored)} errored | best test loss -")
+        line += f" | collapsed {collapsed}, diverged {diverged}"
+        counts = (len(self.done), len(self.running), len(self.errored))
+        now = time.time()
+        if counts != self.counts or (line != self.line and now - self.said_at >= 10):  # at most every 10 s
+            self.line, self.counts, self.said_at = line, counts, now
+            self.emit(f"[{now - self.started:6.0f}s] {line}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._say()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last[trial.trial_id] = result
+        self._say()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.done.add(trial.trial_id)
+        self._say()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.errored.add(trial.trial_id)
+        self._say()
+
+
+def trainable(sweep: SweepConfig):
+    resources = ({"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial} if sweep.workers_per_trial == 1
+                 else {"cpu": 0.01})  # the Train workers ask for their own CPUs and GPUs
+    return tune.with_resources(trial, resources)
+
+
+def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False, emit=print,
+          cluster_cpus: int = 0) -> tune.Tuner:
+    root = run_root(sweep.storage, sweep.name)
+    progress = Progress(sweep.n_trials(), emit)
+    if resume:
+        restored = tune.Tuner.restore(root, trainable=trainable(sweep), resume_unfinished=True,
+                                      resume_errored=False, restart_errored=retry_errored)
+        restored._local_tuner._run_config.callbacks = [progress]  # the callback is not saved with the state
+        return restored
+    max_concurrent = sweep.max_concurrent or None
+    if sweep.workers_per_trial > 1 and not max_concurrent and cluster_cpus:
+        # Tune counts only the trial process, not its Train workers: cap by what the workers need.
+        max_concurrent = max(1, int(cluster_cpus // (sweep.workers_per_trial * sweep.cpus_per_trial)))
+    scheduler = (CollapseKeepingASHA(max_t=sweep.epochs, grace_period=max(1, sweep.epochs // 4),
+                                     reduction_factor=3) if sweep.scheduler == "asha" else None)
+    return tune.Tuner(
+        trainable(sweep),
+        param_space={"sweep": {k: getattr(sweep, k) for k in sweep.__dataclass_fields__}, **sweep.param_space()},
+        tune_config=tune.TuneConfig(num_samples=sweep.num_samples if sweep.search == "random" else 1,
+                                    max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                    metric="test_loss" if scheduler else None, mode="min" if scheduler else None),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=0, callbacks=[progress],
+                                  failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def settle_trials(sweep: SweepConfig, grid) -> None:
+    """Make `trials/` say how every trial ended: errored ones 'failed' with the error, stopped ones 'stopped'."""
+    res = Results(run_root(sweep.storage, sweep.name))
+    table = res.read("trials").set_index("trial_id")
+    epochs = res.read("epochs")
+    for result in grid:
+        cfg_values = result.config or {}
+        tid = _trial_id(result)
+        if tid is None:
+            continue
+        known = table.loc[tid] if tid in table.index else None
+        if result.error is None and (known is None or known.status != "running"):
+            continue
+        status = "failed" if result.error is not None else "stopped"
+        error = (str(result.error).strip().splitlines() or [""])[-1][:500] if result.error else "stopped early by the scheduler"
+        done = epochs[epochs.trial_id == tid].epoch.max() if tid in set(epochs.trial_id) else 0
+        cfg = resolve(sweep.trial_config(trial_id=tid, **{k: cfg_values[k] for k in AXIS_KEYS if k in cfg_values}))
+        row = {"trial_id": tid, **config_row(cfg), "status": status, "error": error,
+               "epochs_done": int(done) if done == done else 0, "active_units": 0}
+        last = epochs[(epochs.trial_id == tid) & (epochs.epoch == done)]
+        for k in ("train_loss", "test_loss", "test_recon", "test_kl", "mutual_info"):
+            row[k] = float(last[k].iloc[0]) if len(last) else float("nan")
+        if len(last):
+            row["active_units"] = int(last.active_units.iloc[0])
+        row["iw_nll"] = float("nan")
+        row["wall_seconds"] = float(known.wall_seconds) if known is not None else float("nan")
+        res.write("trials", [row], file_key(tid))
+
+
+def _trial_id(result) -> str | None:
+    metrics = result.metrics or {}
+    if metrics.get("trial_id"):
+        return metrics["trial_id"]
+    path = (result.path or "").rstrip("/")
+    if not path:
+        return None
+    # Tune trial folders are named <trainable>_<trial_id>_<index>_<params>_<time>
+    parts = path.rsplit("/", 1)[-1].split("_")
+    return "_".join(parts[1:3]) if len(parts) >= 3 else None
