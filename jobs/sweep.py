@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     launch.connect(verbose=args.verbose)
     cpus, _ = launch.cluster_resources()
+    if not args.resume:
+        launch.record_run(root, "sweep", list(sys.argv[1:] if argv is None else argv), vars(sweep) | {})
     print(f"{PROG}: {sweep.name}: {sweep.n_trials()} trials ({sweep.search}) of {sweep.dataset}/{sweep.model}, "
           f"{sweep.epochs} epochs each; results in {root}", flush=True)
     started = time.time()

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     launch.connect(verbose=args.verbose)
     cfg = launch.settle_scaling(cfg)
     root = run_root(cfg.storage, cfg.name)
+    launch.record_run(root, "train", list(sys.argv[1:] if argv is None else argv), cfg.to_dict())
     print(f"{PROG}: {cfg.name}: {cfg.dataset}/{cfg.model} z={cfg.latent_dim} beta={cfg.beta:g} lr={cfg.lr:g} "
           f"on {cfg.num_workers} worker(s), {'GPU' if cfg.use_gpu else 'CPU'}; results in {root}", flush=True)
     follower = launch.EpochFollower(cfg, emit=lambda line: print(line, flush=True))

@@ -57,7 +57,7 @@ SCHEMAS: dict[str, pa.Schema] = {
                                 ("mu", pa.list_(pa.float32()))]),
     # pixel arrays (MNIST) or 2-D points (gaussian2d); kind says which figure they feed
     "images": pa.schema(KEY + [("epoch", pa.int64()),
-                               ("kind", pa.string()),  # original | reconstruction | prior_sample | interpolation | generated | generated_noisy
+                               ("kind", pa.string()),  # see IMAGE_KINDS
                                ("index", pa.int64()), ("pair", pa.int64()),  # pair: interpolation path, else -1
                                ("values", pa.list_(pa.float32()))]),
     # one row per (latent_dim, lr, beta) cell of a sweep (other swept axes split cells too), over repeats
@@ -75,7 +75,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
 }
 TABLES = tuple(SCHEMAS)
-IMAGE_KINDS = ("original", "reconstruction", "prior_sample", "interpolation", "generated", "generated_noisy")
+IMAGE_KINDS = ("original", "reconstruction", "prior_sample", "interpolation", "manifold",  # images
+               "generated", "generated_noisy")  # 2-D toy points (original: the true test points)
 SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
 
 

@@ -1,0 +1,39 @@
+"""python -m jobs.report ROOT [--trial ID]: draw the report from a run's or a sweep's Parquet tables.
+
+Needs no Ray and no model: copy a results folder off a cluster and draw it anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vae.config import OneLineParser
+
+PROG = "jobs.report"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="the run's or sweep's folder: <storage>/<name>")
+    parser.add_argument("--trial", metavar="TRIAL_ID", help="draw one trial's detail page (with t-SNE)")
+    parser.add_argument("--out", help="where the pages and PNGs go (default: ROOT/report)")
+    args = parser.parse_args(argv)
+    from vae.report import build_report
+    from vae.results import Results
+
+    res = Results(args.root)
+    if not res.exists() or res.read("trials").empty:
+        print(f"{PROG}: error: no results tables at {args.root}", file=sys.stderr)
+        return 2
+    try:
+        page = build_report(args.root, args.out, args.trial)
+    except KeyError:
+        print(f"{PROG}: error: --trial: no trial {args.trial!r} in {args.root}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Figures drawn from the results tables alone (never from live models).
+
+Each function takes DataFrames with the contract's columns (`vae.results`)
+and a path, writes one PNG, and returns the path, or returns None when the
+tables hold nothing to draw (the report then says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .data import GAUSSIAN_COV, GAUSSIAN_MEAN  # noqa: E402
+
+DPI = 100
+STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+         "font.size": 10}
+
+
+def _subplots(*args, **kwargs):
+    return plt.subplots(*args, layout="constrained", **kwargs)  # colour bars and titles without overlaps
+
+
+def _save(fig, path: str) -> str:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(epochs: pd.DataFrame, path: str) -> str | None:
+    """Total, reconstruction and KL per epoch, train and test; epoch 0 is the test before training."""
+    if epochs.empty:
+        return None
+    e = epochs.sort_values("epoch")
+    with plt.rc_context(STYLE):
+        fig, axes = _subplots(1, 3, figsize=(12, 3.6))
+        for ax, (col, title) in zip(axes, [("loss", "negative ELBO"), ("recon", "reconstruction"), ("kl", "KL")]):
+            ax.plot(e.epoch, e[f"test_{col}"], "o-", label="test", ms=3)
+            ax.plot(e.epoch, e[f"train_{col}"], "s--", label="train", ms=3)
+            ax.set(title=title, xlabel="epoch", ylabel="nats per example")
+            ax.legend()
+        return _save(fig, path)
+
+
+def kl_heatmap(kl_per_dim: pd.DataFrame, path: str) -> str | None:
+    """KL of each latent dimension over epochs: where collapse shows first."""
+    if kl_per_dim.empty:
+        return None
+    grid = kl_per_dim.pivot_table(index="dim", columns="epoch", values="kl")
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, ax = _subplots(figsize=(8, max(2.5, 0.25 * len(grid) + 1.5)))
+        im = ax.imshow(np.log10(np.clip(grid.values, 1e-4, None)), aspect="auto", cmap="viridis",
+                       extent=(grid.columns.min() - 0.5, grid.columns.max() + 0.5, len(grid) - 0.5, -0.5))
+        fig.colorbar(im, ax=ax, label="log10 KL (nats)")
+        ax.set(xlabel="epoch", ylabel="latent dimension", title="KL per latent dimension")
+        return _save(fig, path)
+
+
+def kl_bars(kl_per_dim: pd.DataFrame, path: str, kl_threshold: float = 0.01) -> str | None:
+    """Final KL per dimension, sorted, with the collapse threshold."""
+    if kl_per_dim.empty:
+        return None
+    last = kl_per_dim[kl_per_dim.epoch == kl_per_dim.epoch.max()].sort_values("kl", ascending=False)
+    with plt.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(8, 3.4))
+        colors = ["tab:blue" if k >= kl_threshold else "tab:red" for k in last.kl]
+        ax.bar(range(len(last)), last.kl, color=colors)
+        ax.axhline(kl_threshold, color="k", ls="--", lw=1, label=f"threshold {kl_threshold:g} nats")
+        ax.set_xticks(range(len(last)), [str(d) for d in last.dim], fontsize=7)
+        ax.set(yscale="symlog", xlabel="latent dimension (sorted)", ylabel="test KL (nats)",
+               title=f"KL per dimension at epoch {int(last.epoch.max())}")
+        ax.legend()
+        return _save(fig, path)
+
+
+def activity_curves(epochs: pd.DataFrame, path: str) -> str | None:
+    """Active units and mutual information I(x; z) over epochs."""
+    if epochs.empty:
+        return None
+    e = epochs.sort_values("epoch")
+    with plt.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(7, 3.4))
+        ax.plot(e.epoch, e.active_units, "o-", color="tab:blue", ms=3)
+        ax.set(xlabel="epoch", ylabel="active units", ylim=(-0.5, e.latent_dim.max() + 0.5))
+        ax2 = ax.twinx()
+        ax2.plot(e.epoch, e.mutual_info, "s--", color="tab:orange", ms=3)
+        ax2.set_ylabel("mutual information (nats)", color="tab:orange")
+        ax.set_title("active units (blue) and I(x; z) (orange)")
+        return _save(fig, path)
+
+
+def _image_grid(rows: list[np.ndarray], shape: tuple[int, int], path: str, title: str,
+                row_labels: list[str] | None = None) -> str:
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        n_rows, n_cols = len(rows), max(len(r) for r in rows)
+        fig, axes = _subplots(n_rows, n_cols, figsize=(0.7 * n_cols + 0.8, 0.75 * n_rows + 0.6), squeeze=False)
+        for i, row in enumerate(rows):
+            for j in range(n_cols):
+                ax = axes[i][j]
+                ax.axis("off")
+                if j < len(row):
+                    ax.imshow(np.asarray(row[j]).reshape(shape), cmap="gray", vmin=0, vmax=1)
+            if row_labels:
+                axes[i][0].text(-0.15, 0.5, row_labels[i], transform=axes[i][0].transAxes, ha="right",
+                                va="center", fontsize=8)
+        fig.suptitle(title)
+        return _save(fig, path)
+
+
+def _latest(images: pd.DataFrame, kind: str) -> pd.DataFrame:
+    rows = images[images.kind == kind]
+    return rows[rows.epoch == rows.epoch.max()].sort_values(["pair", "index"]) if len(rows) else rows
+
+
+def reconstructions(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+    orig, rec = _latest(images, "original"), _latest(images, "reconstruction")
+    if rec.empty:
+        return None
+    orig = images[(images.kind == "original") & (images.epoch == rec.epoch.max())].sort_values("index")
+    return _image_grid([list(orig["values"]), list(rec["values"])], shape, path,
+                       f"test images (top) and reconstructions (bottom), epoch {int(rec.epoch.max())}",
+                       ["original", "recon"])
+
+
+def prior_samples(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+    s = _latest(images, "prior_sample")
+    if s.empty:
+        return None
+    vals = list(s["values"])
+    cols = 8
+    return _image_grid([vals[i:i + cols] for i in range(0, len(vals), cols)], shape, path,
+                       f"decoded means of z ~ N(0, I), epoch {int(s.epoch.max())}")
+
+
+def interpolations(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+    s = _latest(images, "interpolation")
+    if s.empty:
+        return None
+    rows = [list(g.sort_values("index")["values"]) for _, g in s.groupby("pair")]
+    return _image_grid(rows, shape, path, "decoded straight paths between two test codes (holes show as blur)",
+                       [f"pair {p}" for p in sorted(s.pair.unique())])
+
+
+def latent_space(latents: pd.DataFrame, path: str, tsne: bool = True) -> str | None:
+    """Test-set means in 2-D: as they are for latent size 2, else PCA and (with `tsne`) t-SNE when installed."""
+    if latents.empty:
+        return None
+    mu = np.stack(latents["mu"].to_numpy())
+    labels = latents.label.to_numpy()
+    views: list[tuple[str, np.ndarray]] = []
+    if mu.shape[1] == 2:
+        views.append(("latent means (z1, z2)", mu))
+    else:
+        centred = mu - mu.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        views.append(("PCA of latent means", centred @ vt[:2].T))
+        try:
+            if not tsne:
+                raise ImportError
+            from sklearn.manifold import TSNE
+
+            sub = slice(0, min(1000, len(mu)))
+            views.append(("t-SNE of latent means (1,000 points)",
+                          TSNE(2, init="pca", perplexity=30, random_state=0).fit_transform(mu[sub])))
+        except ImportError:
+            pass  # PCA alone; the figure's titles say which projections it shows
+    with plt.rc_context(STYLE):
+        fig, axes = _subplots(1, len(views), figsize=(5.2 * len(views), 4.4), squeeze=False)
+        for ax, (title, pts) in zip(axes[0], views):
+            lab = labels[: len(pts)]
+            sc = ax.scatter(pts[:, 0], pts[:, 1], c=lab, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
+            ax.set(title=title, xlabel="axis 1", ylabel="axis 2")
+        if len(np.unique(labels)) > 1:
+            fig.colorbar(sc, ax=axes[0].tolist(), label="digit", ticks=range(10))
+        return _save(fig, path)
+
+
+def manifold(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+    """Latent size 2: decoded means over a 12 x 12 grid of z in [-2.5, 2.5]^2."""
+    s = _latest(images, "manifold")
+    if s.empty:
+        return None
+    vals = list(s.sort_values("index")["values"])
+    n = int(round(math.sqrt(len(vals))))
+    return _image_grid([vals[i:i + n] for i in range(0, len(vals), n)], shape, path,
+                       f"decoded manifold over z1, z2 in [-2.5, 2.5], epoch {int(s.epoch.max())}")
+
+
+def toy_histograms(images: pd.DataFrame, path: str) -> str | None:
+    """2-D Gaussian: true test samples and generated samples under the true density's contours."""
+    true = images[images.kind == "original"]
+    gen = _latest(images, "generated_noisy")
+    if true.empty or gen.empty:
+        return None
+    t, g = np.stack(true["values"].to_numpy()), np.stack(gen["values"].to_numpy())
+    mean, cov = np.array(GAUSSIAN_MEAN), np.array(GAUSSIAN_COV)
+    xs, ys = np.meshgrid(np.linspace(-3, 5, 120), np.linspace(-3.5, 4.5, 120))
+    d = np.stack([xs - mean[0], ys - mean[1]], -1)
+    dens = np.exp(-0.5 * np.einsum("...i,ij,...j", d, np.linalg.inv(cov), d)) / (2 * math.pi * math.sqrt(np.linalg.det(cov)))
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = _subplots(1, 2, figsize=(10, 4.4), sharex=True, sharey=True)
+        for ax, pts, title in [(axes[0], t, "true test samples"),
+                               (axes[1], g, f"generated samples, epoch {int(gen.epoch.max())}")]:
+            ax.hist2d(pts[:, 0], pts[:, 1], bins=50, range=[[-3, 5], [-3.5, 4.5]], cmap="Blues")
+            ax.contour(xs, ys, dens, levels=5, colors="tab:red", linewidths=0.8)
+            ax.set(title=title, xlabel="x1", ylabel="x2")
+        return _save(fig, path)
+
+
+def toy_progress(images: pd.DataFrame, path: str) -> str | None:
+    """Generated points at the snapshot epochs: how the model learns the density."""
+    gen = images[images.kind == "generated_noisy"]
+    if gen.empty:
+        return None
+    epochs = sorted(gen.epoch.unique())
+    with plt.rc_context(STYLE):
+        fig, axes = _subplots(1, len(epochs), figsize=(2.6 * len(epochs), 2.8), sharex=True, sharey=True,
+                                 squeeze=False)
+        for ax, ep in zip(axes[0], epochs):
+            pts = np.stack(gen[gen.epoch == ep]["values"].to_numpy())
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+            ax.set(title=f"epoch {ep}", xlim=(-3, 5), ylim=(-3.5, 4.5))
+        return _save(fig, path)
+
+
+def collapse_heatmaps(table: pd.DataFrame, path: str) -> str | None:
+    """For each learning rate: active fraction over latent size x beta, critical beta on top, diverged marked."""
+    if table.empty:
+        return None
+    lrs = sorted(table.lr.unique())
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = _subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False)
+        for ax, lr in zip(axes[0], lrs):
+            t = table[table.lr == lr]
+            grid = t.pivot_table(index="latent_dim", columns="beta", values="active_fraction", aggfunc="mean")
+            betas, dims = list(grid.columns), list(grid.index)
+            im = ax.imshow(grid.values, origin="lower", aspect="auto", cmap="RdYlGn", vmin=0, vmax=1)
+            ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], rotation=45)
+            ax.set_yticks(range(len(dims)), [str(d) for d in dims])
+            ax.set(xlabel="beta (KL weight)", ylabel="latent size", title=f"active fraction, lr {lr:g}")
+            div = t.groupby(["latent_dim", "beta"]).frac_diverged.mean()
+            for (z, b), f in div.items():
+                if f > 0:
+                    ax.text(betas.index(b), dims.index(z), "x", ha="center", va="center", fontsize=14)
+            crit = t.groupby("latent_dim").critical_beta.first()
+            ys, xs = [], []
+            for z, c in crit.items():
+                if c == c and len(betas) > 1:
+                    xs.append(np.interp(math.log(c), np.log(betas), np.arange(len(betas))))
+                    ys.append(dims.index(z))
+            if xs:
+                ax.plot(xs, ys, "k-o", lw=2, ms=4, label="critical beta")
+                ax.legend(loc="upper right", fontsize=8)
+        fig.colorbar(im, ax=axes[0].tolist(), label="active units / latent size")
+        return _save(fig, path)
+
+
+def rate_distortion(final: pd.DataFrame, path: str) -> str | None:
+    """Test KL (rate) against reconstruction (distortion) for every trial, coloured by beta."""
+    ok = final[np.isfinite(final.test_recon) & np.isfinite(final.test_kl)] if not final.empty else final
+    if ok.empty:
+        return None
+    with plt.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(6.5, 4.4))
+        collapsed = ok.status == "collapsed"
+        sc = ax.scatter(ok.test_kl[~collapsed], ok.test_recon[~collapsed], c=np.log10(ok.beta[~collapsed]),
+                        cmap="plasma", s=30, label="not collapsed", vmin=np.log10(ok.beta.min()),
+                        vmax=np.log10(ok.beta.max()) + 1e-9)
+        ax.scatter(ok.test_kl[collapsed], ok.test_recon[collapsed], marker="x", c="k", s=40, label="collapsed")
+        fig.colorbar(sc, ax=ax, label="log10 beta")
+        ax.set(xscale="symlog", xlabel="rate: test KL (nats)", ylabel="distortion: test reconstruction (nats)",
+               title="rate-distortion over trials")
+        ax.legend()
+        return _save(fig, path)

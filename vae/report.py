@@ -1,0 +1,213 @@
+"""The HTML report: figures from `vae.plots` plus tables, all read from the Parquet tables.
+
+`<root>/report/index.html` explains what was run and what it found; each
+trial gets `trial-<id>.html`. Images sit beside the pages (no network). Every
+string that came from a table or a config is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+
+from . import plots
+from .results import Results, SAFE_KEY
+
+AUTO_TRIAL_PAGES = 24  # trial pages drawn with the index; others with --trial
+
+
+@dataclass
+class Figure:
+    file: str | None
+    title: str
+    caption: str
+
+
+@dataclass
+class Page:
+    title: str
+    sections: list[str] = field(default_factory=list)
+
+    def html(self) -> str:
+        body = "\n".join(self.sections)
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption {{ color: #444; font-size: 0.95em; }} .missing {{ color: #a33; font-style: italic; }}
+table {{ border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }} th {{ background: #f4f4f4; }}
+pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
+</style></head><body>
+<h1>{html.escape(self.title)}</h1>
+{body}
+</body></html>
+"""
+
+
+def figure_html(fig: Figure) -> str:
+    if fig.file is None:
+        return f'<p class="missing">{html.escape(fig.title)}: skipped ({html.escape(fig.caption)}).</p>'
+    return (f'<figure><img src="{html.escape(os.path.basename(fig.file))}" alt="{html.escape(fig.title)}">'
+            f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>")
+
+
+def table_html(df: pd.DataFrame, links: dict[str, str] | None = None, digits: int = 3) -> str:
+    if df.empty:
+        return '<p class="missing">no rows</p>'
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = []
+    for rec in df.to_dict("records"):
+        cells = []
+        for col, val in rec.items():
+            text = f"{val:.{digits}g}" if isinstance(val, float) else str(val)
+            text = html.escape(text)
+            if links and col == "trial_id" and str(val) in links:
+                text = f'<a href="{html.escape(links[str(val)])}">{text}</a>'
+            cells.append(f"<td>{text}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _draw(out: str, name: str, fn: Callable[..., str | None], *args, title: str, caption: str) -> Figure:
+    try:
+        path = fn(*args, os.path.join(out, name))
+    except Exception as e:  # a figure that cannot be drawn must not sink the report
+        return Figure(None, title, f"not drawn: {type(e).__name__}: {e}")
+    return Figure(path, title, caption) if path else Figure(None, title, "the tables hold no data for it")
+
+
+def trial_figures(res: Results, trial_id: str, out: str, tsne: bool = True) -> list[Figure]:
+    import pyarrow.dataset as ds
+
+    only = ds.field("trial_id") == trial_id
+    epochs, dims = res.read("epochs", only), res.read("kl_per_dim", only)
+    images, latents = res.read("images", only), res.read("latents", only)
+    key = SAFE_KEY.sub("_", trial_id)
+    figs = [
+        _draw(out, f"{key}-loss.png", plots.loss_curves, epochs, title="Loss curves",
+              caption="Negative ELBO, reconstruction and KL per epoch (epoch 0: before training). "
+                      "KL often rises first, then settles; a KL that falls to zero is collapse."),
+        _draw(out, f"{key}-kl-heatmap.png", plots.kl_heatmap, dims, title="KL per latent dimension over epochs",
+              caption="KL near zero in a dimension means the decoder ignores it; dark rows are collapsed units."),
+        _draw(out, f"{key}-kl-bars.png", plots.kl_bars, dims, title="Final KL per dimension",
+              caption="Sorted; red bars fall under the threshold and carry no information about x."),
+        _draw(out, f"{key}-activity.png", plots.activity_curves, epochs, title="Active units and mutual information",
+              caption="Units whose mean varies with x (Var > 0.01) and I(x; z); both at zero is full collapse."),
+    ]
+    if (images.kind == "reconstruction").any() or images.empty or not (images.kind == "generated").any():
+        figs += [
+            _draw(out, f"{key}-recon.png", plots.reconstructions, images, title="Reconstructions",
+                  caption="Originals above reconstructions: blur is the VAE's known trait; identical "
+                          "reconstructions for different digits mean collapse."),
+            _draw(out, f"{key}-prior.png", plots.prior_samples, images, title="Prior samples",
+                  caption="Decoded means of z ~ N(0, I): digits where the prior has mass the decoder learned."),
+            _draw(out, f"{key}-interp.png", plots.interpolations, images, title="Interpolations",
+                  caption="Straight paths between two test codes; non-digits along the way are holes in the latent space."),
+            _draw(out, f"{key}-manifold.png", plots.manifold, images, title="Decoded manifold",
+                  caption="Latent size 2 only: decoded means over a grid of z; smooth change means a well-used latent space."),
+            _draw(out, f"{key}-latents.png", lambda df, p: plots.latent_space(df, p, tsne), latents,
+                  title="Latent space", caption="Test-set means coloured by digit: PCA, and t-SNE when "
+                  "scikit-learn is installed; digits in separate clusters mean z carries the class."),
+        ]
+    else:
+        figs += [
+            _draw(out, f"{key}-toy-hist.png", plots.toy_histograms, images, title="True and generated densities",
+                  caption="2-D histograms under the true density's contours: a good model fills the same ellipses."),
+            _draw(out, f"{key}-toy-progress.png", plots.toy_progress, images, title="Generated samples over training",
+                  caption="Samples at epochs spread over training: how the model learns the density."),
+        ]
+    return figs
+
+
+def trial_page(res: Results, trial: pd.Series, out: str, tsne: bool = True) -> tuple[str, list[Figure]]:
+    """Write `trial-<id>.html`; returns its file name and its figures."""
+    tid = str(trial.trial_id)
+    page = Page(f"Trial {tid}")
+    page.sections.append('<p><a href="index.html">back to the report</a></p>')
+    page.sections.append(table_html(trial.to_frame().T))
+    figs = trial_figures(res, tid, out, tsne)
+    page.sections += [figure_html(fig) for fig in figs]
+    name = f"trial-{SAFE_KEY.sub('_', tid)}.html"
+    with open(os.path.join(out, name), "w", encoding="utf-8") as fh:
+        fh.write(page.html())
+    return name, figs
+
+
+def build_report(root: str, out: str | None = None, trial_id: str | None = None) -> str:
+    """Write the report for `root` (a run or a sweep); returns the page written."""
+    from tune import collapse
+
+    res = Results(root)
+    out = out or os.path.join(root, "report")
+    os.makedirs(out, exist_ok=True)
+    trials, epochs, dims = res.read("trials"), res.read("epochs"), res.read("kl_per_dim")
+    if trial_id is not None:
+        match = trials[trials.trial_id == trial_id]
+        if match.empty:
+            raise KeyError(trial_id)
+        return os.path.join(out, trial_page(res, match.iloc[0], out, tsne=True)[0])
+
+    info = res.read_json("run.json") or {}
+    page = Page(f"VAE collapse report: {os.path.basename(root.rstrip('/'))}")
+    page.sections.append(
+        f"<p>Results folder <code>{html.escape(root)}</code>; report drawn "
+        f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}. {len(trials)} trial(s), {len(epochs)} epoch rows.</p>")
+    if info:
+        page.sections.append("<h2>What was run</h2><pre>" + html.escape(info.get("command", "")) + "</pre>")
+        page.sections.append(table_html(pd.DataFrame([{k: str(v) for k, v in info.get("config", {}).items()}])))
+        page.sections.append("<p>Started " + html.escape(str(info.get("started", "?"))) + "; software: "
+                             + html.escape(", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()))
+                             + "</p>")
+    final = collapse.final_rows(trials, epochs, dims) if not epochs.empty else pd.DataFrame()
+    pages: dict[str, str] = {}
+    figures: list[Figure] = []
+    ranked = trials.sort_values("test_loss") if not trials.empty else trials
+    for _, trial in ranked.head(AUTO_TRIAL_PAGES).iterrows():
+        pages[str(trial.trial_id)], figures = trial_page(res, trial, out, tsne=len(trials) == 1)
+
+    if len(trials) > 1:
+        table = res.read("collapse_map")
+        if table.empty and not final.empty:
+            table = collapse.collapse_map(trials, epochs, dims)
+        page.sections.append("<h2>The collapse map</h2>")
+        page.sections.append(figure_html(_draw(
+            out, "collapse-map.png", plots.collapse_heatmaps, table, title="Collapse map",
+            caption="Share of latent units in use for each latent size and beta (green: all, red: none); the black "
+                    "line is the critical beta where half the units are gone; x marks diverged cells.")))
+        page.sections.append(figure_html(_draw(
+            out, "rate-distortion.png", plots.rate_distortion, final, title="Rate and distortion",
+            caption="Each trial's test KL (rate) against reconstruction (distortion); collapsed trials (x) sit at "
+                    "zero rate with the worst reconstructions.")))
+        show = ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "test_loss", "iw_nll", "active_units"]
+        if not final.empty:
+            page.sections.append("<h2>Best trials by test loss</h2>"
+                                 + table_html(final.sort_values("test_loss")[show].head(10), pages))
+            page.sections.append("<h2>Best trials by IW NLL</h2>"
+                                 + table_html(final.sort_values("iw_nll")[show].head(10), pages))
+        if not table.empty:
+            bad = table[table.status.isin(["collapsed", "diverged"])]
+            page.sections.append("<h2>Collapsed and diverged cells</h2>" + table_html(
+                bad[["latent_dim", "lr", "beta", "n_trials", "active_fraction", "total_kl", "status"]]))
+            crit = table.groupby(collapse.CELL_AXES, dropna=False).first().reset_index()
+            page.sections.append("<h2>Critical beta per (latent size, learning rate)</h2>" + table_html(
+                crit[["latent_dim", "lr", "critical_beta", "critical_beta_lower", "critical_beta_upper",
+                      "monotone"]]))
+    elif len(trials) == 1:  # a single training run: its figures on the index too
+        page.sections += [figure_html(fig) for fig in figures]
+    show_all = [c for c in ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "error", "epochs_done",
+                            "test_loss", "iw_nll", "active_units"] if c in trials.columns]
+    page.sections.append("<h2>All trials</h2>" + table_html(trials[show_all], pages))
+    if len(trials) > len(pages):
+        page.sections.append(f"<p>Pages were drawn for the {len(pages)} best trials; draw any other with "
+                             "<code>python -m jobs.report ROOT --trial TRIAL_ID</code>.</p>")
+    index = os.path.join(out, "index.html")
+    with open(index, "w", encoding="utf-8") as fh:
+        fh.write(page.html())
+    return index
