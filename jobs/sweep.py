@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus, _ = launch.cluster_resources()
     if not args.resume:
         launch.record_run(root, "sweep", list(sys.argv[1:] if argv is None else argv), vars(sweep) | {})
-    print(f"{PROG}: {sweep.name}: {sweep.n_trials()} trials ({sweep.search}) of {sweep.dataset}/{sweep.model}, "
+    count = f"about {sweep.n_trials()}" if sweep.search == "boundary" else str(sweep.n_trials())
+    print(f"{PROG}: {sweep.name}: {count} trials ({sweep.search} search) of {sweep.dataset}/{sweep.model}, "
           f"{sweep.epochs} epochs each; results in {root}", flush=True)
     started = time.time()
     grid = tuner(sweep, resume=args.resume, retry_errored=args.retry_errored,

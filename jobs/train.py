@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     trial = Results(root).read("trials")
     trial = trial[trial.trial_id == cfg.run_id]
     if error is not None or trial.empty:
-        print(f"{PROG}: failed: {type(error).__name__}: {str(error).strip().splitlines()[-1] if error else 'no trial row'}",
-              file=sys.stderr)
+        print(f"{PROG}: failed: {launch.error_line(error)}; results so far in {root}", file=sys.stderr)
         return 1
     row = trial.iloc[0]
     print(f"{PROG}: {row.status}: {cfg.name} test_loss={row.test_loss:.2f} iw_nll={row.iw_nll:.2f} "

@@ -88,3 +88,25 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
     epochs = res.read("epochs")
     assert len(epochs) == 4 * 5 and not epochs.duplicated(["trial_id", "epoch"]).any()
     assert sorted(res.read("collapse_map").beta) == [0.1, 0.3, 1, 3]
+
+
+def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+
+    def start(name: str, betas: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear",
+                                 "--decoder-var", "1", "--latent-dims", "2", "--lrs", "1e-2", "--betas", betas,
+                                 "--epochs", "1", "--iw-samples", "0", "--max-concurrent", "1",
+                                 "--cpus-per-trial", "0.5", "--storage", str(tmp_path), "--name", name],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first, second = start("left", "0.1,0.2"), start("right", "5,6")
+    assert first.wait(timeout=300) == 0, first.stdout.read()[-2000:]
+    assert second.wait(timeout=300) == 0, second.stdout.read()[-2000:]
+    left, right = Results(f"{tmp_path}/left").read("trials"), Results(f"{tmp_path}/right").read("trials")
+    assert sorted(left.beta) == [0.1, 0.2] and sorted(right.beta) == [5, 6]
+    assert set(left.trial_id).isdisjoint(right.trial_id)
+    again = subprocess.run([sys.executable, "-m", "jobs.sweep", "--storage", str(tmp_path), "--name", "left"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists; use --resume" in again.stderr

@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from vae.config import (ConfigError, OneLineParser, TrainConfig, _check, absolute_storage, add_config_flags,
+from vae.config import (ConfigError, OneLineParser, TrainConfig, _check, add_config_flags,
                         check_choice, check_float, check_int, check_name, check_storage, parse_args, resolve, HELP)
 
-SEARCHES = ("grid", "random")
+SEARCHES = ("grid", "random", "boundary")
 SCHEDULERS = ("none", "asha")
 # Settings of one training run that a sweep passes through unchanged.
 PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "decoder_var", "num_mc", "epochs", "batch_size",
@@ -32,6 +32,8 @@ class SweepConfig:
     repeats: int = 1
     search: str = "grid"
     num_samples: int = 16  # random search: configurations drawn
+    beta_range: str = "0.01,100"  # boundary search: where to look for the critical beta
+    beta_tolerance: float = 1.15  # boundary search: stop when upper / lower <= this
     # each trial's training run
     dataset: str = "mnist"
     model: str = ""
@@ -54,16 +56,24 @@ class SweepConfig:
     scheduler: str = "none"
     max_failures: int = 1
     # where results go
-    storage: str = "./results"
+    storage: str = ""  # "" -> $VAE_STORAGE or ./results
     name: str = ""
 
     def __post_init__(self) -> None:
         for flag in ("latent_dims", "lrs", "betas", "hidden_dims", "kl_warmups", "free_bits"):
             values = parse_list(flag, getattr(self, flag), int if flag in ("latent_dims", "hidden_dims") else float)
-            if flag in ("latent_dims", "lrs", "betas") and not values:
+            if flag in ("latent_dims", "lrs") + (("betas",) if self.search != "boundary" else ()) and not values:
                 raise ConfigError(f"--{flag.replace('_', '-')}: must list at least one value")
         check_int("repeats", self.repeats, 1, 1000)
         check_choice("search", self.search, SEARCHES)
+        lo_hi = parse_list("beta_range", self.beta_range, float)
+        _check(len(lo_hi) == 2 and 0 < lo_hi[0] < lo_hi[1], "beta_range", "two betas LOW,HIGH with 0 < LOW < HIGH",
+               self.beta_range)
+        check_float("beta_tolerance", self.beta_tolerance, 1.0, 1e6, lo_open=True)
+        if self.search == "boundary":
+            for flag in ("hidden_dims", "kl_warmups", "free_bits"):
+                _check(not self.axis(flag), flag, "empty with --search boundary (it searches beta per latent "
+                       "size and learning rate)", getattr(self, flag))
         check_int("num_samples", self.num_samples, 1, 100_000)
         check_float("kl_threshold", self.kl_threshold, 0.0, 1e6, lo_open=True)
         check_int("workers_per_trial", self.workers_per_trial, 1, 1024)
@@ -116,6 +126,11 @@ class SweepConfig:
         return space
 
     def n_trials(self) -> int:
+        """Trials the sweep runs (boundary search: what bisection needs, an estimate)."""
+        if self.search == "boundary":
+            lo, hi = parse_list("beta_range", self.beta_range, float)
+            steps = math.ceil(math.log2(math.log(hi / lo) / math.log(self.beta_tolerance)))
+            return len(self.axis("latent_dims")) * len(self.axis("lrs")) * (2 + max(0, steps)) * self.repeats
         cells = self.num_samples if self.search == "random" else math.prod(
             max(1, len(self.axis(f))) for f in ("latent_dims", "lrs", "betas", "hidden_dims", "kl_warmups",
                                                  "free_bits"))
@@ -152,8 +167,11 @@ SWEEP_HELP = {
     "kl_warmups": "optional axis: comma-separated KL warm-up lengths in epochs",
     "free_bits": "optional axis: comma-separated free-bits floors (nats)",
     "repeats": "seeds per configuration (seed, seed+1, ...), averaged in the map",
-    "search": "grid (every combination) or random (--num-samples draws; lr and beta log-uniform in their range)",
+    "search": "grid (every combination), random (--num-samples draws; lr and beta log-uniform in their range) "
+              "or boundary (bracket the critical beta of each latent size and lr within --beta-tolerance)",
     "num_samples": "random search: configurations drawn",
+    "beta_range": "boundary search: LOW,HIGH betas that bracket the critical beta",
+    "beta_tolerance": "boundary search: stop when a bracket's upper / lower beta <= this",
     "kl_threshold": "nats: a dimension with less test KL counts as collapsed",
     "workers_per_trial": "1: each trial trains in its Tune process; more: each trial runs a Ray Train TorchTrainer",
     "cpus_per_trial": "CPUs per trial (per worker with --workers-per-trial > 1)",
@@ -183,7 +201,9 @@ def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, ar
         parser.exit(2, "jobs.sweep: error: --resume: needs --name of the sweep to finish\n")
     if args.retry_errored and not args.resume:
         parser.exit(2, "jobs.sweep: error: --retry-errored: only with --resume\n")
-    first = resolve(cfg.trial_config(latent_dim=cfg.axis("latent_dims")[0], name=cfg.name or "x"))
+    try:
+        first = resolve(cfg.trial_config(latent_dim=cfg.axis("latent_dims")[0], name=cfg.name or "x"))
+    except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
+        parser.exit(2, f"jobs.sweep: error: {e}\n")
     name = cfg.name or f"sweep-{first.dataset}-{first.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return dataclasses.replace(cfg, name=name, storage=absolute_storage(cfg.storage),
-                               data_dir=first.data_dir, model=first.model), args
+    return dataclasses.replace(cfg, name=name, storage=first.storage, data_dir=first.data_dir, model=first.model), args

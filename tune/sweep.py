@@ -58,7 +58,7 @@ class CollapseKeepingASHA(ASHAScheduler):
 class Progress(tune.Callback):
     """One concise line whenever the sweep's state changes (Tune's own table stays off)."""
 
-    def __init__(self, total: int, emit=print):
+    def __init__(self, total: int | str, emit=print):
         self.total, self.emit = total, emit
         self.started = time.time()
         self.last: dict[str, dict] = {}
@@ -75,7 +75,8 @@ class Progress(tune.Callback):
                   if isinstance(r.get("test_loss"), float) and math.isfinite(r["test_loss"])]
         collapsed = sum(1 for r in finals if r.get("active_units", 1) == 0 and r.get("status") != "diverged")
         diverged = sum(1 for r in finals if r.get("status") == "diverged")
-        pending = max(0, self.total - len(self.done) - len(self.errored) - len(self.running))
+        total = int(str(self.total).lstrip("~"))
+        pending = max(0, total - len(self.done) - len(self.errored) - len(self.running))
         line = (f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
                 f"{len(self.errored)} errored | best test loss {min(losses):.2f}" if losses else
                 f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
@@ -115,7 +116,7 @@ def trainable(sweep: SweepConfig):
 def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False, emit=print,
           cluster_cpus: int = 0) -> tune.Tuner:
     root = run_root(sweep.storage, sweep.name)
-    progress = Progress(sweep.n_trials(), emit)
+    progress = Progress(f"~{sweep.n_trials()}" if sweep.search == "boundary" else sweep.n_trials(), emit)
     if resume:
         restored = tune.Tuner.restore(root, trainable=trainable(sweep), resume_unfinished=True,
                                       resume_errored=False, restart_errored=retry_errored)
@@ -125,12 +126,24 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     if sweep.workers_per_trial > 1 and not max_concurrent and cluster_cpus:
         # Tune counts only the trial process, not its Train workers: cap by what the workers need.
         max_concurrent = max(1, int(cluster_cpus // (sweep.workers_per_trial * sweep.cpus_per_trial)))
+    constants = {"sweep": {k: getattr(sweep, k) for k in sweep.__dataclass_fields__}}
+    search_alg = None
+    if sweep.search == "boundary":
+        from .boundary import BoundarySearcher
+
+        cells = [(z, lr) for z in sweep.axis("latent_dims") for lr in sweep.axis("lrs")]
+        lo, hi = sweep.axis("beta_range")
+        search_alg = BoundarySearcher(cells, (lo, hi), sweep.beta_tolerance, sweep.repeats, sweep.seed, constants,
+                                      sweep.active_threshold, sweep.kl_threshold,
+                                      max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial)))
     scheduler = (CollapseKeepingASHA(max_t=sweep.epochs, grace_period=max(1, sweep.epochs // 4),
                                      reduction_factor=3) if sweep.scheduler == "asha" else None)
     return tune.Tuner(
         trainable(sweep),
-        param_space={"sweep": {k: getattr(sweep, k) for k in sweep.__dataclass_fields__}, **sweep.param_space()},
-        tune_config=tune.TuneConfig(num_samples=sweep.num_samples if sweep.search == "random" else 1,
+        param_space=constants if search_alg else {**constants, **sweep.param_space()},
+        # Reusing trial processes saves a Python start, the torch import and the data load per trial.
+        tune_config=tune.TuneConfig(reuse_actors=sweep.workers_per_trial == 1, num_samples={"random": sweep.num_samples, "boundary": -1}.get(sweep.search, 1),
+                                    search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     metric="test_loss" if scheduler else None, mode="min" if scheduler else None),
         run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=0, callbacks=[progress],

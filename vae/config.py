@@ -61,7 +61,7 @@ class TrainConfig:
     cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out by the job
     max_failures: int = 0
     # where results go
-    storage: str = "./results"
+    storage: str = ""  # "" -> $VAE_STORAGE or ./results
     name: str = ""  # "" -> derived from the time and the config
     trial_id: str = ""  # "" -> the run name (a sweep sets one per trial)
 
@@ -109,7 +109,9 @@ def check_choice(flag: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def check_storage(value: Any) -> None:
-    _check(isinstance(value, str) and value.strip() != "", "storage", "a path or URI", value)
+    _check(isinstance(value, str), "storage", "a path or URI", value)
+    if value == "":
+        return  # the default: $VAE_STORAGE or ./results
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
     _check(scheme in STORAGE_SCHEMES, "storage",
            "a local path or a URI with scheme " + ", ".join(s for s in STORAGE_SCHEMES if s), value)
@@ -171,7 +173,12 @@ def resolve(c: TrainConfig) -> TrainConfig:
 
 
 def absolute_storage(storage: str) -> str:
-    """Workers run in other folders than the driver: pin local storage to an absolute path."""
+    """The storage to use ("": $VAE_STORAGE or ./results), local paths made absolute.
+
+    Workers run in other folders than the driver, so a relative path must be pinned here.
+    """
+    storage = storage or os.environ.get("VAE_STORAGE", "") or "./results"
+    check_storage(storage)
     if "://" in storage:
         return storage[len("file://"):] if storage.startswith("file://") else storage
     return os.path.abspath(os.path.expanduser(storage))
@@ -229,7 +236,8 @@ HELP = {
     "use_gpu": "true/false (default: GPU when the cluster has one)",
     "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",
     "max_failures": "worker-group restarts from the latest checkpoint (-1: unlimited)",
-    "storage": "local path or pyarrow.fs URI (s3://bucket/prefix) for tables and checkpoints",
+    "storage": "local path or pyarrow.fs URI (s3://bucket/prefix) for tables and checkpoints "
+               "(default: $VAE_STORAGE or ./results)",
     "name": "run name; rerunning a name resumes it (default: dataset-model-z-b-time)",
     "trial_id": "trial id in the tables (default: the run name)",
 }
@@ -311,7 +319,10 @@ def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
 def parse_train_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = train_parser()
     config, args = parse_args(parser, TrainConfig, argv)
-    return resolve(config), args
+    try:
+        return resolve(config), args
+    except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def fail(message: str, prog: str) -> None:

@@ -7,6 +7,7 @@ seed. Batches are index slices of these tensors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,15 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
 
 
 def load(dataset: str, data_dir: str, seed: int, subset: int = 0) -> Data:
+    """The dataset's splits, cached per process: a reused Tune trial process reads MNIST once.
+
+    Callers must not modify the tensors in place.
+    """
+    return _load(dataset, data_dir, seed if dataset == "gaussian2d" else 0, subset)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(dataset: str, data_dir: str, seed: int, subset: int) -> Data:
     if dataset == "mnist":
         return load_mnist(data_dir, subset)
     if dataset == "gaussian2d":

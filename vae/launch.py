@@ -59,6 +59,21 @@ def settle_scaling(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
 
 
+OUR_ERRORS = ("StorageError", "DataError", "CheckpointError", "ConfigError")
+
+
+def error_line(error: BaseException | None) -> str:
+    """One line for a failed run: our own error's message when a worker raised one, else the last line."""
+    if error is None:
+        return "no trial row was written"
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        for name in OUR_ERRORS:
+            if name + ":" in line:
+                return line[line.index(name):]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
 def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
     def num(v: float, spec: str = ".2f") -> str:
         return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)

@@ -278,3 +278,33 @@ def rate_distortion(final: pd.DataFrame, path: str) -> str | None:
                title="rate-distortion over trials")
         ax.legend()
         return _save(fig, path)
+
+
+def brackets(table: pd.DataFrame, path: str) -> str | None:
+    """Each cell's tried betas and their active fractions, with the final critical-beta bracket shaded."""
+    if table.empty:
+        return None
+    cells = list(table.groupby(["latent_dim", "lr"]))
+    cols = min(3, len(cells))
+    rows = -(-len(cells) // cols)
+    with plt.rc_context(STYLE):
+        fig, axes = _subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(cells):]:
+            ax.axis("off")
+        for ax, ((z, lr), cell) in zip(axes.flat, cells):
+            cell = cell.sort_values("beta")
+            ok = cell[cell.frac_diverged < 1]
+            ax.plot(ok.beta, ok.active_fraction, "o-", ms=4)
+            bad = cell[cell.frac_diverged >= 1]
+            ax.plot(bad.beta, [0.5] * len(bad), "kx", ms=8, label="diverged" if len(bad) else None)
+            lo, hi = cell.critical_beta_lower.iloc[0], cell.critical_beta_upper.iloc[0]
+            if lo == lo and hi == hi:
+                ax.axvspan(lo, hi, color="tab:red", alpha=0.25, label=f"bracket {lo:.3g}-{hi:.3g}")
+            ax.axhline(0.5, color="k", lw=0.8, ls="--")
+            title = f"latent {z}, lr {lr:g}: {len(cell)} betas"
+            if not bool(cell.monotone.iloc[0]):
+                title += " (not monotone)"
+            ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="beta", ylabel="active fraction", title=title)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        return _save(fig, path)

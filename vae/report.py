@@ -182,6 +182,10 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None)
             caption="Share of latent units in use for each latent size and beta (green: all, red: none); the black "
                     "line is the critical beta where half the units are gone; x marks diverged cells.")))
         page.sections.append(figure_html(_draw(
+            out, "brackets.png", plots.brackets, table, title="Where the boundary lies",
+            caption="Each cell's betas tried (a boundary search places them adaptively) and their active fractions; "
+                    "the shaded band is the bracket around the critical beta, where half the units are gone.")))
+        page.sections.append(figure_html(_draw(
             out, "rate-distortion.png", plots.rate_distortion, final, title="Rate and distortion",
             caption="Each trial's test KL (rate) against reconstruction (distortion); collapsed trials (x) sit at "
                     "zero rate with the worst reconstructions.")))

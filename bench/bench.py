@@ -1,0 +1,224 @@
+"""python -m bench.bench: our training speed against the seed's own loop and the matrix-product limit.
+
+Everything runs in this one command on the same machine, model (784-400-20 MLP VAE), batch size 128 and
+thread count, so every figure is a ratio against a baseline measured in the same run. Prints a table and
+writes it as Parquet (`--out`, default bench-results.parquet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 128
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.median(values), (max(values) - min(values)) if len(values) > 1 else 0.0
+
+
+# ------------------------------------------------------------------ 1. the seed's loop
+def baseline_epoch(data_dir: str, seed: int, warmup: int = 20) -> float:
+    """pytorch/examples vae/main.py: MNIST + ToTensor + DataLoader, .item() every step; samples/s."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from vae.models import MLPConfig, MLPVAE
+
+    torch.manual_seed(seed)
+    loader = DataLoader(datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor()),
+                        batch_size=BATCH, shuffle=True)
+    model = MLPVAE(MLPConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen, start, total = 0, None, 0.0
+    for i, (x, _) in enumerate(loader):
+        if i == warmup:
+            start, seen = time.perf_counter(), 0
+        x = x.view(-1, 784)
+        mu, logvar = model.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        loss = F.binary_cross_entropy_with_logits(model.decode(z), x, reduction="sum") \
+            - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        opt.zero_grad()
+        loss.backward()
+        total += loss.item()
+        opt.step()
+        seen += len(x)
+    return seen / (time.perf_counter() - start)
+
+
+def baseline_test_loss(data_dir: str, epochs: int) -> float:
+    """The seed's loop for `epochs`, then its test loss (nats per image, one z sample)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from vae.models import MLPConfig, MLPVAE
+
+    torch.manual_seed(0)
+    train = DataLoader(datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor()), batch_size=BATCH,
+                       shuffle=True)
+    test = DataLoader(datasets.MNIST(data_dir, train=False, transform=transforms.ToTensor()), batch_size=1000)
+    model = MLPVAE(MLPConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def elbo(x):
+        mu, logvar = model.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return F.binary_cross_entropy_with_logits(model.decode(z), x, reduction="sum") \
+            - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+    for _ in range(epochs):
+        for x, _ in train:
+            loss = elbo(x.view(-1, 784))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return sum(elbo(x.view(-1, 784)).item() for x, _ in test) / 10_000
+
+
+# ------------------------------------------------------------------ 2. ours, in process
+def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int) -> pd.DataFrame:
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.results import Results
+    from vae.session import LocalSession
+
+    cfg = TrainConfig(dataset="mnist", data_dir=data_dir, epochs=epochs, storage=storage, name=name, iw_samples=0,
+                      cpus_per_worker=threads)
+    t0 = time.perf_counter()
+    train_loop(cfg, LocalSession())
+    wall = time.perf_counter() - t0
+    epochs_df = Results(f"{storage}/{name}").read("epochs").sort_values("epoch")
+    return epochs_df.assign(wall=wall)
+
+
+# ------------------------------------------------------------------ 4. the matrix-product limit
+def matmul_limit(reps: int = 5, steps: int = 300) -> list[float]:
+    """Samples/s if a step cost only its matrix products (forward and backward of the MLP's layers)."""
+    b = BATCH
+    x = torch.rand(b, 784)
+    w1, wh, w3, w4 = torch.randn(400, 784), torch.randn(40, 400), torch.randn(400, 20), torch.randn(784, 400)
+    b1, b4 = torch.randn(400), torch.randn(784)
+    h, z, h3 = torch.randn(b, 400), torch.randn(b, 20), torch.randn(b, 400)
+    g4, gh, gh3, gh1 = torch.randn(b, 784), torch.randn(b, 40), torch.randn(b, 400), torch.randn(b, 400)
+
+    def step():
+        torch.addmm(b1, x, w1.t()), h @ wh.t(), z @ w3.t(), torch.addmm(b4, h3, w4.t())  # forward
+        g4.t() @ h3, g4 @ w4, gh3.t() @ z, gh3 @ w3, gh.t() @ h, gh @ wh, gh1.t() @ x  # backward
+
+    for _ in range(50):
+        step()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out.append(b * steps / (time.perf_counter() - t0))
+    return out
+
+
+# ------------------------------------------------------------------ 3 and 5. under Ray, as a user runs it
+def run_job(args: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb(data_dir: str, storage: str) -> float:
+    code = ("import resource, sys; sys.path.insert(0, %r)\n"
+            "from vae.config import TrainConfig; from vae.loop import train_loop; from vae.session import LocalSession\n"
+            "train_loop(TrainConfig(dataset='mnist', data_dir=%r, epochs=1, storage=%r, name='rss', iw_samples=100),"
+            " LocalSession())\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (ROOT, data_dir, storage)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "./data"))
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each speed measurement")
+    parser.add_argument("--quality-epochs", type=int, default=10,
+                        help="epochs for the same-test-loss check (0: skip it)")
+    parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Train and sweep measurements")
+    parser.add_argument("--out", default="bench-results.parquet")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    rows: list[dict] = []
+
+    def add(name: str, values: list[float], unit: str, note: str = "") -> None:
+        med, spread = median_spread(values)
+        rows.append({"measure": name, "median": med, "spread": spread, "unit": unit, "n": len(values), "note": note})
+        print(f"{name:<44} {med:>12,.2f} {unit:<10} (spread {spread:,.2f}, n={len(values)}) {note}", flush=True)
+
+    print(f"bench: {threads} torch threads, batch {BATCH}, {os.cpu_count()} CPUs", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = [baseline_epoch(args.data_dir, r) for r in range(args.reps)]
+        add("baseline: seed loop, samples/s", base, "samples/s")
+        ours_runs = [ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads) for r in range(args.reps)]
+        ours = [float(df.samples_per_second.iloc[-1]) for df in ours_runs]  # epoch 2: after a warm-up epoch
+        add("ours in process: train_loop, samples/s", ours, "samples/s")
+        add("ours / baseline", [o / statistics.median(base) for o in ours], "x")
+        limit = matmul_limit(args.reps)
+        add("matrix products alone, samples/s", limit, "samples/s")
+        add("ours / matrix-product limit", [100 * o / statistics.median(limit) for o in ours], "%")
+        per_epoch_local = [float(df.wall.iloc[0]) / 2 for df in ours_runs]
+        add("ours in process: wall per epoch (with eval)", per_epoch_local, "s")
+        add("peak RSS, one MNIST worker (in process)", [peak_rss_mb(args.data_dir, tmp)], "MiB")
+
+        if not args.skip_ray:
+            env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
+            env.pop("RAY_ADDRESS", None)
+            one, three = [], []
+            for r in range(args.reps):
+                common = ["--dataset", "mnist", "--iw-samples", "0", "--storage", tmp]
+                one.append(run_job(["jobs.train", *common, "--epochs", "1", "--name", f"r1-{r}"], env))
+                three.append(run_job(["jobs.train", *common, "--epochs", "3", "--name", f"r3-{r}"], env))
+            per_epoch = [(b - a) / 2 for a, b in zip(one, three)]
+            fixed = [a - p for a, p in zip(one, per_epoch)]
+            add("Ray Train, 1 worker: fixed start-up", fixed, "s", "wall(1 epoch) - per-epoch")
+            add("Ray Train, 1 worker: per epoch", per_epoch, "s", "(wall(3) - wall(1)) / 2")
+            add("Ray Train per epoch / in process", [p / statistics.median(per_epoch_local) for p in per_epoch], "x")
+            sweep = ["jobs.sweep", "--dataset", "mnist", "--subset", "1000", "--epochs", "1", "--latent-dims",
+                     "2,5,10,20", "--lrs", "1e-3,3e-3", "--betas", "0.5,2", "--iw-samples", "0", "--storage", tmp]
+            walls, overheads = [], []
+            from vae.results import Results
+            for r in range(max(1, args.reps - 1)):
+                wall = run_job([*sweep, "--name", f"sw{r}"], env)
+                trials = Results(f"{tmp}/sw{r}").read("trials")
+                walls.append(wall)
+                # amortised: the sweep's wall per trial beyond the trial's own training time, 2 trials at once
+                overheads.append(wall / len(trials) - trials.wall_seconds.mean() / 2)
+            add("sweep of 16 tiny trials: wall", walls, "s")
+            add("sweep overhead per trial, amortised", overheads, "s", "wall/16 - trial time/2 concurrent")
+
+        if args.quality_epochs:
+            ref = baseline_test_loss(args.data_dir, args.quality_epochs)
+            df = ours_in_process(args.data_dir, args.quality_epochs, tmp, "quality", threads)
+            mine = float(df.test_loss.iloc[-1])
+            add(f"test loss after {args.quality_epochs} epochs: baseline", [ref], "nats")
+            add(f"test loss after {args.quality_epochs} epochs: ours", [mine], "nats")
+            add("test loss difference (ours - baseline)", [mine - ref], "nats")
+    table = pd.DataFrame(rows)
+    table.to_parquet(args.out, index=False)
+    print(f"bench: wrote {args.out}")
+    print(json.dumps({r["measure"]: round(r["median"], 3) for r in rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

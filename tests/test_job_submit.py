@@ -1,0 +1,94 @@
+"""The real cluster path: a Ray head started here, jobs sent with `ray job submit`, tables read back.
+
+The test ends the head process it started (never `ray stop`, which would kill every Ray on the machine).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA_DIR, ROOT
+from vae.results import Results
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    ports = {k: free_port() for k in ("gcs", "dash", "agent", "agent_grpc", "metrics", "client", "rt_env")}
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "")}
+    env.pop("RAY_ADDRESS", None)
+    if not env["RAY_AUTH_MODE"]:
+        env.pop("RAY_AUTH_MODE")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={ports['gcs']}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dash']}",
+         f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+         f"--metrics-export-port={ports['metrics']}", f"--ray-client-server-port={ports['client']}",
+         f"--runtime-env-agent-port={ports['rt_env']}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dash']}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.terminate()
+        pytest.fail("the Ray head's job server did not come up")
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)  # the head we started, and only it
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def submit(address: str, env: dict, *args: str) -> tuple[str, str]:
+    runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "VAE_DATA_DIR": DATA_DIR}})
+    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                           "--runtime-env-json", runtime_env, "--", "python", "-m", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc.stdout + proc.stderr, ("SUCCEEDED" if "succeeded" in (proc.stdout + proc.stderr).lower()
+                                       and proc.returncode == 0 else "FAILED")
+
+
+def test_submitted_training_and_sweep_jobs_succeed_and_write_tables(head, tmp_path):
+    address, env = head
+    out, status = submit(address, env, "jobs.train", "--dataset", "mnist", "--subset", "512", "--epochs", "2",
+                         "--latent-dim", "4", "--hidden-dim", "32", "--iw-samples", "5",
+                         "--storage", str(tmp_path), "--name", "submitted")
+    assert status == "SUCCEEDED", out[-3000:]
+    assert "epoch 2/2" in out and "jobs.train: finished: submitted" in out
+    assert sorted(Results(f"{tmp_path}/submitted").read("epochs").epoch) == [0, 1, 2]
+    out, status = submit(address, env, "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear",
+                         "--decoder-var", "1", "--latent-dims", "2", "--lrs", "1e-2", "--betas", "0.3,3",
+                         "--epochs", "2", "--iw-samples", "5", "--storage", str(tmp_path), "--name", "swept")
+    assert status == "SUCCEEDED", out[-3000:]
+    assert len(Results(f"{tmp_path}/swept").read("collapse_map")) == 2
+
+
+def test_a_job_with_a_bad_argument_fails_with_the_one_line_message(head):
+    address, env = head
+    out, status = submit(address, env, "jobs.train", "--lr", "-1")
+    assert status == "FAILED"
+    assert "jobs.train: error: --lr: must be a number in (0, 100] (got -1.0)" in out
