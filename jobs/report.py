@@ -15,9 +15,10 @@ PROG = "jobs.report"
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="the run's or sweep's folder: <storage>/<name>")
+    parser.add_argument("root", help="the run's or sweep's folder or URI: <storage>/<name>")
     parser.add_argument("--trial", metavar="TRIAL_ID", help="draw one trial's detail page (with t-SNE)")
-    parser.add_argument("--out", help="where the pages and PNGs go (default: ROOT/report)")
+    parser.add_argument("--out", help="where the pages and PNGs go (default: ROOT/report, or ./NAME-report "
+                                      "when ROOT is a URI)")
     args = parser.parse_args(argv)
     from vae.report import build_report
     from vae.results import Results

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{PROG}: {cfg.name}: {cfg.dataset}/{cfg.model} z={cfg.latent_dim} beta={cfg.beta:g} lr={cfg.lr:g} "
           f"on {cfg.num_workers} worker(s), {'GPU' if cfg.use_gpu else 'CPU'}; results in {root}", flush=True)
     follower = launch.EpochFollower(cfg, emit=lambda line: print(line, flush=True))
+    last = follower.resumed_after()
+    if last is not None:
+        print(f"{PROG}: resuming {cfg.name}: epochs up to {last} are done", flush=True)
     follower.start()
     try:
         result = launch.fit(cfg)

@@ -109,16 +109,19 @@ def test_truncated_foreign_or_misplaced_checkpoints_are_refused(tmp_path):
 # ------------------------------------------------------------------ writes killed half-way
 
 WRITER = """
-import sys, numpy as np, pandas as pd
+import sys, numpy as np, pandas as pd, torch
 sys.path.insert(0, {root!r})
+from vae import checkpoint
 from vae.results import Results, SCHEMAS
 res = Results({path!r})
+weights = {{"w": torch.randn(2000, 500)}}
 rows = [{{"trial_id": "t", "epoch": 1, "index": i, "label": 0, "mu": np.random.rand(512).astype("float32")}}
         for i in range(4000)]
 print("ready", flush=True)
 i = 0
 while True:
     res.write("latents", rows, f"t{{i % 3}}.parquet")
+    checkpoint.save({path!r} + "/ckpt", model_state=weights, optimizer_state={{}}, epoch=i, trial_id="t")
     i += 1
 """
 
@@ -136,6 +139,8 @@ def test_a_writer_killed_mid_write_leaves_only_whole_files(tmp_path):
     latents = Results(str(tmp_path / "run")).read("latents")  # hidden temp files are never read
     assert len(latents) == 3 * 4000
     assert len(pd.read_parquet(tmp_path / "run" / "latents")) == 3 * 4000
+    state = checkpoint.load(str(tmp_path / "run" / "ckpt"), "t")  # the last whole checkpoint, never a torn one
+    assert state["model"]["w"].shape == (2000, 500)
     # the next write replaces its file rather than adding rows
     Results(str(tmp_path / "run")).write("latents", latents.iloc[:10], "t0.parquet")
     assert len(Results(str(tmp_path / "run")).read("latents")) == 2 * 4000 + 10

@@ -5,12 +5,14 @@ The test ends the head process it started (never `ray stop`, which would kill ev
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,10 +34,13 @@ def free_port() -> int:
 def head():
     ports = {k: free_port() for k in ("gcs", "dash", "agent", "agent_grpc", "metrics", "client", "rt_env")}
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "")}
+    # Ray 2.60 clusters use token auth: a token of our own for this head and its job CLI (not ~/.ray's).
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
-    if not env["RAY_AUTH_MODE"]:
-        env.pop("RAY_AUTH_MODE")
+    env.pop("RAY_AUTH_TOKEN", None)
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={ports['gcs']}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dash']}",
@@ -48,6 +53,8 @@ def head():
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (401 under token auth: the job CLI sends the token)
             break
         except OSError:
             time.sleep(1)

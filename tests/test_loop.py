@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vae.config import TrainConfig
+from vae.config import TrainConfig, resolve
 from vae.data import GAUSSIAN_COV, GAUSSIAN_MEAN
 from vae.loop import train_loop
 from vae.results import SCHEMAS, Results
@@ -77,3 +77,15 @@ def test_a_diverging_trial_is_recorded_with_its_reason(tmp_path):
     trial = Results(f"{tmp_path}/toy").read("trials").iloc[0]
     assert out["status"] == "diverged" and trial.status == "diverged"
     assert "train loss became" in trial.error and f"epoch {trial.epochs_done}" in trial.error
+
+
+def test_data_model_and_noise_live_on_the_sessions_device(tmp_path):
+    """The GPU path's placement logic, checked on the CPU (no GPU in CI): everything follows session.device."""
+    from vae.loop import _Trainer
+
+    session = LocalSession(device="cpu")
+    trainer = _Trainer(resolve(toy(tmp_path, epochs=1)), session)
+    assert trainer.train_x.device == session.device and trainer.test_x.device == session.device
+    assert trainer.test_eps.device == session.device
+    assert all(p.device == session.device for p in trainer.model.parameters())
+    assert trainer.run()["status"] == "finished"

@@ -95,6 +95,14 @@ class EpochFollower(threading.Thread):
         self.seen: set[int] = set()
         self.stop_event = threading.Event()
 
+    def resumed_after(self) -> int | None:
+        """Epochs already in the table (a rerun of the same name): marked seen; the last one, or None."""
+        import pyarrow.dataset as ds
+
+        done = self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id).epoch
+        self.seen.update(int(e) for e in done)
+        return int(done.max()) if len(done) else None
+
     def poll(self) -> None:
         import pyarrow.dataset as ds
 

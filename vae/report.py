@@ -101,7 +101,7 @@ def trial_figures(res: Results, trial_id: str, out: str, tsne: bool = True) -> l
         _draw(out, f"{key}-activity.png", plots.activity_curves, epochs, title="Active units and mutual information",
               caption="Units whose mean varies with x (Var > 0.01) and I(x; z); both at zero is full collapse."),
     ]
-    if (images.kind == "reconstruction").any() or images.empty or not (images.kind == "generated").any():
+    if not (images.kind == "generated").any():  # images (MNIST), or nothing: the image figures say skipped
         figs += [
             _draw(out, f"{key}-recon.png", plots.reconstructions, images, title="Reconstructions",
                   caption="Originals above reconstructions: blur is the VAE's known trait; identical "
@@ -145,7 +145,8 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None)
     from tune import collapse
 
     res = Results(root)
-    out = out or os.path.join(root, "report")
+    if not out:  # beside the tables when they are local; in the current folder when they are in a bucket
+        out = os.path.join(root, "report") if "://" not in root else os.path.basename(root.rstrip("/")) + "-report"
     os.makedirs(out, exist_ok=True)
     trials, epochs, dims = res.read("trials"), res.read("epochs"), res.read("kl_per_dim")
     if trial_id is not None:
