@@ -5,7 +5,6 @@ Needs no Ray and no model: copy a results folder off a cluster and draw it anywh
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from vae.config import OneLineParser

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     launch.connect(verbose=args.verbose)
     cpus, _ = launch.cluster_resources()
     if not args.resume:
-        launch.record_run(root, "sweep", list(sys.argv[1:] if argv is None else argv), vars(sweep) | {})
+        launch.record_run(root, "sweep", list(sys.argv[1:] if argv is None else argv), vars(sweep))
     count = f"about {sweep.n_trials()}" if sweep.search == "boundary" else str(sweep.n_trials())
     print(f"{PROG}: {sweep.name}: {count} trials ({sweep.search} search) of {sweep.dataset}/{sweep.model}, "
           f"{sweep.epochs} epochs each; results in {root}", flush=True)

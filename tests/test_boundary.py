@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 
 import pytest
 
@@ -71,7 +70,6 @@ def test_parallel_rounds_split_brackets_into_k_plus_one_parts():
 
 
 def test_noisy_repeats_are_averaged_before_deciding():
-    rng = random.Random(0)
     s = BoundarySearcher([(4, 1e-3)], (LO, HI), TOL, repeats=3)
 
     def noisy(c):  # each seed sees its own threshold near 1.0; the averaged fraction crosses 1/2 at 1.0

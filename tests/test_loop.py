@@ -10,7 +10,7 @@ import torch
 from vae.config import TrainConfig, resolve
 from vae.data import GAUSSIAN_COV, GAUSSIAN_MEAN
 from vae.loop import train_loop
-from vae.results import SCHEMAS, Results
+from vae.results import IMAGE_KINDS, SCHEMAS, Results
 from vae.session import LocalSession
 
 
@@ -55,6 +55,7 @@ def test_every_table_follows_the_contract(tmp_path, data_dir):
     assert trial.status == "finished" and trial.epochs_done == 2 and math.isfinite(trial.iw_nll)
     assert trial.test_loss == pytest.approx(metrics["test_loss"])
     kinds = res.read("images").groupby("kind").size().to_dict()
+    assert set(kinds) <= set(IMAGE_KINDS)
     assert kinds == {"original": 3 * 16, "reconstruction": 3 * 16, "prior_sample": 3 * 64, "interpolation": 3 * 40}
     latents = res.read("latents")
     assert len(latents) == 2000 and latents.epoch.unique().tolist() == [2] and len(latents.mu.iloc[0]) == 4

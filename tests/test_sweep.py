@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from jobs import sweep as sweep_job
 from tests.conftest import ROOT
 from vae.results import Results
@@ -110,3 +108,27 @@ def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
     again = subprocess.run([sys.executable, "-m", "jobs.sweep", "--storage", str(tmp_path), "--name", "left"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists; use --resume" in again.stderr
+
+
+def test_an_errored_trial_is_recorded_failed_and_retried_on_resume(tmp_path):
+    from vae.loop import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+
+    env = {**os.environ, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
+            "--latent-dims", "2", "--lrs", "1e-2", "--betas", "0.3,3", "--epochs", "3", "--iw-samples", "0",
+            "--max-concurrent", "1", "--max-failures", "0", "--scheduler", "asha",
+            "--storage", str(tmp_path), "--name", "flaky"]
+    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]  # one trial was SIGKILLed once
+    res = Results(f"{tmp_path}/flaky")
+    trials = res.read("trials")
+    assert sorted(trials.status) == ["failed", "finished"]
+    assert trials[trials.status == "failed"].error.iloc[0] != ""
+    again = subprocess.run(args + ["--resume", "--retry-errored"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    trials = res.read("trials")
+    assert sorted(trials.status) == ["finished", "finished"]
+    assert not res.read("epochs").duplicated(["trial_id", "epoch"]).any()
+    assert len(res.read("epochs")) == 2 * 4

@@ -39,7 +39,6 @@ def classify(loss: float, active_units: int, latent_dim: int, kl_per_dim: Sequen
         return Classification("diverged", 0, float("nan"))
     kl = np.asarray(kl_per_dim, dtype=float)
     dead = int((kl < kl_threshold).sum()) if len(kl) else 0
-    frac = dead / latent_dim
     if active_units == 0 or (len(kl) and kl.sum() < kl_threshold):
         return Classification("collapsed", latent_dim, 1.0)
     if dead > 0 or active_units < latent_dim:

@@ -7,6 +7,8 @@ Tune directly) and forwards its reports with TuneReportCallback.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from typing import Any
@@ -15,17 +17,27 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from vae.config import resolve
-from vae.results import Results, config_row, file_key, run_root
+from vae.launch import error_line
+from vae.results import SAFE_KEY, Results, config_row, file_key, run_root
 
 from .space import SweepConfig
 
 AXIS_KEYS = ("latent_dim", "lr", "beta", "hidden_dim", "kl_warmup_epochs", "free_bits", "seed")
 
 
+def trial_key(config: dict[str, Any]) -> str:
+    """The trial's id in the tables, from its point in the space, so a retried trial (which Tune may give a
+    new id) replaces its rows instead of adding a second trial: 'z2-lr0.01-b0.3-s0-1a2b3c'."""
+    point = {k: config[k] for k in AXIS_KEYS if k in config}
+    digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:6]
+    name = f"z{point.get('latent_dim')}-lr{point.get('lr', 0):g}-b{point.get('beta', 0):.4g}-s{point.get('seed', 0)}"
+    return SAFE_KEY.sub("", name) + "-" + digest
+
+
 def trial(config: dict[str, Any]) -> None:
     """Tune function trainable: the sweep's settings plus this trial's point in the space."""
     sweep = SweepConfig(**config["sweep"])
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = trial_key(config)
     cfg = resolve(sweep.trial_config(trial_id=trial_id, **{k: config[k] for k in AXIS_KEYS if k in config}))
     if sweep.workers_per_trial == 1:
         import torch
@@ -159,14 +171,14 @@ def settle_trials(sweep: SweepConfig, grid) -> None:
     epochs = res.read("epochs")
     for result in grid:
         cfg_values = result.config or {}
-        tid = _trial_id(result)
-        if tid is None:
+        if "latent_dim" not in cfg_values:
             continue
+        tid = trial_key(cfg_values)
         known = table.loc[tid] if tid in table.index else None
         if result.error is None and (known is None or known.status != "running"):
             continue
         status = "failed" if result.error is not None else "stopped"
-        error = (str(result.error).strip().splitlines() or [""])[-1][:500] if result.error else "stopped early by the scheduler"
+        error = error_line(result.error)[:500] if result.error else "stopped early by the scheduler"
         done = epochs[epochs.trial_id == tid].epoch.max() if tid in set(epochs.trial_id) else 0
         cfg = resolve(sweep.trial_config(trial_id=tid, **{k: cfg_values[k] for k in AXIS_KEYS if k in cfg_values}))
         row = {"trial_id": tid, **config_row(cfg), "status": status, "error": error,
@@ -179,15 +191,3 @@ def settle_trials(sweep: SweepConfig, grid) -> None:
         row["iw_nll"] = float("nan")
         row["wall_seconds"] = float(known.wall_seconds) if known is not None else float("nan")
         res.write("trials", [row], file_key(tid))
-
-
-def _trial_id(result) -> str | None:
-    metrics = result.metrics or {}
-    if metrics.get("trial_id"):
-        return metrics["trial_id"]
-    path = (result.path or "").rstrip("/")
-    if not path:
-        return None
-    # Tune trial folders are named <trainable>_<trial_id>_<index>_<params>_<time>
-    parts = path.rsplit("/", 1)[-1].split("_")
-    return "_".join(parts[1:3]) if len(parts) >= 3 else None

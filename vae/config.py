@@ -12,9 +12,8 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 DATASETS = ("mnist", "gaussian2d")
@@ -323,8 +322,3 @@ def parse_train_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, ar
         return resolve(config), args
     except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-
-
-def fail(message: str, prog: str) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)

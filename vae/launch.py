@@ -128,7 +128,6 @@ class EpochFollower(threading.Thread):
 def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) -> None:
     """`run.json` beside the tables: the command, config, start time and versions, for the report."""
     import platform
-    import sys
     import time
 
     import ray
@@ -139,8 +138,7 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
     Results(root).write_json("run.json", {
         "kind": kind, "command": " ".join(["python -m", f"jobs.{kind}", *argv]), "config": config,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__},
-        "argv0": sys.argv[0]})
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}})
 
 
 def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None,

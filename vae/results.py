@@ -74,7 +74,6 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("critical_beta_upper", pa.float64()), ("monotone", pa.bool_()),
     ]),
 }
-TABLES = tuple(SCHEMAS)
 IMAGE_KINDS = ("original", "reconstruction", "prior_sample", "interpolation", "manifold",  # images
                "generated", "generated_noisy")  # 2-D toy points (original: the true test points)
 SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
