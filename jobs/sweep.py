@@ -16,7 +16,7 @@ PROG = "jobs.sweep"
 
 def main(argv: list[str] | None = None) -> int:
     sweep, args = parse_sweep_args(argv)  # exits 2 on bad input; torch and Ray are not loaded yet
-    from vae.data import DataError, load
+    from vae.data import DataError, preflight
     from vae.results import Results, run_root
 
     root = run_root(sweep.storage, sweep.name)
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        load(sweep.dataset, sweep.data_dir, sweep.seed, sweep.subset)
+        preflight(sweep.dataset, sweep.data_dir)
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ PROG = "jobs.train"
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_train_args(argv)  # exits 2 on bad input; torch and Ray are not loaded yet
-    from vae.data import DataError, load
+    from vae.data import DataError, preflight
     from vae.results import Results, run_root
 
     try:
-        load(cfg.dataset, cfg.data_dir, cfg.seed, cfg.subset)  # fail on bad data before any cluster work
+        preflight(cfg.dataset, cfg.data_dir)  # fail on bad data before any cluster work
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

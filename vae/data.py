@@ -113,6 +113,16 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
                 Split(x[GAUSSIAN_TRAIN:], zeros[GAUSSIAN_TRAIN:]), None)
 
 
+def preflight(dataset: str, data_dir: str) -> None:
+    """Fail early, naming the file, if the data cannot be had; cheap when MNIST is already there."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    if dataset == "mnist":
+        if any((raw / f).exists() for f in MNIST_FILES):
+            check_mnist_files(data_dir)
+        else:
+            load_mnist(data_dir)  # downloads it (or says why it cannot)
+
+
 def load(dataset: str, data_dir: str, seed: int, subset: int = 0) -> Data:
     """The dataset's splits, cached per process: a reused Tune trial process reads MNIST once.
 

@@ -31,9 +31,12 @@ IW_BATCH = 250
 FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "VAE_FAULT_KILL_EPOCH", "VAE_FAULT_MARKER"
 
 
-def _maybe_fault(epoch: int, step: int, steps: int, rank: int) -> None:
-    if os.environ.get(FAULT_EPOCH_ENV) != str(epoch) or step != steps // 2 or rank != 0:
-        return
+def _fault_step(epoch: int, steps: int, rank: int) -> int:
+    """The step of this epoch at which to inject the fault (-1: none); read once per epoch, not per step."""
+    return steps // 2 if os.environ.get(FAULT_EPOCH_ENV) == str(epoch) and rank == 0 else -1
+
+
+def _inject_fault() -> None:
     marker = os.environ.get(FAULT_MARKER_ENV, "")
     if marker and os.path.exists(marker):
         return
@@ -165,8 +168,10 @@ class _Trainer:
         gen = _seeded(cfg.seed, 3, epoch, self.rank, device=self.device)  # per epoch: resume replays exactly
         recon_sum = torch.zeros((), device=self.device)
         kl_sum = torch.zeros((), device=self.device)
+        fault_at = _fault_step(epoch, steps, self.rank)
         for step in range(steps):
-            _maybe_fault(epoch, step, steps, self.rank)
+            if step == fault_at:
+                _inject_fault()
             xb = self.train_x[idx[step * batch:(step + 1) * batch]]
             eps = torch.randn(cfg.num_mc, len(xb), cfg.latent_dim, generator=gen, device=self.device)
             weight = losses.kl_weight(cfg.beta, epoch - 1 + step / steps, cfg.kl_warmup_epochs)
