@@ -157,3 +157,23 @@ def test_unwritable_storage_stops_the_run_naming_the_path(tmp_path):
         train_loop(TrainConfig(dataset="gaussian2d", epochs=2, storage=str(storage), name="run", iw_samples=0),
                    LocalSession())
     assert len(Results(str(storage / "run")).read("epochs")) == 1  # what was written stays readable
+
+
+def test_a_full_disk_stops_the_run_naming_the_path_and_keeps_what_was_written(tmp_path):
+    from vae.loop import train_loop
+    from vae.results import StorageError
+    from vae.session import LocalSession
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root): the file-in-the-way test covers the same path")
+    try:
+        with pytest.raises(StorageError, match=f"cannot write .*{disk}/run/.*No space left on device"):
+            train_loop(TrainConfig(dataset="gaussian2d", epochs=30, storage=str(disk), name="run", iw_samples=0),
+                       LocalSession())
+        epochs = Results(str(disk / "run")).read("epochs")  # every file that made it is whole and readable
+        assert len(epochs) >= 1 and not list((disk / "run").glob("*/.tmp-*"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
