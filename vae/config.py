@@ -251,7 +251,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, help: Mapping[s
         default = f.default
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                             default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{help.get(f.name, '')} (default: {default if default != '' else 'see text'})")
+                            help=help.get(f.name, "") + (f" (default: {default})" if default not in ("", None) else ""))
 
 
 def load_yaml(path: str) -> dict[str, Any]:
