@@ -22,31 +22,13 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from .collapse import ACTIVE_THRESHOLD, KL_THRESHOLD
-
-STATE_FILE = "boundary-searcher.json"
+from .collapse import ACTIVE_THRESHOLD, KL_THRESHOLD, crossings, units_in_use
 
 
 def log_points(lo: float, hi: float, k: int) -> list[float]:
     """k points splitting [lo, hi] into k + 1 equal parts in log scale."""
     a, b = math.log(lo), math.log(hi)
     return [math.exp(a + (b - a) * i / (k + 1)) for i in range(1, k + 1)]
-
-
-def units_in_use(result: dict[str, Any], active_threshold: float, kl_threshold: float) -> int | None:
-    """Latent units both active (Var_x E_q[z_j] > threshold) and informative (KL >= threshold)."""
-    kl, activity = result.get("kl_per_dim"), result.get("activity")
-    if kl is None or activity is None:
-        return None
-    return sum(1 for k, a in zip(kl, activity) if a > active_threshold and k >= kl_threshold)
-
-
-def crossings(points: dict[float, float]) -> tuple[list[tuple[float, float]], bool]:
-    """Adjacent (beta, beta') pairs where the active fraction crosses 1/2; and whether it never rises."""
-    pts = sorted((b, f) for b, f in points.items() if f == f)
-    pairs = [(b0, b1) for (b0, f0), (b1, f1) in zip(pts, pts[1:]) if (f0 >= 0.5) != (f1 >= 0.5)]
-    monotone = all(f0 >= f1 - 1e-9 for (_, f0), (_, f1) in zip(pts, pts[1:]))
-    return pairs, monotone
 
 
 class BoundarySearcher(Searcher):

@@ -19,6 +19,33 @@ CELL_AXES = ["latent_dim", "lr", "hidden_dim", "kl_warmup_epochs", "free_bits"]
 CLASSES = ("healthy", "partial", "collapsed", "diverged")
 
 
+def in_use(kl, activity, active_threshold: float = ACTIVE_THRESHOLD, kl_threshold: float = KL_THRESHOLD):
+    """Per dimension: active (Var_x E_q[z_j] > threshold) and informative (test KL >= threshold).
+
+    A unit whose mean still wanders but which carries no information is not used by the decoder.
+    Works elementwise on arrays and pandas columns.
+    """
+    return (activity > active_threshold) & (kl >= kl_threshold)
+
+
+def units_in_use(result: dict, active_threshold: float = ACTIVE_THRESHOLD,
+                 kl_threshold: float = KL_THRESHOLD) -> int | None:
+    """Units in use from a trial's reported metrics (`kl_per_dim`, `activity`); None if it reported neither."""
+    kl, activity = result.get("kl_per_dim"), result.get("activity")
+    if kl is None or activity is None:
+        return None
+    return int(in_use(np.asarray(kl, float), np.asarray(activity, float), active_threshold, kl_threshold).sum())
+
+
+def crossings(points: dict[float, float]) -> tuple[list[tuple[float, float]], bool]:
+    """Adjacent (beta, beta') pairs whose active fractions lie on both sides of 1/2, in rising beta;
+    and whether the fraction never rises with beta. NaN fractions (diverged) are skipped."""
+    pts = sorted((b, f) for b, f in points.items() if f == f)
+    pairs = [(b0, b1) for (b0, f0), (b1, f1) in zip(pts, pts[1:]) if (f0 >= 0.5) != (f1 >= 0.5)]
+    monotone = all(f0 >= f1 - 1e-9 for (_, f0), (_, f1) in zip(pts, pts[1:]))
+    return pairs, monotone
+
+
 @dataclass(frozen=True)
 class Classification:
     status: str  # healthy | partial | collapsed | diverged
@@ -51,11 +78,9 @@ def classify_epochs(epochs: pd.DataFrame, kl_per_dim: pd.DataFrame, kl_threshold
                     active_threshold: float = ACTIVE_THRESHOLD) -> pd.DataFrame:
     """`epochs` rows with status, collapsed_dims, collapsed_fraction and active_fraction added.
 
-    Here a unit counts as active when its activity exceeds `active_threshold`
-    and its KL is at least `kl_threshold`: a unit whose mean still wanders
-    but which carries no information is not used by the decoder.
+    Here `active_units` counts the units in use (`in_use`), not the activity alone.
     """
-    per_dim = kl_per_dim.assign(used=(kl_per_dim.activity > active_threshold) & (kl_per_dim.kl >= kl_threshold))
+    per_dim = kl_per_dim.assign(used=in_use(kl_per_dim.kl, kl_per_dim.activity, active_threshold, kl_threshold))
     grouped = per_dim.groupby(["trial_id", "epoch"])
     dims = grouped["kl"].apply(list)
     used = grouped["used"].sum()
@@ -78,18 +103,20 @@ def critical_beta(betas: Sequence[float], active_fraction: Sequence[float]) -> t
     cells) are skipped. Below the range: (nan, nan, smallest beta); above it:
     (nan, largest beta, nan). `monotone` says whether the fraction never rises with beta.
     """
-    pts = sorted((b, f) for b, f in zip(betas, active_fraction) if f == f)
+    points = {b: f for b, f in zip(betas, active_fraction) if f == f}
     nan = float("nan")
-    if not pts:
+    if not points:
         return nan, nan, nan, True
-    monotone = all(f1 >= f2 - 1e-9 for (_, f1), (_, f2) in zip(pts, pts[1:]))
-    if pts[0][1] < 0.5:
-        return nan, nan, pts[0][0], monotone
-    for (b0, f0), (b1, f1) in zip(pts, pts[1:]):
-        if f0 >= 0.5 > f1:
+    pairs, monotone = crossings(points)
+    lowest, highest = min(points), max(points)
+    if points[lowest] < 0.5:
+        return nan, nan, lowest, monotone
+    for b0, b1 in pairs:
+        f0, f1 = points[b0], points[b1]
+        if f0 >= 0.5:  # the first fall below one half
             t = (f0 - 0.5) / (f0 - f1)
             return math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0))), b0, b1, monotone
-    return nan, pts[-1][0], nan, monotone
+    return nan, highest, nan, monotone
 
 
 def final_rows(trials: pd.DataFrame, epochs: pd.DataFrame, kl_per_dim: pd.DataFrame,

@@ -20,6 +20,7 @@ from vae.config import resolve
 from vae.launch import error_line
 from vae.results import SAFE_KEY, Results, config_row, file_key, run_root
 
+from .collapse import units_in_use
 from .space import SweepConfig
 
 AXIS_KEYS = ("latent_dim", "lr", "beta", "hidden_dim", "kl_warmup_epochs", "free_bits", "seed")
@@ -57,12 +58,21 @@ def trial(config: dict[str, Any]) -> None:
                    callbacks=[TuneReportCallback()])
 
 
+def collapsed(result: dict, thresholds: tuple[float, float]) -> bool:
+    """A trial's latest report has no unit in use (the map's definition, `collapse.in_use`)."""
+    return result.get("status") != "diverged" and units_in_use(result, *thresholds) == 0
+
+
 class CollapseKeepingASHA(ASHAScheduler):
     """ASHA on test loss that never stops a trial because it collapsed: collapsed trials are the data."""
 
+    def __init__(self, thresholds: tuple[float, float], **kwargs):
+        super().__init__(**kwargs)
+        self.thresholds = thresholds  # (active, KL)
+
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get("active_units", 1) == 0:
+        if decision == TrialScheduler.STOP and collapsed(result, self.thresholds):
             return TrialScheduler.CONTINUE
         return decision
 
@@ -70,8 +80,8 @@ class CollapseKeepingASHA(ASHAScheduler):
 class Progress(tune.Callback):
     """One concise line whenever the sweep's state changes (Tune's own table stays off)."""
 
-    def __init__(self, total: int | str, emit=print):
-        self.total, self.emit = total, emit
+    def __init__(self, total: int | str, thresholds: tuple[float, float], emit=print):
+        self.total, self.thresholds, self.emit = total, thresholds, emit
         self.started = time.time()
         self.last: dict[str, dict] = {}
         self.running: set[str] = set()
@@ -85,7 +95,7 @@ class Progress(tune.Callback):
         finals = [self.last[t] for t in self.done if t in self.last]
         losses = [r["test_loss"] for r in self.last.values()
                   if isinstance(r.get("test_loss"), float) and math.isfinite(r["test_loss"])]
-        collapsed = sum(1 for r in finals if r.get("active_units", 1) == 0 and r.get("status") != "diverged")
+        n_collapsed = sum(1 for r in finals if collapsed(r, self.thresholds))
         diverged = sum(1 for r in finals if r.get("status") == "diverged")
         total = int(str(self.total).lstrip("~"))
         pending = max(0, total - len(self.done) - len(self.errored) - len(self.running))
@@ -93,7 +103,7 @@ class Progress(tune.Callback):
                 f"{len(self.errored)} errored | best test loss {min(losses):.2f}" if losses else
                 f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
                 f"{len(self.errored)} errored | best test loss -")
-        line += f" | collapsed {collapsed}, diverged {diverged}"
+        line += f" | collapsed {n_collapsed}, diverged {diverged}"
         counts = (len(self.done), len(self.running), len(self.errored))
         now = time.time()
         if counts != self.counts or (line != self.line and now - self.said_at >= 10):  # at most every 10 s
@@ -128,7 +138,8 @@ def trainable(sweep: SweepConfig):
 def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False, emit=print,
           cluster_cpus: int = 0) -> tune.Tuner:
     root = run_root(sweep.storage, sweep.name)
-    progress = Progress(f"~{sweep.n_trials()}" if sweep.search == "boundary" else sweep.n_trials(), emit)
+    thresholds = (sweep.active_threshold, sweep.kl_threshold)
+    progress = Progress(f"~{sweep.n_trials()}" if sweep.search == "boundary" else sweep.n_trials(), thresholds, emit)
     if resume:
         restored = tune.Tuner.restore(root, trainable=trainable(sweep), resume_unfinished=True,
                                       resume_errored=False, restart_errored=retry_errored)
@@ -148,7 +159,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
         search_alg = BoundarySearcher(cells, (lo, hi), sweep.beta_tolerance, sweep.repeats, sweep.seed, constants,
                                       sweep.active_threshold, sweep.kl_threshold,
                                       max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial)))
-    scheduler = (CollapseKeepingASHA(max_t=sweep.epochs, grace_period=max(1, sweep.epochs // 4),
+    scheduler = (CollapseKeepingASHA(thresholds, max_t=sweep.epochs, grace_period=max(1, sweep.epochs // 4),
                                      reduction_factor=3) if sweep.scheduler == "asha" else None)
     return tune.Tuner(
         trainable(sweep),

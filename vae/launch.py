@@ -95,19 +95,20 @@ class EpochFollower(threading.Thread):
         self.seen: set[int] = set()
         self.stop_event = threading.Event()
 
-    def resumed_after(self) -> int | None:
-        """Epochs already in the table (a rerun of the same name): marked seen; the last one, or None."""
+    def _rows(self):
         import pyarrow.dataset as ds
 
-        done = self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id).epoch
+        return self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id)
+
+    def resumed_after(self) -> int | None:
+        """Epochs already in the table (a rerun of the same name): marked seen; the last one, or None."""
+        done = self._rows().epoch
         self.seen.update(int(e) for e in done)
         return int(done.max()) if len(done) else None
 
     def poll(self) -> None:
-        import pyarrow.dataset as ds
-
         try:
-            df = self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id)
+            df = self._rows()
         except Exception:  # a file being renamed in place: try again on the next tick
             return
         for row in df.sort_values("epoch").to_dict("records"):

@@ -119,7 +119,7 @@ def _latest(images: pd.DataFrame, kind: str) -> pd.DataFrame:
 
 
 def reconstructions(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
-    orig, rec = _latest(images, "original"), _latest(images, "reconstruction")
+    rec = _latest(images, "reconstruction")
     if rec.empty:
         return None
     orig = images[(images.kind == "original") & (images.epoch == rec.epoch.max())].sort_values("index")

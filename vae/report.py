@@ -7,6 +7,7 @@ string that came from a table or a config is HTML-escaped.
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import time
@@ -83,46 +84,52 @@ def _draw(out: str, name: str, fn: Callable[..., str | None], *args, title: str,
     return Figure(path, title, caption) if path else Figure(None, title, "the tables hold no data for it")
 
 
+# (file suffix, table it reads, figure function, title, caption); a function takes (table, path) -> PNG or None.
+SCALAR_FIGURES = [
+    ("loss", "epochs", plots.loss_curves, "Loss curves",
+     "Negative ELBO, reconstruction and KL per epoch (epoch 0: before training). "
+     "KL often rises first, then settles; a KL that falls to zero is collapse."),
+    ("kl-heatmap", "kl_per_dim", plots.kl_heatmap, "KL per latent dimension over epochs",
+     "KL near zero in a dimension means the decoder ignores it; dark rows are collapsed units."),
+    ("kl-bars", "kl_per_dim", plots.kl_bars, "Final KL per dimension",
+     "Sorted; red bars fall under the threshold and carry no information about x."),
+    ("activity", "epochs", plots.activity_curves, "Active units and mutual information",
+     "Units whose mean varies with x (Var > 0.01) and I(x; z); both at zero is full collapse."),
+]
+IMAGE_FIGURES = [
+    ("recon", "images", plots.reconstructions, "Reconstructions",
+     "Originals above reconstructions: blur is the VAE's known trait; identical "
+     "reconstructions for different digits mean collapse."),
+    ("prior", "images", plots.prior_samples, "Prior samples",
+     "Decoded means of z ~ N(0, I): digits where the prior has mass the decoder learned."),
+    ("interp", "images", plots.interpolations, "Interpolations",
+     "Straight paths between two test codes; non-digits along the way are holes in the latent space."),
+    ("manifold", "images", plots.manifold, "Decoded manifold",
+     "Latent size 2 only: decoded means over a grid of z; smooth change means a well-used latent space."),
+    ("latents", "latents", plots.latent_space, "Latent space",
+     "Test-set means coloured by digit: PCA, and t-SNE when scikit-learn is installed; "
+     "digits in separate clusters mean z carries the class."),
+]
+TOY_FIGURES = [
+    ("toy-hist", "images", plots.toy_histograms, "True and generated densities",
+     "2-D histograms under the true density's contours: a good model fills the same ellipses."),
+    ("toy-progress", "images", plots.toy_progress, "Generated samples over training",
+     "Samples at epochs spread over training: how the model learns the density."),
+]
+
+
 def trial_figures(res: Results, trial_id: str, out: str, tsne: bool = True) -> list[Figure]:
     import pyarrow.dataset as ds
 
     only = ds.field("trial_id") == trial_id
-    epochs, dims = res.read("epochs", only), res.read("kl_per_dim", only)
-    images, latents = res.read("images", only), res.read("latents", only)
+    tables = {t: res.read(t, only) for t in ("epochs", "kl_per_dim", "images", "latents")}
+    toy = (tables["images"].kind == "generated").any()  # else images (MNIST), or nothing: those say skipped
     key = SAFE_KEY.sub("_", trial_id)
-    figs = [
-        _draw(out, f"{key}-loss.png", plots.loss_curves, epochs, title="Loss curves",
-              caption="Negative ELBO, reconstruction and KL per epoch (epoch 0: before training). "
-                      "KL often rises first, then settles; a KL that falls to zero is collapse."),
-        _draw(out, f"{key}-kl-heatmap.png", plots.kl_heatmap, dims, title="KL per latent dimension over epochs",
-              caption="KL near zero in a dimension means the decoder ignores it; dark rows are collapsed units."),
-        _draw(out, f"{key}-kl-bars.png", plots.kl_bars, dims, title="Final KL per dimension",
-              caption="Sorted; red bars fall under the threshold and carry no information about x."),
-        _draw(out, f"{key}-activity.png", plots.activity_curves, epochs, title="Active units and mutual information",
-              caption="Units whose mean varies with x (Var > 0.01) and I(x; z); both at zero is full collapse."),
-    ]
-    if not (images.kind == "generated").any():  # images (MNIST), or nothing: the image figures say skipped
-        figs += [
-            _draw(out, f"{key}-recon.png", plots.reconstructions, images, title="Reconstructions",
-                  caption="Originals above reconstructions: blur is the VAE's known trait; identical "
-                          "reconstructions for different digits mean collapse."),
-            _draw(out, f"{key}-prior.png", plots.prior_samples, images, title="Prior samples",
-                  caption="Decoded means of z ~ N(0, I): digits where the prior has mass the decoder learned."),
-            _draw(out, f"{key}-interp.png", plots.interpolations, images, title="Interpolations",
-                  caption="Straight paths between two test codes; non-digits along the way are holes in the latent space."),
-            _draw(out, f"{key}-manifold.png", plots.manifold, images, title="Decoded manifold",
-                  caption="Latent size 2 only: decoded means over a grid of z; smooth change means a well-used latent space."),
-            _draw(out, f"{key}-latents.png", lambda df, p: plots.latent_space(df, p, tsne), latents,
-                  title="Latent space", caption="Test-set means coloured by digit: PCA, and t-SNE when "
-                  "scikit-learn is installed; digits in separate clusters mean z carries the class."),
-        ]
-    else:
-        figs += [
-            _draw(out, f"{key}-toy-hist.png", plots.toy_histograms, images, title="True and generated densities",
-                  caption="2-D histograms under the true density's contours: a good model fills the same ellipses."),
-            _draw(out, f"{key}-toy-progress.png", plots.toy_progress, images, title="Generated samples over training",
-                  caption="Samples at epochs spread over training: how the model learns the density."),
-        ]
+    figs = []
+    for suffix, table, fn, title, caption in SCALAR_FIGURES + (TOY_FIGURES if toy else IMAGE_FIGURES):
+        if fn is plots.latent_space:
+            fn = functools.partial(plots.latent_space, tsne=tsne)
+        figs.append(_draw(out, f"{key}-{suffix}.png", fn, tables[table], title=title, caption=caption))
     return figs
 
 
