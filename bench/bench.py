@@ -29,27 +29,42 @@ def median_spread(values: list[float]) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ 1. the seed's loop
+class SeedVAE(torch.nn.Module):
+    """pytorch/examples vae/main.py's model, as the seed writes it (nn.Linear layers, F.relu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = torch.nn.Linear(784, 400), torch.nn.Linear(400, 20), torch.nn.Linear(400, 20)
+        self.fc3, self.fc4 = torch.nn.Linear(20, 400), torch.nn.Linear(400, 784)
+
+    def forward(self, x):
+        h1 = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h1), self.fc22(h1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.fc4(F.relu(self.fc3(z))), mu, logvar
+
+
+def seed_loss(model: SeedVAE, x: torch.Tensor) -> torch.Tensor:
+    logits, mu, logvar = model(x.view(-1, 784))
+    return F.binary_cross_entropy_with_logits(logits, x.view(-1, 784), reduction="sum") \
+        - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def baseline_epoch(data_dir: str, seed: int, warmup: int = 20) -> float:
     """pytorch/examples vae/main.py: MNIST + ToTensor + DataLoader, .item() every step; samples/s."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from vae.models import MLPConfig, MLPVAE
-
     torch.manual_seed(seed)
     loader = DataLoader(datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor()),
                         batch_size=BATCH, shuffle=True)
-    model = MLPVAE(MLPConfig())
+    model = SeedVAE()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     seen, start, total = 0, None, 0.0
     for i, (x, _) in enumerate(loader):
         if i == warmup:
             start, seen = time.perf_counter(), 0
-        x = x.view(-1, 784)
-        mu, logvar = model.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        loss = F.binary_cross_entropy_with_logits(model.decode(z), x, reduction="sum") \
-            - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = seed_loss(model, x)
         opt.zero_grad()
         loss.backward()
         total += loss.item()
@@ -63,33 +78,27 @@ def baseline_test_loss(data_dir: str, epochs: int) -> float:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from vae.models import MLPConfig, MLPVAE
-
     torch.manual_seed(0)
     train = DataLoader(datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor()), batch_size=BATCH,
                        shuffle=True)
     test = DataLoader(datasets.MNIST(data_dir, train=False, transform=transforms.ToTensor()), batch_size=1000)
-    model = MLPVAE(MLPConfig())
+    model = SeedVAE()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def elbo(x):
-        mu, logvar = model.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return F.binary_cross_entropy_with_logits(model.decode(z), x, reduction="sum") \
-            - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-
     for _ in range(epochs):
         for x, _ in train:
-            loss = elbo(x.view(-1, 784))
+            loss = seed_loss(model, x)
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return sum(elbo(x.view(-1, 784)).item() for x, _ in test) / 10_000
+        return sum(seed_loss(model, x).item() for x, _ in test) / 10_000
 
 
 # ------------------------------------------------------------------ 2. ours, in process
-def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int) -> pd.DataFrame:
+def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int,
+                    plain: bool = False) -> pd.DataFrame:
+    """`train_loop` with one worker; `plain`: with VAE_KERNELS=torch (PyTorch's own ops, glibc's defaults)."""
+    from vae import kernels
     from vae.config import TrainConfig
     from vae.loop import train_loop
     from vae.results import Results
@@ -103,6 +112,12 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
             reported.append(time.perf_counter())
 
     reported: list[float] = []
+    if plain:
+        os.environ[kernels.KERNELS_ENV] = "torch"
+    else:
+        os.environ.pop(kernels.KERNELS_ENV, None)
+    kernels.onednn_available.cache_clear()
+    kernels.tune_allocator.cache_clear()
     train_loop(cfg, Timed())
     epochs_df = Results(f"{storage}/{name}").read("epochs").sort_values("epoch")
     # wall of the last epoch, from the end of the one before: what Ray's per-epoch cost also counts
@@ -110,18 +125,28 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
 
 
 # ------------------------------------------------------------------ 4. the matrix-product limit
-def matmul_limit(reps: int = 5, steps: int = 300) -> list[float]:
-    """Samples/s if a step cost only its matrix products (forward and backward of the MLP's layers)."""
+def matmul_limit(reps: int = 5, steps: int = 300, onednn: bool = False) -> list[float]:
+    """Samples/s if a step cost only its matrix products (forward and backward of the MLP's layers).
+
+    `onednn`: the same products through oneDNN (the library vae/kernels.py uses) instead of torch.matmul.
+    """
     b = BATCH
     x = torch.rand(b, 784)
     w1, wh, w3, w4 = torch.randn(400, 784), torch.randn(40, 400), torch.randn(400, 20), torch.randn(784, 400)
     b1, b4 = torch.randn(400), torch.randn(784)
     h, z, h3 = torch.randn(b, 400), torch.randn(b, 20), torch.randn(b, 400)
     g4, gh, gh3, gh1 = torch.randn(b, 784), torch.randn(b, 40), torch.randn(b, 400), torch.randn(b, 400)
+    if onednn:
+        def mm(a, w, bias=None):  # a @ w.T (+ bias)
+            return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+    else:
+        def mm(a, w, bias=None):
+            return torch.matmul(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
 
     def step():
-        torch.addmm(b1, x, w1.t()), h @ wh.t(), z @ w3.t(), torch.addmm(b4, h3, w4.t())  # forward
-        g4.t() @ h3, g4 @ w4, gh3.t() @ z, gh3 @ w3, gh.t() @ h, gh @ wh, gh1.t() @ x  # backward
+        mm(x, w1, b1), mm(h, wh), mm(z, w3), mm(h3, w4, b4)  # forward
+        mm(g4.t(), h3.t()), mm(g4, w4.t()), mm(gh3.t(), z.t()), mm(gh3, w3.t()), mm(gh.t(), h.t()), \
+            mm(gh, wh.t()), mm(gh1.t(), x.t())  # backward: weight and input gradients (none for the data)
 
     for _ in range(50):
         step()
@@ -174,13 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = [baseline_epoch(args.data_dir, r) for r in range(args.reps)]
         add("baseline: seed loop, samples/s", base, "samples/s")
+        plain_runs = [ours_in_process(args.data_dir, 2, tmp, f"plain{r}", threads, plain=True)
+                      for r in range(args.reps)]
+        plain = [float(df.samples_per_second.iloc[-1]) for df in plain_runs]  # epoch 2: after a warm-up epoch
+        add("ours, plain PyTorch ops (VAE_KERNELS=torch)", plain, "samples/s")
         ours_runs = [ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads) for r in range(args.reps)]
-        ours = [float(df.samples_per_second.iloc[-1]) for df in ours_runs]  # epoch 2: after a warm-up epoch
+        ours = [float(df.samples_per_second.iloc[-1]) for df in ours_runs]
         add("ours in process: train_loop, samples/s", ours, "samples/s")
         add("ours / baseline", [o / statistics.median(base) for o in ours], "x")
+        add("ours / plain PyTorch ops", [o / statistics.median(plain) for o in ours], "x")
         limit = matmul_limit(args.reps)
-        add("matrix products alone, samples/s", limit, "samples/s")
+        add("matrix products alone (torch.matmul), samples/s", limit, "samples/s")
         add("ours / matrix-product limit", [100 * o / statistics.median(limit) for o in ours], "%")
+        limit_dnn = matmul_limit(args.reps, onednn=True)
+        add("matrix products alone (oneDNN), samples/s", limit_dnn, "samples/s")
+        add("ours / oneDNN matrix-product limit", [100 * o / statistics.median(limit_dnn) for o in ours], "%")
         per_epoch_local = [float(df.epoch_wall.iloc[0]) for df in ours_runs]
         add("ours in process: wall per epoch (with eval, tables, checkpoint)", per_epoch_local, "s")
         add("peak RSS, one MNIST worker (in process)", [peak_rss_mb(args.data_dir, tmp)], "MiB")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, diagnostics, losses, snapshots
+from . import checkpoint, diagnostics, kernels, losses, snapshots
 from .config import TrainConfig, resolve
 from .data import Data, load, shard_indices
 from .models import VAE, build_model
@@ -83,6 +83,8 @@ class _Trainer:
         self.device = torch.device(session.device)
         if cfg.cpus_per_worker:
             torch.set_num_threads(cfg.cpus_per_worker)
+        if self.device.type == "cpu":
+            kernels.tune_allocator()
         self.trial_id = cfg.run_id
         self.results = Results(run_root(cfg.storage, cfg.name)) if self.rank == 0 else None
         self.data: Data = load(cfg.dataset, cfg.data_dir, cfg.seed, cfg.subset)
@@ -172,7 +174,7 @@ class _Trainer:
         for step in range(steps):
             if step == fault_at:
                 _inject_fault()
-            xb = self.train_x[idx[step * batch:(step + 1) * batch]]
+            xb = torch.index_select(self.train_x, 0, idx[step * batch:(step + 1) * batch])  # 3x x[idx]
             eps = torch.randn(cfg.num_mc, len(xb), cfg.latent_dim, generator=gen, device=self.device)
             weight = losses.kl_weight(cfg.beta, epoch - 1 + step / steps, cfg.kl_warmup_epochs)
             recon, kl_dims = model(xb, eps)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from . import kernels
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -29,7 +30,7 @@ def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
     x may be a [0, 1] intensity (seed 1 reads pixels as probabilities).
     """
-    return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    return kernels.bernoulli_nll(x, logits)
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

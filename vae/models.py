@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import losses
+from . import kernels, losses
 
 
 class VAE(nn.Module):
@@ -80,11 +80,16 @@ class MLPVAE(VAE):
         self.fc4 = nn.Linear(cfg.hidden_dim, cfg.input_dim)
 
     def encode(self, x):
-        h = torch.relu(self.fc1(x))
-        return self.fc_mu(h), self.fc_logvar(h)
+        h = kernels.layer(self.fc1, x, "relu")
+        return kernels.layer(self.fc_mu, h), kernels.layer(self.fc_logvar, h)
 
     def decode(self, z):
-        return self.fc4(torch.relu(self.fc3(z)))
+        return kernels.layer(self.fc4, kernels.layer(self.fc3, z, "relu"))
+
+    def forward(self, x, eps):
+        if kernels.fused_ok(x, eps):  # the same terms in one autograd node (vae/kernels.py)
+            return kernels.mlp_vae_terms(x, eps, self.fc1, self.fc_mu, self.fc_logvar, self.fc3, self.fc4)
+        return super().forward(x, eps)
 
 
 # ------------------------------------------------------------------ seed 2
@@ -98,7 +103,7 @@ class GaussianMLP(nn.Module):
         self.out = nn.Linear(hidden_dim, 2 * output_dim)
 
     def forward(self, x):
-        mean, logvar = self.out(torch.tanh(self.hidden(x))).chunk(2, dim=-1)
+        mean, logvar = kernels.layer(self.out, kernels.layer(self.hidden, x, "tanh")).chunk(2, dim=-1)
         return mean, logvar
 
 
@@ -159,11 +164,11 @@ class LinearVAE(VAE):
             self.register_buffer("dec_logvar", torch.tensor(math.log(cfg.decoder_var)))
 
     def encode(self, x):
-        mu = self.enc(x)
+        mu = kernels.layer(self.enc, x)
         return mu, self.enc_logvar.expand_as(mu)
 
     def decode(self, z):
-        mean = self.dec(z)
+        mean = kernels.layer(self.dec, z)
         return mean, self.dec_logvar.expand_as(mean)
 
 
