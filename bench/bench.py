@@ -96,32 +96,46 @@ def baseline_test_loss(data_dir: str, epochs: int) -> float:
 
 # ------------------------------------------------------------------ 2. ours, in process
 def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int,
-                    plain: bool = False) -> pd.DataFrame:
-    """`train_loop` with one worker; `plain`: with VAE_KERNELS=torch (PyTorch's own ops, glibc's defaults)."""
-    from vae import kernels
+                    plain: bool = False) -> dict[str, float]:
+    """`train_loop` with one worker and no Ray, in a fresh Python process of its own (the loop tunes its
+    process's allocator, which must not colour the other measurements); `plain`: with VAE_KERNELS=torch.
+
+    Returns the last epoch's samples/s, test loss and wall (from the end of the epoch before).
+    """
+    from vae.kernels import KERNELS_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != KERNELS_ENV}
+    if plain:
+        env[KERNELS_ENV] = "torch"
+    spec = json.dumps({"data_dir": data_dir, "epochs": epochs, "storage": storage, "name": name,
+                       "threads": threads})
+    proc = subprocess.run([sys.executable, "-m", "bench.bench", "--child", spec], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train_loop run {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(spec: dict) -> dict[str, float]:
     from vae.config import TrainConfig
     from vae.loop import train_loop
     from vae.results import Results
     from vae.session import LocalSession
 
-    cfg = TrainConfig(dataset="mnist", data_dir=data_dir, epochs=epochs, storage=storage, name=name, iw_samples=0,
-                      cpus_per_worker=threads)
+    cfg = TrainConfig(dataset="mnist", data_dir=spec["data_dir"], epochs=spec["epochs"], storage=spec["storage"],
+                      name=spec["name"], iw_samples=0, cpus_per_worker=spec["threads"])
+
     class Timed(LocalSession):  # when each epoch's report (training, evaluation, tables, checkpoint) is done
         def report(self, metrics, checkpoint_dir):
             super().report(metrics, checkpoint_dir)
             reported.append(time.perf_counter())
 
     reported: list[float] = []
-    if plain:
-        os.environ[kernels.KERNELS_ENV] = "torch"
-    else:
-        os.environ.pop(kernels.KERNELS_ENV, None)
-    kernels.onednn_available.cache_clear()
-    kernels.tune_allocator.cache_clear()
     train_loop(cfg, Timed())
-    epochs_df = Results(f"{storage}/{name}").read("epochs").sort_values("epoch")
-    # wall of the last epoch, from the end of the one before: what Ray's per-epoch cost also counts
-    return epochs_df.assign(epoch_wall=reported[-1] - reported[-2] if len(reported) > 1 else float("nan"))
+    last = Results(f"{spec['storage']}/{spec['name']}").read("epochs").sort_values("epoch").iloc[-1]
+    # the last epoch's wall from the end of the one before: what Ray's per-epoch figure also counts
+    return {"samples_per_second": float(last.samples_per_second), "test_loss": float(last.test_loss),
+            "epoch_wall": reported[-1] - reported[-2] if len(reported) > 1 else float("nan")}
 
 
 # ------------------------------------------------------------------ 4. the matrix-product limit
@@ -186,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs for the same-test-loss check (0: skip it)")
     parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Train and sweep measurements")
     parser.add_argument("--out", default="bench-results.parquet")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one train_loop run, for ours_in_process
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
     threads = torch.get_num_threads()
     rows: list[dict] = []
 
@@ -197,24 +215,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"bench: {threads} torch threads, batch {BATCH}, {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        base = [baseline_epoch(args.data_dir, r) for r in range(args.reps)]
+        # Each repetition measures every contender back to back, and each ratio is taken within its
+        # repetition: this shared machine's speed drifts by tens of percent over minutes.
+        base, plain, ours, limit, limit_dnn, per_epoch_local = [], [], [], [], [], []
+        for r in range(args.reps):
+            base.append(baseline_epoch(args.data_dir, r))
+            plain.append(ours_in_process(args.data_dir, 2, tmp, f"plain{r}", threads, plain=True)
+                         ["samples_per_second"])  # epoch 2: after a warm-up epoch
+            run = ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads)
+            ours.append(run["samples_per_second"])
+            per_epoch_local.append(run["epoch_wall"])
+            limit.append(matmul_limit(1)[0])
+            limit_dnn.append(matmul_limit(1, onednn=True)[0])
         add("baseline: seed loop, samples/s", base, "samples/s")
-        plain_runs = [ours_in_process(args.data_dir, 2, tmp, f"plain{r}", threads, plain=True)
-                      for r in range(args.reps)]
-        plain = [float(df.samples_per_second.iloc[-1]) for df in plain_runs]  # epoch 2: after a warm-up epoch
         add("ours, plain PyTorch ops (VAE_KERNELS=torch)", plain, "samples/s")
-        ours_runs = [ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads) for r in range(args.reps)]
-        ours = [float(df.samples_per_second.iloc[-1]) for df in ours_runs]
         add("ours in process: train_loop, samples/s", ours, "samples/s")
-        add("ours / baseline", [o / statistics.median(base) for o in ours], "x")
-        add("ours / plain PyTorch ops", [o / statistics.median(plain) for o in ours], "x")
-        limit = matmul_limit(args.reps)
+        add("ours / baseline", [o / b for o, b in zip(ours, base)], "x")
+        add("ours / plain PyTorch ops", [o / p for o, p in zip(ours, plain)], "x")
         add("matrix products alone (torch.matmul), samples/s", limit, "samples/s")
-        add("ours / matrix-product limit", [100 * o / statistics.median(limit) for o in ours], "%")
-        limit_dnn = matmul_limit(args.reps, onednn=True)
+        add("ours / matrix-product limit", [100 * o / m for o, m in zip(ours, limit)], "%")
         add("matrix products alone (oneDNN), samples/s", limit_dnn, "samples/s")
-        add("ours / oneDNN matrix-product limit", [100 * o / statistics.median(limit_dnn) for o in ours], "%")
-        per_epoch_local = [float(df.epoch_wall.iloc[0]) for df in ours_runs]
+        add("ours / oneDNN matrix-product limit", [100 * o / m for o, m in zip(ours, limit_dnn)], "%")
         add("ours in process: wall per epoch (with eval, tables, checkpoint)", per_epoch_local, "s")
         add("peak RSS, one MNIST worker (in process)", [peak_rss_mb(args.data_dir, tmp)], "MiB")
 
@@ -246,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.quality_epochs:
             ref = baseline_test_loss(args.data_dir, args.quality_epochs)
-            df = ours_in_process(args.data_dir, args.quality_epochs, tmp, "quality", threads)
-            mine = float(df.test_loss.iloc[-1])
+            mine = ours_in_process(args.data_dir, args.quality_epochs, tmp, "quality", threads)["test_loss"]
             add(f"test loss after {args.quality_epochs} epochs: baseline", [ref], "nats")
             add(f"test loss after {args.quality_epochs} epochs: ours", [mine], "nats")
             add("test loss difference (ours - baseline)", [mine - ref], "nats")

@@ -73,3 +73,23 @@ def test_missing_mnist_file_is_named(data_dir, tmp_path):
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").unlink()
     with pytest.raises(data.DataError, match="missing: .*train-images-idx3-ubyte"):
         data.load_mnist(root)
+
+
+def test_mnist_parsed_from_the_raw_files_equals_torchvisions_reading(data_dir):
+    from torchvision.datasets import MNIST
+
+    ours = data.load_mnist(data_dir)
+    for split, tv in ((ours.train, MNIST(data_dir, train=True)), (ours.test, MNIST(data_dir, train=False))):
+        assert torch.equal(split.x, tv.data.reshape(len(tv.data), -1).float() / 255)
+        assert torch.equal(split.y, tv.targets)
+
+
+def test_a_file_that_is_not_idx_is_refused_by_name(data_dir, tmp_path):
+    root = _copy_mnist(data_dir, tmp_path)
+    (tmp_path / "MNIST").chmod(0o755)
+    (tmp_path / "MNIST" / "MD5SUMS").unlink()  # no digests to catch it: the header check must
+    target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    target.chmod(0o644)
+    target.write_bytes(b"\x00\x00\x09\x09" + target.read_bytes()[4:])
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte is not an IDX file"):
+        data.load_mnist(root)

@@ -1,14 +1,16 @@
 """Datasets as whole tensors, and per-rank shards of them.
 
-MNIST is read once through torchvision into one float tensor (no per-item
-PIL/ToTensor in the hot loop); the 2-D Gaussian of seed 2 is generated from a
-seed. Batches are index slices of these tensors.
+MNIST is read once into one float tensor (no per-item PIL/ToTensor in the hot
+loop): parsed straight from torchvision's raw files when they are there (torchvision
+itself, a second's import, only downloads them); the 2-D Gaussian of seed 2 is
+generated from a seed. Batches are index slices of these tensors.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +47,8 @@ class Data:
     image_shape: tuple[int, ...] | None  # (28, 28) for images, None for points
 
 
-def check_mnist_files(root: str) -> None:
-    """Refuse missing, truncated or corrupted MNIST files, naming the file.
+def check_mnist_files(root: str) -> dict[str, bytes]:
+    """Refuse missing, truncated or corrupted MNIST files, naming the file; returns their contents.
 
     Sizes are always checked; digests too when the folder has `MNIST/MD5SUMS`.
     Nothing is repaired or downloaded here.
@@ -59,6 +61,7 @@ def check_mnist_files(root: str) -> None:
             parts = line.split()
             if len(parts) == 2:
                 expected[parts[1]] = parts[0]
+    contents: dict[str, bytes] = {}
     for name in MNIST_FILES:
         path = raw / name
         if not path.is_file():
@@ -67,36 +70,50 @@ def check_mnist_files(root: str) -> None:
         if size != MNIST_SIZES[name]:
             raise DataError(f"MNIST file {path} has {size} bytes, expected {MNIST_SIZES[name]} "
                             "(truncated or corrupted; replace it, it is not repaired here)")
+        contents[name] = path.read_bytes()
         want = expected.get(name, "")
         if want:
-            got = hashlib.md5(path.read_bytes()).hexdigest()
+            got = hashlib.md5(contents[name]).hexdigest()
             if got != want:
                 raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {sums_file} "
                                 "(corrupted; replace it, it is not repaired here)")
+    return contents
+
+
+def _parse_idx(blob: bytes, path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes (magic 0x0000080N, N big-endian int32 sizes, then the data)."""
+    magic = int.from_bytes(blob[:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3):
+        raise DataError(f"MNIST file {path} is not an IDX file of bytes (magic {magic:#x})")
+    shape = [int.from_bytes(blob[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    data = torch.frombuffer(bytearray(blob[4 + 4 * ndim:]), dtype=torch.uint8)
+    if data.numel() != math.prod(shape):
+        raise DataError(f"MNIST file {path} holds {data.numel()} values, its header says {shape}")
+    return data.reshape(shape)
 
 
 def load_mnist(root: str, subset: int = 0) -> Data:
     """MNIST as [0, 1] intensities, flattened to 784 values (seed 1: ToTensor only)."""
-    from torchvision.datasets import MNIST
-
     raw = Path(root) / "MNIST" / "raw"
-    if any((raw / f).exists() for f in MNIST_FILES):  # present: check, never re-download over it
-        check_mnist_files(root)
-    try:
-        train = MNIST(root, train=True, download=True)
-        test = MNIST(root, train=False, download=True)
-    except Exception as e:  # URLError, HTTPError, RuntimeError from torchvision
-        raise DataError(f"MNIST is not in {Path(root) / 'MNIST' / 'raw'} and could not be downloaded "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "point --data-dir or VAE_DATA_DIR at a folder that holds it") from None
+    if not any((raw / f).exists() for f in MNIST_FILES):  # absent: torchvision downloads it
+        from torchvision.datasets import MNIST
 
-    def split(ds: MNIST, limit: int) -> Split:
-        x, y = ds.data, ds.targets
+        try:
+            MNIST(root, train=True, download=True)
+        except Exception as e:  # URLError, HTTPError, RuntimeError from torchvision
+            raise DataError(f"MNIST is not in {raw} and could not be downloaded "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "point --data-dir or VAE_DATA_DIR at a folder that holds it") from None
+    files = {name: _parse_idx(blob, raw / name) for name, blob in check_mnist_files(root).items()}
+
+    def split(prefix: str, limit: int) -> Split:
+        x, y = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
         if limit:
             x, y = x[:limit], y[:limit]
         return Split(x.reshape(len(x), -1).to(torch.float32).div_(255.0), y.to(torch.int64))
 
-    return Data(split(train, subset), split(test, 0), (28, 28))
+    return Data(split("train", subset), split("t10k", 0), (28, 28))
 
 
 def gaussian2d(seed: int, subset: int = 0) -> Data:
