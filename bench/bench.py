@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 128
+LONG = 5  # epochs of the longer Ray Train run
 
 
 def median_spread(values: list[float]) -> tuple[float, float]:
@@ -242,15 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_ray:
             env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
             env.pop("RAY_ADDRESS", None)
-            one, three = [], []
+            # the per-epoch figure is a difference of two walls that each carry start-up's jitter (seconds):
+            # LONG - 1 epochs apart, so that jitter is divided by LONG - 1
+            one, long = [], []
             for r in range(args.reps):
                 common = ["--dataset", "mnist", "--iw-samples", "0", "--storage", tmp]
                 one.append(run_job(["jobs.train", *common, "--epochs", "1", "--name", f"r1-{r}"], env))
-                three.append(run_job(["jobs.train", *common, "--epochs", "3", "--name", f"r3-{r}"], env))
-            per_epoch = [(b - a) / 2 for a, b in zip(one, three)]
+                long.append(run_job(["jobs.train", *common, "--epochs", str(LONG), "--name", f"rl-{r}"], env))
+            per_epoch = [(b - a) / (LONG - 1) for a, b in zip(one, long)]
             fixed = [a - p for a, p in zip(one, per_epoch)]
             add("Ray Train, 1 worker: fixed start-up", fixed, "s", "wall(1 epoch) - per-epoch")
-            add("Ray Train, 1 worker: per epoch", per_epoch, "s", "(wall(3) - wall(1)) / 2")
+            add("Ray Train, 1 worker: per epoch", per_epoch, "s", f"(wall({LONG}) - wall(1)) / {LONG - 1}")
             add("Ray Train per epoch / in process", [p / statistics.median(per_epoch_local) for p in per_epoch], "x")
             sweep = ["jobs.sweep", "--dataset", "mnist", "--subset", "1000", "--epochs", "1", "--latent-dims",
                      "2,5,10,20", "--lrs", "1e-3,3e-3", "--betas", "0.5,2", "--iw-samples", "0", "--storage", tmp]

@@ -90,6 +90,11 @@ def test_a_file_that_is_not_idx_is_refused_by_name(data_dir, tmp_path):
     (tmp_path / "MNIST" / "MD5SUMS").unlink()  # no digests to catch it: the header check must
     target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     target.chmod(0o644)
-    target.write_bytes(b"\x00\x00\x09\x09" + target.read_bytes()[4:])
-    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte is not an IDX file"):
-        data.load_mnist(root)
+    good = target.read_bytes()
+    target.write_bytes(b"\x00\x00\x09\x09" + good[4:])
+    for check in (lambda: data.preflight("mnist", root), lambda: data.load_mnist(root)):  # before Ray starts too
+        with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte is not an IDX file"):
+            check()
+    target.write_bytes(good[:4] + (9999).to_bytes(4, "big") + good[8:])  # a header that miscounts
+    with pytest.raises(data.DataError, match=r"holds 10000 values, its header says \[9999\]"):
+        data.preflight("mnist", root)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from vae.config import (ConfigError, OneLineParser, TrainConfig, _check, add_config_flags,
+from vae.config import (ENV_HELP, ConfigError, OneLineParser, TrainConfig, _check, add_config_flags,
                         check_choice, check_float, check_int, check_name, check_storage, parse_args, resolve, HELP)
 
 SEARCHES = ("grid", "random", "boundary")
@@ -185,7 +185,8 @@ SWEEP_HELP = {
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="jobs.sweep", description="Map posterior collapse with a Ray Tune sweep.")
+    parser = OneLineParser(prog="jobs.sweep", description="Map posterior collapse with a Ray Tune sweep.",
+                           epilog=ENV_HELP)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flags")
     parser.add_argument("--resume", action="store_true", help="finish the interrupted sweep --name")
     parser.add_argument("--retry-errored", action="store_true", help="with --resume: rerun errored trials")

@@ -307,8 +307,13 @@ def parse_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] |
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
+ENV_HELP = ("environment: VAE_KERNELS=torch runs plain PyTorch ops instead of oneDNN matrix products and the "
+            "fused seed-1 step (the same results to float rounding; only CPU float32 uses them anyway).")
+
+
 def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=prog, description="Train a VAE with Ray Train and write Parquet tables.")
+    parser = OneLineParser(prog=prog, description="Train a VAE with Ray Train and write Parquet tables.",
+                           epilog=ENV_HELP)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flags")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log stream")
     add_config_flags(parser, TrainConfig)

@@ -50,7 +50,7 @@ class Data:
 def check_mnist_files(root: str) -> dict[str, bytes]:
     """Refuse missing, truncated or corrupted MNIST files, naming the file; returns their contents.
 
-    Sizes are always checked; digests too when the folder has `MNIST/MD5SUMS`.
+    Sizes and IDX headers are always checked; digests too when the folder has `MNIST/MD5SUMS`.
     Nothing is repaired or downloaded here.
     """
     raw = Path(root) / "MNIST" / "raw"
@@ -77,20 +77,25 @@ def check_mnist_files(root: str) -> dict[str, bytes]:
             if got != want:
                 raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {sums_file} "
                                 "(corrupted; replace it, it is not repaired here)")
+        _idx_shape(contents[name], path)
     return contents
 
 
-def _parse_idx(blob: bytes, path: Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes (magic 0x0000080N, N big-endian int32 sizes, then the data)."""
+def _idx_shape(blob: bytes, path: Path) -> list[int]:
+    """The shape in an IDX file's header (magic 0x0000080N, N big-endian int32 sizes, then unsigned bytes)."""
     magic = int.from_bytes(blob[:4], "big")
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise DataError(f"MNIST file {path} is not an IDX file of bytes (magic {magic:#x})")
     shape = [int.from_bytes(blob[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    data = torch.frombuffer(bytearray(blob[4 + 4 * ndim:]), dtype=torch.uint8)
-    if data.numel() != math.prod(shape):
-        raise DataError(f"MNIST file {path} holds {data.numel()} values, its header says {shape}")
-    return data.reshape(shape)
+    if len(blob) - 4 - 4 * ndim != math.prod(shape):
+        raise DataError(f"MNIST file {path} holds {len(blob) - 4 - 4 * ndim} values, its header says {shape}")
+    return shape
+
+
+def _parse_idx(blob: bytes, path: Path) -> torch.Tensor:
+    shape = _idx_shape(blob, path)
+    return torch.frombuffer(bytearray(blob[4 + 4 * len(shape):]), dtype=torch.uint8).reshape(shape)
 
 
 def load_mnist(root: str, subset: int = 0) -> Data:

@@ -1,0 +1,36 @@
+"""The benchmark runs end to end (one repetition, no Ray part) and writes the table it prints."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from bench import bench
+
+
+def test_matmul_limits_are_rates():
+    for onednn in (False, True):
+        rates = bench.matmul_limit(reps=2, steps=5, onednn=onednn)
+        assert len(rates) == 2 and all(r > 0 and math.isfinite(r) for r in rates)
+
+
+def test_bench_writes_its_table(data_dir, tmp_path, capsys):
+    out = tmp_path / "bench.parquet"
+    assert bench.main(["--data-dir", data_dir, "--reps", "1", "--quality-epochs", "0", "--skip-ray",
+                       "--out", str(out)]) == 0
+    table = pd.read_parquet(out).set_index("measure")
+    assert list(table.columns) == ["median", "spread", "unit", "n", "note"]
+    m = table["median"]
+    for name in ("baseline: seed loop, samples/s", "ours in process: train_loop, samples/s",
+                 "ours, plain PyTorch ops (VAE_KERNELS=torch)", "matrix products alone (torch.matmul), samples/s",
+                 "matrix products alone (oneDNN), samples/s", "peak RSS, one MNIST worker (in process)"):
+        assert m[name] > 0, name
+    # one repetition: each ratio is the ratio of the two figures printed above it
+    assert math.isclose(m["ours / baseline"], m["ours in process: train_loop, samples/s"]
+                        / m["baseline: seed loop, samples/s"], rel_tol=1e-9)
+    assert math.isclose(m["ours / matrix-product limit"], 100 * m["ours in process: train_loop, samples/s"]
+                        / m["matrix products alone (torch.matmul), samples/s"], rel_tol=1e-9)
+    assert 0 < m["ours in process: wall per epoch (with eval, tables, checkpoint)"] < 120
+    assert not any(name.startswith("Ray Train") for name in table.index)  # --skip-ray
+    assert "bench: wrote" in capsys.readouterr().out
