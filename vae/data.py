@@ -47,11 +47,12 @@ class Data:
     image_shape: tuple[int, ...] | None  # (28, 28) for images, None for points
 
 
-def check_mnist_files(root: str) -> dict[str, bytes]:
-    """Refuse missing, truncated or corrupted MNIST files, naming the file; returns their contents.
+def check_mnist_files(root: str) -> dict[str, torch.Tensor]:
+    """Refuse missing, truncated or corrupted MNIST files, naming the file; returns their values.
 
     Sizes and IDX headers are always checked; digests too when the folder has `MNIST/MD5SUMS`.
-    Nothing is repaired or downloaded here.
+    Each file is read once, and its values are a uint8 view of that read. Nothing is repaired or
+    downloaded here.
     """
     raw = Path(root) / "MNIST" / "raw"
     sums_file = Path(root) / "MNIST" / "MD5SUMS"
@@ -61,7 +62,7 @@ def check_mnist_files(root: str) -> dict[str, bytes]:
             parts = line.split()
             if len(parts) == 2:
                 expected[parts[1]] = parts[0]
-    contents: dict[str, bytes] = {}
+    values: dict[str, torch.Tensor] = {}
     for name in MNIST_FILES:
         path = raw / name
         if not path.is_file():
@@ -70,32 +71,30 @@ def check_mnist_files(root: str) -> dict[str, bytes]:
         if size != MNIST_SIZES[name]:
             raise DataError(f"MNIST file {path} has {size} bytes, expected {MNIST_SIZES[name]} "
                             "(truncated or corrupted; replace it, it is not repaired here)")
-        contents[name] = path.read_bytes()
+        blob = bytearray(size)  # writable, so torch.frombuffer can view it without a copy
+        with open(path, "rb") as f:
+            f.readinto(blob)
         want = expected.get(name, "")
         if want:
-            got = hashlib.md5(contents[name]).hexdigest()
+            got = hashlib.md5(blob).hexdigest()
             if got != want:
                 raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {sums_file} "
                                 "(corrupted; replace it, it is not repaired here)")
-        _idx_shape(contents[name], path)
-    return contents
+        values[name] = _parse_idx(blob, path)
+    return values
 
 
-def _idx_shape(blob: bytes, path: Path) -> list[int]:
-    """The shape in an IDX file's header (magic 0x0000080N, N big-endian int32 sizes, then unsigned bytes)."""
+def _parse_idx(blob: bytearray, path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes (magic 0x0000080N, N big-endian int32 sizes, then the values)."""
     magic = int.from_bytes(blob[:4], "big")
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise DataError(f"MNIST file {path} is not an IDX file of bytes (magic {magic:#x})")
     shape = [int.from_bytes(blob[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if len(blob) - 4 - 4 * ndim != math.prod(shape):
-        raise DataError(f"MNIST file {path} holds {len(blob) - 4 - 4 * ndim} values, its header says {shape}")
-    return shape
-
-
-def _parse_idx(blob: bytes, path: Path) -> torch.Tensor:
-    shape = _idx_shape(blob, path)
-    return torch.frombuffer(bytearray(blob[4 + 4 * len(shape):]), dtype=torch.uint8).reshape(shape)
+    offset = 4 + 4 * ndim
+    if len(blob) - offset != math.prod(shape):
+        raise DataError(f"MNIST file {path} holds {len(blob) - offset} values, its header says {shape}")
+    return torch.frombuffer(blob, dtype=torch.uint8, offset=offset).reshape(shape)
 
 
 def load_mnist(root: str, subset: int = 0) -> Data:
@@ -110,7 +109,7 @@ def load_mnist(root: str, subset: int = 0) -> Data:
             raise DataError(f"MNIST is not in {raw} and could not be downloaded "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             "point --data-dir or VAE_DATA_DIR at a folder that holds it") from None
-    files = {name: _parse_idx(blob, raw / name) for name, blob in check_mnist_files(root).items()}
+    files = check_mnist_files(root)
 
     def split(prefix: str, limit: int) -> Split:
         x, y = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
