@@ -78,3 +78,13 @@ def test_missing_data_exits_2_naming_the_folder_before_ray(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert str(tmp_path) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "NO-RAY" in proc.stdout
+
+
+def test_the_readmes_example_yaml_is_a_valid_config():
+    from pathlib import Path
+
+    from vae.config import parse_train_args
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "run.yaml"
+    cfg, _ = parse_train_args(["--config", str(path), "--num-workers", "2", "--kl-warmup-epochs", "5"])
+    assert (cfg.dataset, cfg.model, cfg.decoder_var, cfg.num_workers) == ("gaussian2d", "linear", "1", 2)

@@ -68,6 +68,20 @@ def test_corrupted_mnist_file_fails_its_checksum(data_dir, tmp_path):
         data.load_mnist(root)
 
 
+def test_without_an_md5sums_file_the_known_digests_are_checked(data_dir, tmp_path):
+    root = _copy_mnist(data_dir, tmp_path)
+    (tmp_path / "MNIST").chmod(0o755)
+    (tmp_path / "MNIST" / "MD5SUMS").unlink(missing_ok=True)  # as torchvision downloads it
+    data.check_mnist_files(root)
+    target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    target.chmod(0o644)
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match="has MD5 .* expected 27ae3e4e.* from the known MNIST digests"):
+        data.load_mnist(root)
+
+
 def test_missing_mnist_file_is_named(data_dir, tmp_path):
     root = _copy_mnist(data_dir, tmp_path)
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").unlink()
@@ -87,7 +101,7 @@ def test_mnist_parsed_from_the_raw_files_equals_torchvisions_reading(data_dir):
 def test_a_file_that_is_not_idx_is_refused_by_name(data_dir, tmp_path):
     root = _copy_mnist(data_dir, tmp_path)
     (tmp_path / "MNIST").chmod(0o755)
-    (tmp_path / "MNIST" / "MD5SUMS").unlink()  # no digests to catch it: the header check must
+    (tmp_path / "MNIST" / "MD5SUMS").unlink(missing_ok=True)  # the header is checked before any digest
     target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     target.chmod(0o644)
     good = target.read_bytes()

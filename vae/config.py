@@ -22,6 +22,7 @@ DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
 DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # seed 1 and seed 2
 DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
 STORAGE_SCHEMES = ("", "file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+DATA_DIR_ENV, OFFLINE_ENV = "VAE_DATA_DIR", "VAE_OFFLINE"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -165,10 +166,20 @@ def resolve(c: TrainConfig) -> TrainConfig:
     model = c.model or DEFAULT_MODEL[c.dataset]
     latent_dim = c.latent_dim or DEFAULT_LATENT[c.dataset]
     hidden_dim = c.hidden_dim or DEFAULT_HIDDEN[c.dataset]
-    data_dir = os.path.abspath(c.data_dir or os.environ.get("VAE_DATA_DIR", "") or "./data")
+    data_dir = os.path.abspath(c.data_dir) if c.data_dir else default_data_dir()
     name = c.name or f"{c.dataset}-{model}-z{latent_dim}-b{c.beta:g}-{time.strftime('%Y%m%d-%H%M%S')}"
     return c.replace(model=model, latent_dim=latent_dim, hidden_dim=hidden_dim, data_dir=data_dir, name=name,
                      storage=absolute_storage(c.storage))
+
+
+def default_data_dir() -> str:
+    """Where data lives when --data-dir is not given: $VAE_DATA_DIR, else ./data (the tests use the same)."""
+    return os.path.abspath(os.environ.get(DATA_DIR_ENV, "") or "./data")
+
+
+def offline() -> bool:
+    """$VAE_OFFLINE set (to anything but 0): never download; data must already be on disk."""
+    return os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0")
 
 
 def absolute_storage(storage: str) -> str:
@@ -308,7 +319,9 @@ def parse_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] |
 
 
 ENV_HELP = ("environment: VAE_KERNELS=torch runs plain PyTorch ops instead of oneDNN matrix products and the "
-            "fused seed-1 step (the same results to float rounding; only CPU float32 uses them anyway).")
+            "fused seed-1 step (the same results to float rounding; only CPU float32 uses them anyway). "
+            "VAE_DATA_DIR: MNIST's folder (default ./data); VAE_OFFLINE=1: never download it. "
+            "VAE_STORAGE: the default --storage.")
 
 
 def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:

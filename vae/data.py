@@ -16,12 +16,17 @@ from pathlib import Path
 
 import torch
 
+from .config import DATA_DIR_ENV, OFFLINE_ENV, offline
+
 GAUSSIAN_MEAN = (1.0, 0.5)
 GAUSSIAN_COV = ((1.0, 0.5), (0.5, 1.0))
 GAUSSIAN_TRAIN, GAUSSIAN_TEST = 10_000, 2_000
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_SIZES = dict(zip(MNIST_FILES, (47_040_016, 60_008, 7_840_016, 10_008)))
+# The raw files' digests (the same bytes every mirror serves); a folder's own MNIST/MD5SUMS, if any, wins.
+MNIST_MD5 = dict(zip(MNIST_FILES, ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+                                   "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")))
 
 
 class DataError(RuntimeError):
@@ -50,14 +55,17 @@ class Data:
 def check_mnist_files(root: str) -> dict[str, torch.Tensor]:
     """Refuse missing, truncated or corrupted MNIST files, naming the file; returns their values.
 
-    Sizes and IDX headers are always checked; digests too when the folder has `MNIST/MD5SUMS`.
+    Sizes, IDX headers and MD5 digests are checked (the digests in `MNIST/MD5SUMS` when the folder has
+    one, else the known ones).
     Each file is read once, and its values are a uint8 view of that read. Nothing is repaired or
     downloaded here.
     """
     raw = Path(root) / "MNIST" / "raw"
     sums_file = Path(root) / "MNIST" / "MD5SUMS"
-    expected: dict[str, str] = {}
+    expected = dict(MNIST_MD5)
+    source = "the known MNIST digests"
     if sums_file.is_file():
+        source = str(sums_file)
         for line in sums_file.read_text().splitlines():
             parts = line.split()
             if len(parts) == 2:
@@ -74,13 +82,13 @@ def check_mnist_files(root: str) -> dict[str, torch.Tensor]:
         blob = bytearray(size)  # writable, so torch.frombuffer can view it without a copy
         with open(path, "rb") as f:
             f.readinto(blob)
+        values[name] = _parse_idx(blob, path)
         want = expected.get(name, "")
         if want:
             got = hashlib.md5(blob).hexdigest()
             if got != want:
-                raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {sums_file} "
+                raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {source} "
                                 "(corrupted; replace it, it is not repaired here)")
-        values[name] = _parse_idx(blob, path)
     return values
 
 
@@ -97,18 +105,32 @@ def _parse_idx(blob: bytearray, path: Path) -> torch.Tensor:
     return torch.frombuffer(blob, dtype=torch.uint8, offset=offset).reshape(shape)
 
 
+def mnist_present(root: str) -> bool:
+    """Some of MNIST's raw files are in `root` (whether whole is `check_mnist_files`'s question)."""
+    raw = Path(root) / "MNIST" / "raw"
+    return any((raw / f).exists() for f in MNIST_FILES)
+
+
+def download_mnist(root: str) -> None:
+    """Fetch MNIST into `root` with torchvision, unless $VAE_OFFLINE forbids the network; one-line errors."""
+    raw = Path(root) / "MNIST" / "raw"
+    if offline():
+        raise DataError(f"MNIST is not in {raw} and {OFFLINE_ENV}=1 forbids downloading it; point --data-dir "
+                        f"or {DATA_DIR_ENV} at a folder that holds it, or unset {OFFLINE_ENV} to download it")
+    from torchvision.datasets import MNIST
+
+    try:
+        MNIST(root, train=True, download=True)
+    except Exception as e:  # URLError, HTTPError, RuntimeError from torchvision
+        raise DataError(f"MNIST is not in {raw} and could not be downloaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"point --data-dir or {DATA_DIR_ENV} at a folder that holds it") from None
+
+
 def load_mnist(root: str, subset: int = 0) -> Data:
     """MNIST as [0, 1] intensities, flattened to 784 values (seed 1: ToTensor only)."""
-    raw = Path(root) / "MNIST" / "raw"
-    if not any((raw / f).exists() for f in MNIST_FILES):  # absent: torchvision downloads it
-        from torchvision.datasets import MNIST
-
-        try:
-            MNIST(root, train=True, download=True)
-        except Exception as e:  # URLError, HTTPError, RuntimeError from torchvision
-            raise DataError(f"MNIST is not in {raw} and could not be downloaded "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            "point --data-dir or VAE_DATA_DIR at a folder that holds it") from None
+    if not mnist_present(root):  # absent: torchvision downloads it
+        download_mnist(root)
     files = check_mnist_files(root)
 
     def split(prefix: str, limit: int) -> Split:
@@ -136,9 +158,8 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
 
 def preflight(dataset: str, data_dir: str) -> None:
     """Fail early, naming the file, if the data cannot be had; cheap when MNIST is already there."""
-    raw = Path(data_dir) / "MNIST" / "raw"
     if dataset == "mnist":
-        if any((raw / f).exists() for f in MNIST_FILES):
+        if mnist_present(data_dir):
             check_mnist_files(data_dir)
         else:
             load_mnist(data_dir)  # downloads it (or says why it cannot)

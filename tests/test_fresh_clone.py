@@ -1,0 +1,57 @@
+"""The README's second command works in a fresh clone: MNIST where the first command put it (./data)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout(dest: Path) -> None:
+    """The files a clone of this tree would hold (tracked plus new, not ignored): no ../shared, no data."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_the_tests_find_mnist_where_the_first_command_downloads_it(data_dir, tmp_path):
+    clone = tmp_path / "clone" / "vae-collapse"  # nothing named shared/ beside it
+    _checkout(clone)
+    shutil.copytree(Path(data_dir) / "MNIST" / "raw", clone / "data" / "MNIST" / "raw")
+    env = {k: v for k, v in os.environ.items() if k not in ("VAE_DATA_DIR", "PYTEST_ADDOPTS")}
+    env["VAE_OFFLINE"] = "1"  # were ./data not found, the session would stop instead of downloading
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data.py"],
+                         cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "error" not in run.stdout.splitlines()[-1]
+
+
+def test_offline_without_mnist_stops_at_once_naming_both_ways_out(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env.update(VAE_DATA_DIR=str(tmp_path / "empty"), VAE_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_data.py::test_mnist_is_seed_one_intensities"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    out = run.stdout + run.stderr
+    assert "MNIST is not in" in out and "VAE_DATA_DIR" in out and "unset VAE_OFFLINE" in out
+    assert "passed" not in out  # no test ran
+
+
+def test_the_cli_refuses_to_download_when_offline(tmp_path, monkeypatch):
+    from vae.data import DataError, load_mnist
+
+    monkeypatch.setenv("VAE_OFFLINE", "1")
+    with pytest.raises(DataError, match="VAE_OFFLINE=1 forbids downloading"):
+        load_mnist(str(tmp_path))
