@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import pandas as pd
 import torch
@@ -97,17 +98,17 @@ def baseline_test_loss(data_dir: str, epochs: int) -> float:
 
 # ------------------------------------------------------------------ 2. ours, in process
 def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int,
-                    plain: bool = False) -> dict[str, float]:
+                    kernels: str = "auto") -> dict[str, Any]:
     """`train_loop` with one worker and no Ray, in a fresh Python process of its own (the loop tunes its
-    process's allocator, which must not colour the other measurements); `plain`: with VAE_KERNELS=torch.
+    process's allocator, which must not colour the other measurements), with VAE_KERNELS=`kernels`.
 
-    Returns the last epoch's samples/s, test loss and wall (from the end of the epoch before).
+    Returns the last epoch's samples/s, test loss, wall (from the end of the epoch before) and the kernel
+    path the run used, with the rates its start-up probe measured.
     """
     from vae.kernels import KERNELS_ENV
 
     env = {k: v for k, v in os.environ.items() if k != KERNELS_ENV}
-    if plain:
-        env[KERNELS_ENV] = "torch"
+    env[KERNELS_ENV] = kernels
     spec = json.dumps({"data_dir": data_dir, "epochs": epochs, "storage": storage, "name": name,
                        "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "bench.bench", "--child", spec], cwd=ROOT, env=env,
@@ -136,7 +137,22 @@ def _child(spec: dict) -> dict[str, float]:
     last = Results(f"{spec['storage']}/{spec['name']}").read("epochs").sort_values("epoch").iloc[-1]
     # the last epoch's wall from the end of the one before: what Ray's per-epoch figure also counts
     return {"samples_per_second": float(last.samples_per_second), "test_loss": float(last.test_loss),
-            "epoch_wall": reported[-1] - reported[-2] if len(reported) > 1 else float("nan")}
+            "epoch_wall": reported[-1] - reported[-2] if len(reported) > 1 else float("nan"),
+            "kernels": str(last.kernels)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the figures depend on it: MKL and oneDNN pick code paths by vendor)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------ 4. the matrix-product limit
@@ -211,28 +227,37 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(name: str, values: list[float], unit: str, note: str = "") -> None:
         med, spread = median_spread(values)
-        rows.append({"measure": name, "median": med, "spread": spread, "unit": unit, "n": len(values), "note": note})
+        rows.append({"measure": name, "median": med, "spread": spread, "unit": unit, "n": len(values), "note": note,
+                     "cpu": cpu})
         print(f"{name:<44} {med:>12,.2f} {unit:<10} (spread {spread:,.2f}, n={len(values)}) {note}", flush=True)
 
-    print(f"bench: {threads} torch threads, batch {BATCH}, {os.cpu_count()} CPUs", flush=True)
+    cpu = cpu_model()
+    print(f"bench: {cpu}, {threads} torch threads, batch {BATCH}, {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # Each repetition measures every contender back to back, and each ratio is taken within its
         # repetition: this shared machine's speed drifts by tens of percent over minutes.
-        base, plain, ours, limit, limit_dnn, per_epoch_local = [], [], [], [], [], []
+        base, plain, dnn, ours, limit, limit_dnn, per_epoch_local, picked = [], [], [], [], [], [], [], []
         for r in range(args.reps):
             base.append(baseline_epoch(args.data_dir, r))
-            plain.append(ours_in_process(args.data_dir, 2, tmp, f"plain{r}", threads, plain=True)
+            plain.append(ours_in_process(args.data_dir, 2, tmp, f"plain{r}", threads, "torch")
                          ["samples_per_second"])  # epoch 2: after a warm-up epoch
+            dnn.append(ours_in_process(args.data_dir, 2, tmp, f"onednn{r}", threads, "onednn")["samples_per_second"])
             run = ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads)
             ours.append(run["samples_per_second"])
+            picked.append(run["kernels"])
             per_epoch_local.append(run["epoch_wall"])
             limit.append(matmul_limit(1)[0])
             limit_dnn.append(matmul_limit(1, onednn=True)[0])
+        print("bench: VAE_KERNELS=auto picked, per repetition: " + " | ".join(picked), flush=True)
         add("baseline: seed loop, samples/s", base, "samples/s")
         add("ours, plain PyTorch ops (VAE_KERNELS=torch)", plain, "samples/s")
-        add("ours in process: train_loop, samples/s", ours, "samples/s")
+        add("ours, oneDNN path (VAE_KERNELS=onednn)", dnn, "samples/s")
+        add("ours in process: train_loop, samples/s", ours, "samples/s",
+            "default, VAE_KERNELS=auto: " + ", ".join(sorted({p.split(" ")[0] for p in picked})))
         add("ours / baseline", [o / b for o, b in zip(ours, base)], "x")
         add("ours / plain PyTorch ops", [o / p for o, p in zip(ours, plain)], "x")
+        add("ours / fastest path in its repetition", [o / max(p, d) for o, p, d in zip(ours, plain, dnn)], "x",
+            "target >= 0.97")
         add("matrix products alone (torch.matmul), samples/s", limit, "samples/s")
         add("ours / matrix-product limit", [100 * o / m for o, m in zip(ours, limit)], "%")
         add("matrix products alone (oneDNN), samples/s", limit_dnn, "samples/s")

@@ -18,7 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial", metavar="TRIAL_ID", help="draw one trial's detail page (with t-SNE)")
     parser.add_argument("--out", help="where the pages and PNGs go (default: ROOT/report, or ./NAME-report "
                                       "when ROOT is a URI)")
+    parser.add_argument("--active-threshold", type=float, metavar="VAR",
+                        help="count a unit active when Var_x E_q[z_j] exceeds this (default: the run's own)")
+    parser.add_argument("--kl-threshold", type=float, metavar="NATS",
+                        help="count an active unit in use when its test KL is at least this (default: the run's own)")
     args = parser.parse_args(argv)
+    for name in ("active_threshold", "kl_threshold"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')}: must be a number > 0 (got {value})")
+    from vae.collapse import Thresholds, recorded_thresholds
     from vae.report import build_report
     from vae.results import Results
 
@@ -26,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     if not res.exists() or res.read("trials").empty:
         print(f"{PROG}: error: no results tables at {args.root}", file=sys.stderr)
         return 2
+    thresholds = None
+    if args.active_threshold is not None or args.kl_threshold is not None:
+        recorded = recorded_thresholds(res)
+        thresholds = Thresholds(args.active_threshold or recorded.active, args.kl_threshold or recorded.kl)
+        print(f"{PROG}: thresholds overridden: active > {thresholds.active:g}, KL >= {thresholds.kl:g} nats "
+              f"(the run recorded {recorded.active:g} and {recorded.kl:g})")
     try:
-        page = build_report(args.root, args.out, args.trial)
+        page = build_report(args.root, args.out, args.trial, thresholds)
     except KeyError:
         print(f"{PROG}: error: --trial: no trial {args.trial!r} in {args.root}", file=sys.stderr)
         return 2

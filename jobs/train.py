@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     row = trial.iloc[0]
     print(f"{PROG}: {row.status}: {cfg.name} test_loss={row.test_loss:.2f} iw_nll={row.iw_nll:.2f} "
-          f"active_units={row.active_units}/{cfg.latent_dim} epochs={row.epochs_done} "
-          f"wall={row.wall_seconds:.0f}s results={root}" + (f" ({row.error})" if row.error else ""))
+          f"units_in_use={row.units_in_use}/{cfg.latent_dim} (active {row.active_units}) epochs={row.epochs_done} "
+          f"settled={'yes' if row.settled else 'no'} wall={row.wall_seconds:.0f}s results={root}"
+          + (f" ({row.error})" if row.error else "") + (f" [{row.end_reason}]" if row.end_reason else ""))
     return 0 if row.status == "finished" else 1
 
 

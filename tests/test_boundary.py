@@ -13,7 +13,7 @@ BISECTION = 2 + math.ceil(math.log2(math.log(HI / LO) / math.log(TOL)))  # endpo
 
 def fake_result(fraction: float, latent: int = 4) -> dict:
     used = round(fraction * latent)
-    return {"status": "finished", "kl_per_dim": [1.0] * used + [0.0] * (latent - used),
+    return {"status": "finished", "units_in_use": used, "kl_per_dim": [1.0] * used + [0.0] * (latent - used),
             "activity": [1.0] * used + [0.0] * (latent - used)}
 
 

@@ -5,18 +5,24 @@ import math
 import pandas as pd
 import pytest
 
-from tune.collapse import classify, collapse_map, critical_beta
+from vae.collapse import Thresholds, classify, collapse_map, critical_beta, units_in_use
 from vae.results import SCHEMAS
 
 
 def test_classify_each_class():
-    assert classify(100.0, 4, 4, [1.0, 2.0, 0.5, 0.3]).status == "healthy"
-    partial = classify(100.0, 2, 4, [1.0, 2.0, 0.001, 0.0])
-    assert (partial.status, partial.collapsed_dims, partial.collapsed_fraction) == ("partial", 2, 0.5)
-    assert classify(100.0, 0, 4, [0.0] * 4).status == "collapsed"
-    assert classify(100.0, 1, 4, [0.002, 0.001, 0.0, 0.0]).status == "collapsed"  # total KL under threshold
-    assert classify(float("nan"), 4, 4, [1.0] * 4).status == "diverged"
-    assert classify(float("inf"), 4, 4, [1.0] * 4).status == "diverged"
+    assert classify(100.0, 4, 4, 3.8) == "healthy"
+    assert classify(100.0, 2, 4, 3.0) == "partial"
+    assert classify(100.0, 0, 4, 0.0) == "collapsed"
+    assert classify(100.0, 1, 4, 0.003) == "collapsed"  # total KL under the threshold
+    assert classify(100.0, 1, 4, 0.003, Thresholds(kl=0.001)) == "partial"  # the thresholds given are used
+    assert classify(float("nan"), 4, 4, 4.0) == "diverged"
+    assert classify(float("inf"), 4, 4, 4.0) == "diverged"
+
+
+def test_a_unit_is_in_use_when_active_and_informative():
+    kl, activity = [1.0, 0.005, 1.0, 0.0], [0.5, 0.5, 0.001, 0.0]
+    assert units_in_use(kl, activity) == 1  # the second carries no information, the third does not move
+    assert units_in_use(kl, activity, Thresholds(active=1e-4, kl=1e-3)) == 3
 
 
 def test_critical_beta_interpolates_in_log_beta():
@@ -43,7 +49,7 @@ def _tables(cells):
     for tid, z, beta, seed, active, kls, diverged in cells:
         row = {**base, "trial_id": tid, "epoch": 2, "dataset": "gaussian2d", "model": "linear", "latent_dim": z,
                "hidden_dim": 64, "lr": 0.01, "beta": beta, "seed": seed, "kl_warmup_epochs": 0.0, "free_bits": 0.0,
-               "active_units": active, "test_kl": sum(kls), "mutual_info": 0.1,
+               "active_units": active, "units_in_use": active, "test_kl": sum(kls), "mutual_info": 0.1,
                "test_loss": float("nan") if diverged else 3.0, "train_loss": float("nan") if diverged else 3.0}
         epochs.append(row)
         dims += [{"trial_id": tid, "epoch": 2, "dim": j, "kl": k, "activity": 1.0 if k > 0.01 else 0.0}
@@ -61,7 +67,7 @@ def test_collapse_map_aggregates_repeats_and_finds_the_boundary():
     table = collapse_map(trials, epochs, dims)
     assert list(table.columns) == SCHEMAS["collapse_map"].names
     assert table.beta.tolist() == [0.3, 1.0, 3.0] and table.n_trials.tolist() == [2, 2, 2]
-    assert table.active_fraction.tolist() == [1.0, 0.75, 0.0]
+    assert table.fraction_in_use.tolist() == [1.0, 0.75, 0.0]
     assert table.status.tolist() == ["healthy", "healthy", "collapsed"]  # ties go to the healthier class
     assert table.frac_diverged.tolist() == [0.0, 0.0, 0.5] and table.frac_partial.tolist() == [0.0, 0.5, 0.0]
     crit = table.critical_beta.iloc[0]

@@ -47,6 +47,13 @@ def _copy_mnist(src: str, dst) -> str:
     return str(dst)
 
 
+def _flip_last_byte(path) -> None:
+    path.chmod(0o644)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def test_truncated_mnist_file_is_named_and_left_alone(data_dir, tmp_path):
     root = _copy_mnist(data_dir, tmp_path)
     target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
@@ -59,11 +66,7 @@ def test_truncated_mnist_file_is_named_and_left_alone(data_dir, tmp_path):
 
 def test_corrupted_mnist_file_fails_its_checksum(data_dir, tmp_path):
     root = _copy_mnist(data_dir, tmp_path)
-    target = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-    target.chmod(0o644)
-    raw = bytearray(target.read_bytes())
-    raw[-1] ^= 0xFF
-    target.write_bytes(bytes(raw))
+    _flip_last_byte(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte")
     with pytest.raises(data.DataError, match="train-labels-idx1-ubyte has MD5 .* expected a25bea73"):
         data.load_mnist(root)
 
@@ -73,11 +76,7 @@ def test_without_an_md5sums_file_the_known_digests_are_checked(data_dir, tmp_pat
     (tmp_path / "MNIST").chmod(0o755)
     (tmp_path / "MNIST" / "MD5SUMS").unlink(missing_ok=True)  # as torchvision downloads it
     data.check_mnist_files(root)
-    target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
-    target.chmod(0o644)
-    raw = bytearray(target.read_bytes())
-    raw[-1] ^= 0xFF
-    target.write_bytes(bytes(raw))
+    _flip_last_byte(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
     with pytest.raises(data.DataError, match="has MD5 .* expected 27ae3e4e.* from the known MNIST digests"):
         data.load_mnist(root)
 

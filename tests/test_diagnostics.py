@@ -13,8 +13,8 @@ def test_active_units_counts_dimensions_whose_mean_varies():
     torch.manual_seed(0)
     x = torch.randn(1000)
     mu = torch.stack([x, 0.5 * x, 0.01 * x, torch.zeros(1000)], dim=1)  # variances 1, 0.25, 1e-4, 0
-    assert diagnostics.active_units(mu, 0.01) == 2
-    assert diagnostics.active_units(mu, 1e-5) == 3
+    assert diagnostics.active_units(diagnostics.unit_activity(mu), 0.01) == 2
+    assert diagnostics.active_units(diagnostics.unit_activity(mu), 1e-5) == 3
     torch.testing.assert_close(diagnostics.unit_activity(mu), mu.var(0, unbiased=False))
 
 

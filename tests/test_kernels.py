@@ -10,6 +10,15 @@ from vae.models import VAE, MLPConfig, MLPVAE
 needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def onednn_path():
+    """These tests compare the custom path with plain ops: make it the process's path, then restore."""
+    before = kernels.active_path()
+    kernels.use("onednn")
+    yield
+    kernels.use(before)
+
+
 def _reference_linear(x, w, b, activation):
     return kernels._activate(F.linear(x, w, b), activation)
 
@@ -90,20 +99,72 @@ def test_fused_backward_passes_gradcheck_in_double(monkeypatch):
     assert torch.autograd.gradcheck(lambda *p: kernels._MLPVAETerms.apply(x.double(), eps.double(), *p), params)
 
 
-def test_fused_path_is_off_without_grad_or_when_asked(monkeypatch):
+def test_fused_path_is_off_without_grad_or_when_asked():
     model, x, eps = _mlp_and_batch(1)
     with torch.no_grad():
         assert not kernels.fused_ok(x, eps)
-    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
-    kernels.onednn_available.cache_clear()
-    try:
-        assert not kernels.fused_ok(x, eps)
-        assert not kernels.onednn_available()
-        recon, kl = model(x, eps)  # the plain layers
-        assert recon.grad_fn is not None and recon.shape == (8,) and kl.shape == (8, 4)
-    finally:
-        monkeypatch.delenv(kernels.KERNELS_ENV)
-        kernels.onednn_available.cache_clear()
+    kernels.use("torch")
+    assert not kernels.fused_ok(x, eps) and not kernels.fast_enabled()
+    recon, kl = model(x, eps)  # the plain layers
+    assert recon.grad_fn is not None and recon.shape == (8,) and kl.shape == (8, 4)
+
+
+def _fake_paths(monkeypatch, seconds: dict[str, float]):
+    """A step that takes `seconds[path]` under each path (time stands still otherwise)."""
+    clock = [0.0]
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(kernels, "onednn_available", lambda: True)
+
+    def step():
+        clock[0] += seconds[kernels.active_path()]
+    return step
+
+
+@pytest.mark.parametrize("torch_s, onednn_s, picked", [(0.002, 0.001, "onednn"), (0.001, 0.002, "torch"),
+                                                         (0.00100, 0.00098, "torch")])  # 2% is not a clear win
+def test_auto_picks_the_faster_path_only_when_it_wins_clearly(monkeypatch, torch_s, onednn_s, picked):
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    choice = kernels.choose(_fake_paths(monkeypatch, {"torch": torch_s, "onednn": onednn_s}))
+    assert choice["path"] == picked == kernels.active_path()
+    assert choice["rates"]["torch"] == pytest.approx(1 / torch_s)
+    assert choice["rates"]["onednn"] == pytest.approx(1 / onednn_s)
+    assert picked in kernels.describe(choice) and "steps/s" in kernels.describe(choice)
+
+
+@pytest.mark.parametrize("forced", ["torch", "onednn"])
+def test_a_forced_path_is_honoured(monkeypatch, forced):
+    monkeypatch.setenv(kernels.KERNELS_ENV, forced)
+    fast = {"torch": 0.001, "onednn": 0.001}
+    fast["torch" if forced == "onednn" else "onednn"] = 0.0001  # the other path is much faster
+    choice = kernels.choose(_fake_paths(monkeypatch, fast))
+    assert choice["path"] == forced == kernels.active_path() and choice["requested"] == forced
+
+
+def test_auto_falls_back_to_plain_ops_without_the_private_op(monkeypatch):
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(kernels, "onednn_available", lambda: False)
+    choice = kernels.choose(lambda: pytest.fail("nothing to time"))
+    assert choice["path"] == "torch" == kernels.active_path() and "not in this torch" in choice["reason"]
+    monkeypatch.setenv(kernels.KERNELS_ENV, "bogus")
+    with pytest.raises(ValueError, match="VAE_KERNELS must be one of auto, torch, onednn"):
+        kernels.requested()
+
+
+def test_the_loop_records_its_choice_in_the_epoch_rows_and_run_json(tmp_path, monkeypatch):
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.results import Results
+    from vae.session import LocalSession
+
+    cfg = TrainConfig(dataset="gaussian2d", model="linear", epochs=1, storage=str(tmp_path), name="k",
+                      iw_samples=0)
+    Results(str(tmp_path / "k")).write_json("run.json", {"config": cfg.to_dict()})
+    train_loop(cfg, LocalSession())
+    rows = Results(str(tmp_path / "k")).read("epochs")
+    assert rows.kernels.str.contains(r"^(?:torch|onednn) \(auto; torch [\d,]+ steps/s, onednn").all()
+    info = Results(str(tmp_path / "k")).read_json("run.json")
+    assert info["kernels"]["path"] in kernels.PATHS and set(info["kernels"]["rates"]) == set(kernels.PATHS)
 
 
 def test_tune_allocator_is_safe_to_call_twice():

@@ -26,11 +26,11 @@ def png_size(path) -> tuple[int, int]:
 
 def hand_tables(trial_id="t1", latent=2, toy=False, beta=1.0, epochs=3):
     rng = np.random.default_rng(0)
-    base = {c: 0 for c in SCHEMAS["epochs"].names} | {"dataset": "mnist", "model": "mlp", "decoder_var": "learned"}
+    base = {c: 0 for c in SCHEMAS["epochs"].names} | {"dataset": "mnist", "model": "mlp", "decoder_var": "learned", "kernels": "", "lr_schedule": "constant", "until_settled": False, "settled": False}
     ep = pd.DataFrame([{**base, "trial_id": trial_id, "epoch": e, "latent_dim": latent, "beta": beta, "lr": 1e-3,
                         "hidden_dim": 8, "kl_warmup_epochs": 0.0, "free_bits": 0.0,
                         "train_loss": 100.0 - e if e else float("nan"), "train_recon": 90.0 - e, "train_kl": 10.0,
-                        "test_loss": 101.0 - e, "test_recon": 91.0 - e, "test_kl": 10.0, "active_units": latent,
+                        "test_loss": 101.0 - e, "test_recon": 91.0 - e, "test_kl": 10.0, "active_units": latent, "units_in_use": latent,
                         "mutual_info": 0.5 * e} for e in range(epochs + 1)])
     dims = pd.DataFrame([{"trial_id": trial_id, "epoch": e, "dim": d, "kl": 0.5 * d + 0.001, "activity": 0.2 * d}
                          for e in range(epochs + 1) for d in range(latent)])
@@ -81,7 +81,7 @@ def test_toy_and_sweep_figures(tmp_path):
     assert png_size(plots.toy_histograms(images, str(tmp_path / "h.png"))) == (1000, 440)
     assert plots.toy_progress(images, str(tmp_path / "p.png"))
     from tests.test_collapse import _tables
-    from tune.collapse import collapse_map, final_rows
+    from vae.collapse import collapse_map, final_rows
     cells = [(f"t{i}", z, b, 0, a, [0.5] * a + [0.0] * (z - a), False)
              for i, (z, b, a) in enumerate([(2, 0.1, 2), (2, 1.0, 1), (2, 3.0, 0), (4, 0.1, 4), (4, 1.0, 2), (4, 3.0, 0)])]
     trials, epochs, kl = _tables(cells)
@@ -102,7 +102,8 @@ def test_missing_tables_are_skipped_not_crashed(tmp_path):
     res.write("epochs", ep, "a.parquet")
     res.write("kl_per_dim", dims, "a.parquet")
     trial = {c: 0 for c in SCHEMAS["trials"].names} | {"trial_id": "t1", "status": "finished", "error": "",
-                                                       "dataset": "mnist", "model": "mlp", "decoder_var": "learned"}
+                                                       "dataset": "mnist", "model": "mlp", "decoder_var": "learned",
+                                                       "lr_schedule": "constant", "end_reason": ""}
     res.write("trials", [trial], "t1.parquet")
     index = build_report(str(root))  # no images, no latents table
     page = open(index).read()
@@ -117,7 +118,8 @@ def test_report_escapes_strings_from_tables(tmp_path):
     res.write("epochs", ep, "a.parquet")
     evil = '<script>alert("x")</script>'
     trial = {c: 0 for c in SCHEMAS["trials"].names} | {"trial_id": "t<1>", "status": "failed", "error": evil,
-                                                       "dataset": "mnist", "model": evil, "decoder_var": "learned"}
+                                                       "dataset": "mnist", "model": evil, "decoder_var": "learned",
+                                                       "lr_schedule": "constant", "end_reason": evil}
     res.write("trials", [trial], "t1.parquet")
     res.write_json("run.json", {"command": f"python -m jobs.train --name {evil}", "config": {"name": evil}})
     build_report(str(root))

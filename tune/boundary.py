@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from .collapse import ACTIVE_THRESHOLD, KL_THRESHOLD, crossings, units_in_use
+from vae.collapse import crossings, reported_units_in_use
 
 
 def log_points(lo: float, hi: float, k: int) -> list[float]:
@@ -34,13 +34,11 @@ def log_points(lo: float, hi: float, k: int) -> list[float]:
 class BoundarySearcher(Searcher):
     def __init__(self, cells: list[tuple[int, float]], beta_range: tuple[float, float], tolerance: float,
                  repeats: int = 1, seed: int = 0, constants: dict[str, Any] | None = None,
-                 active_threshold: float = ACTIVE_THRESHOLD, kl_threshold: float = KL_THRESHOLD,
                  max_concurrent: int = 1):
         super().__init__(metric=None, mode=None)
         self.beta_range, self.tolerance = tuple(beta_range), tolerance
         self.repeats, self.seed = repeats, seed
         self.constants = constants or {}
-        self.active_threshold, self.kl_threshold = active_threshold, kl_threshold
         self.max_concurrent = max(1, max_concurrent)
         self.cells = [{"latent_dim": int(z), "lr": float(lr), "outcomes": {}, "pending": 0, "done": False}
                       for z, lr in cells]
@@ -53,7 +51,7 @@ class BoundarySearcher(Searcher):
         out = {}
         for beta_key, values in cell["outcomes"].items():
             if len(values) >= self.repeats:
-                ok = [v for v in values if v == v]
+                ok = [v for v in values if not math.isnan(v)]
                 out[float(beta_key)] = sum(ok) / len(ok) if ok else float("nan")
         return out
 
@@ -119,7 +117,7 @@ class BoundarySearcher(Searcher):
         cell = self.cells[index]
         fraction = float("nan")
         if result and not error and result.get("status") != "diverged":
-            used = units_in_use(result, self.active_threshold, self.kl_threshold)
+            used = reported_units_in_use(result)  # counted by the trial with the sweep's thresholds
             if used is not None:
                 fraction = used / cell["latent_dim"]
         cell["outcomes"].setdefault(repr(beta), []).append(fraction)
@@ -128,14 +126,12 @@ class BoundarySearcher(Searcher):
     # ------------------------------------------------------------ state, as plain JSON
     def get_state(self) -> dict[str, Any]:
         return {"beta_range": self.beta_range, "tolerance": self.tolerance, "repeats": self.repeats,
-                "seed": self.seed, "constants": self.constants, "active_threshold": self.active_threshold,
-                "kl_threshold": self.kl_threshold, "max_concurrent": self.max_concurrent, "cells": self.cells,
+                "seed": self.seed, "constants": self.constants, "max_concurrent": self.max_concurrent, "cells": self.cells,
                 "queue": self.queue, "live": self.live}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.beta_range, self.tolerance = tuple(state["beta_range"]), state["tolerance"]
         self.repeats, self.seed, self.constants = state["repeats"], state["seed"], state["constants"]
-        self.active_threshold, self.kl_threshold = state["active_threshold"], state["kl_threshold"]
         self.max_concurrent, self.cells = state["max_concurrent"], state["cells"]
         self.queue = [tuple(q) for q in state["queue"]]
         self.live = {k: tuple(v) for k, v in state["live"].items()}

@@ -1,27 +1,45 @@
-"""python -m tune.collapse_map <storage>/<name>: rebuild the collapse map from the tables."""
+"""python -m tune.collapse_map <storage>/<name>: rebuild the collapse map from the tables.
+
+The map counts units in use with the thresholds the run recorded (run.json); --active-threshold and
+--kl-threshold override them, and the output says so.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tune.collapse import KL_THRESHOLD, build
+import pandas as pd
+
+from vae.collapse import Thresholds, build, recorded_thresholds
+from vae.config import OneLineParser
+from vae.results import Results
+
+PROG = "tune.collapse_map"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tune.collapse_map", description=__doc__)
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the sweep's folder or URI: <storage>/<name>")
-    parser.add_argument("--kl-threshold", type=float, default=KL_THRESHOLD,
-                        help=f"nats: a dimension with less test KL counts as collapsed (default {KL_THRESHOLD})")
+    parser.add_argument("--active-threshold", type=float, metavar="VAR",
+                        help="a unit is active when Var_x E_q[z_j] exceeds this (default: the run's own)")
+    parser.add_argument("--kl-threshold", type=float, metavar="NATS",
+                        help="an active unit is in use when its test KL is at least this (default: the run's own)")
     args = parser.parse_args(argv)
-    from vae.results import Results
-
-    if not Results(args.root).exists():
-        parser.exit(2, f"tune.collapse_map: error: no results at {args.root}\n")
-    table = build(args.root, args.kl_threshold)
-    with __import__("pandas").option_context("display.width", 200, "display.max_columns", 30):
-        print(table[["latent_dim", "lr", "beta", "n_trials", "active_fraction", "total_kl", "test_loss", "status",
-                     "critical_beta"]].to_string(index=False))
+    res = Results(args.root)
+    if not res.exists():
+        parser.exit(2, f"{PROG}: error: no results at {args.root}\n")
+    recorded = recorded_thresholds(res)
+    thresholds = Thresholds(args.active_threshold if args.active_threshold is not None else recorded.active,
+                            args.kl_threshold if args.kl_threshold is not None else recorded.kl)
+    for name, value in (("active", thresholds.active), ("kl", thresholds.kl)):
+        if not value > 0:
+            parser.exit(2, f"{PROG}: error: --{name}-threshold: must be a number > 0 (got {value})\n")
+    table = build(args.root, thresholds)
+    source = "the run's own" if thresholds == recorded else f"overridden (the run recorded {recorded.active:g} / {recorded.kl:g})"
+    print(f"{PROG}: units in use = activity > {thresholds.active:g} and test KL >= {thresholds.kl:g} nats ({source})")
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table[["latent_dim", "lr", "beta", "n_trials", "units_in_use_mean", "fraction_in_use", "total_kl",
+                     "test_loss", "status", "critical_beta"]].to_string(index=False))
     return 0
 
 

@@ -6,76 +6,47 @@ import argparse
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
-from vae.config import (ENV_HELP, ConfigError, OneLineParser, TrainConfig, _check, add_config_flags,
-                        check_choice, check_float, check_int, check_name, check_storage, parse_args, resolve, HELP)
+from vae.axes import AXES, BY_KEY
+from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig, add_config_flags, check,
+                        check_choice, check_float, check_int, check_name, check_storage, parse_args, resolve)
 
 SEARCHES = ("grid", "random", "boundary")
-SCHEDULERS = ("none", "asha")
-# Settings of one training run that a sweep passes through unchanged.
-PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "decoder_var", "num_mc", "epochs", "batch_size",
-                  "active_threshold", "iw_samples", "iw_subset", "seed")
+SCHEDULERS = ("none", "asha", "settled")
+# Settings of one training run that a sweep passes through unchanged (their types, defaults and checks
+# are TrainConfig's), and the defaults a sweep changes: a cheaper final IW NLL per trial.
+PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "decoder_var", "num_mc", "epochs", "until_settled",
+                  "max_epochs", "lr_schedule", "batch_size", "seed", "active_threshold", "kl_threshold",
+                  "iw_samples", "iw_subset")
+SWEEP_DEFAULTS = {"iw_samples": 100, "iw_subset": 500}
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    # the map's axes
-    latent_dims: str = "2,5,10,20"
-    lrs: str = "1e-3"
-    betas: str = "0.1,0.3,1,2,4,8"
-    # optional extra axes
-    hidden_dims: str = ""
-    kl_warmups: str = ""
-    free_bits: str = ""
-    repeats: int = 1
-    search: str = "grid"
-    num_samples: int = 16  # random search: configurations drawn
-    beta_range: str = "0.01,100"  # boundary search: where to look for the critical beta
-    beta_tolerance: float = 1.15  # boundary search: stop when upper / lower <= this
-    # each trial's training run
-    dataset: str = "mnist"
-    model: str = ""
-    subset: int = 0
-    data_dir: str = ""
-    decoder_var: str = "learned"
-    num_mc: int = 1
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
-    active_threshold: float = 0.01
-    kl_threshold: float = 0.01
-    iw_samples: int = 100
-    iw_subset: int = 500
-    # resources
-    workers_per_trial: int = 1
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int = 0  # 0: as many as the cluster fits
-    scheduler: str = "none"
-    max_failures: int = 1
-    # where results go
-    storage: str = ""  # "" -> $VAE_STORAGE or ./results
-    name: str = ""
+class _Sweep:
+    """The methods of `SweepConfig` (its fields are derived below, from the axes and from TrainConfig)."""
 
     def __post_init__(self) -> None:
-        for flag in ("latent_dims", "lrs", "betas", "hidden_dims", "kl_warmups", "free_bits"):
-            values = parse_list(flag, getattr(self, flag), int if flag in ("latent_dims", "hidden_dims") else float)
-            if flag in ("latent_dims", "lrs") + (("betas",) if self.search != "boundary" else ()) and not values:
-                raise ConfigError(f"--{flag.replace('_', '-')}: must list at least one value")
+        for a in AXES:
+            values = self.axis(a.flag)
+            if a.required and not values and not (a.key == "beta" and self.search == "boundary"):
+                raise ConfigError(f"--{a.flag.replace('_', '-')}: must list at least one value")
+            for v in values:
+                if a.kind is int:
+                    check_int(a.flag, v, int(a.low), int(a.high))
+                else:
+                    check_float(a.flag, v, a.low, a.high, lo_open=a.low_open)
         check_int("repeats", self.repeats, 1, 1000)
         check_choice("search", self.search, SEARCHES)
         lo_hi = parse_list("beta_range", self.beta_range, float)
-        _check(len(lo_hi) == 2 and 0 < lo_hi[0] < lo_hi[1], "beta_range", "two betas LOW,HIGH with 0 < LOW < HIGH",
-               self.beta_range)
+        check(len(lo_hi) == 2 and 0 < lo_hi[0] < lo_hi[1], "beta_range", "two betas LOW,HIGH with 0 < LOW < HIGH",
+              self.beta_range)
         check_float("beta_tolerance", self.beta_tolerance, 1.0, 1e6, lo_open=True)
         if self.search == "boundary":
-            for flag in ("hidden_dims", "kl_warmups", "free_bits"):
-                _check(not self.axis(flag), flag, "empty with --search boundary (it searches beta per latent "
-                       "size and learning rate)", getattr(self, flag))
+            for a in AXES:
+                if not a.required:
+                    check(not self.axis(a.flag), a.flag, "empty with --search boundary (it searches beta per "
+                          "latent size and learning rate)", getattr(self, a.flag))
         check_int("num_samples", self.num_samples, 1, 100_000)
-        check_float("kl_threshold", self.kl_threshold, 0.0, 1e6, lo_open=True)
         check_int("workers_per_trial", self.workers_per_trial, 1, 1024)
         check_float("cpus_per_trial", self.cpus_per_trial, 0.0, 1024, lo_open=True)
         check_float("gpus_per_trial", self.gpus_per_trial, 0.0, 64)
@@ -85,43 +56,40 @@ class SweepConfig:
         check_storage(self.storage)
         check_name("name", self.name)
         self.trial_config()  # every per-trial setting through TrainConfig's own checks
-        for z in self.axis("latent_dims"):
-            check_int("latent_dims", z, 1, 4096)
-        for lr in self.axis("lrs"):
-            check_float("lrs", lr, 0.0, 100.0, lo_open=True)
-        for b in self.axis("betas"):
-            check_float("betas", b, 0.0, 1e6, lo_open=True)
 
     def axis(self, flag: str) -> list:
-        return parse_list(flag, getattr(self, flag), int if flag in ("latent_dims", "hidden_dims") else float)
+        kind = next((a.kind for a in AXES if a.flag == flag), float)
+        return parse_list(flag, getattr(self, flag), kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     def trial_config(self, **overrides: Any) -> TrainConfig:
-        """The TrainConfig of one trial: passed-through settings plus the trial's axis values."""
+        """The resolved TrainConfig of one trial: passed-through settings plus the trial's point."""
         values = {k: getattr(self, k) for k in PASSED_THROUGH}
         values.update(num_workers=self.workers_per_trial, max_failures=0, storage=self.storage,
-                      name=self.name, use_gpu=self.gpus_per_trial > 0,
+                      name=self.name or "x", use_gpu=self.gpus_per_trial > 0,
                       cpus_per_worker=max(1, int(self.cpus_per_trial)))
-        values.update(overrides)
-        return TrainConfig(**values)
+        values.update({k: v for k, v in overrides.items()})
+        if "latent_dim" not in values:
+            values["latent_dim"] = (self.axis("latent_dims") or [0])[0]
+        return resolve(TrainConfig(**values))
 
     def param_space(self) -> dict[str, Any]:
         """Tune's param_space: grid_search per axis, or distributions for random search."""
         from ray import tune
 
-        axes: dict[str, list] = {"latent_dim": self.axis("latent_dims"), "lr": self.axis("lrs"),
-                                 "beta": self.axis("betas")}
-        for flag, key in (("hidden_dims", "hidden_dim"), ("kl_warmups", "kl_warmup_epochs"),
-                          ("free_bits", "free_bits")):
-            if self.axis(flag):
-                axes[key] = self.axis(flag)
         space: dict[str, Any] = {}
-        for key, values in axes.items():
+        for a in AXES:
+            values = self.axis(a.flag)
+            if not values:
+                continue
             if self.search == "grid":
-                space[key] = tune.grid_search(values)
-            elif key in ("lr", "beta") and len(values) > 1:
-                space[key] = tune.loguniform(min(values), max(values))
+                space[a.key] = tune.grid_search(values)
+            elif a.log and len(values) > 1:
+                space[a.key] = tune.loguniform(min(values), max(values))
             else:
-                space[key] = tune.choice(values)
+                space[a.key] = tune.choice(values)
         space["seed"] = tune.grid_search([self.seed + r for r in range(self.repeats)])
         return space
 
@@ -132,9 +100,40 @@ class SweepConfig:
             steps = math.ceil(math.log2(math.log(hi / lo) / math.log(self.beta_tolerance)))
             return len(self.axis("latent_dims")) * len(self.axis("lrs")) * (2 + max(0, steps)) * self.repeats
         cells = self.num_samples if self.search == "random" else math.prod(
-            max(1, len(self.axis(f))) for f in ("latent_dims", "lrs", "betas", "hidden_dims", "kl_warmups",
-                                                 "free_bits"))
+            max(1, len(self.axis(a.flag))) for a in AXES)
         return cells * self.repeats
+
+
+def _train_field(name: str) -> tuple[str, Any, dataclasses.Field]:
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return name, f.type, dataclasses.field(default=SWEEP_DEFAULTS.get(name, f.default))
+
+
+SweepConfig = dataclasses.make_dataclass(
+    "SweepConfig",
+    # the map's axes, one list flag each (vae/axes.py)
+    [(a.flag, "str", dataclasses.field(default=a.default)) for a in AXES] + [
+        ("repeats", "int", dataclasses.field(default=1)),
+        ("search", "str", dataclasses.field(default="grid")),
+        ("num_samples", "int", dataclasses.field(default=16)),  # random search: configurations drawn
+        ("beta_range", "str", dataclasses.field(default="0.01,100")),  # boundary search: where to look
+        ("beta_tolerance", "float", dataclasses.field(default=1.15)),  # boundary search: stop at upper/lower
+    ]
+    # each trial's training run: TrainConfig's own fields, types and defaults
+    + [_train_field(name) for name in PASSED_THROUGH] + [
+        # resources
+        ("workers_per_trial", "int", dataclasses.field(default=1)),
+        ("cpus_per_trial", "float", dataclasses.field(default=1.0)),
+        ("gpus_per_trial", "float", dataclasses.field(default=0.0)),
+        ("max_concurrent", "int", dataclasses.field(default=0)),  # 0: as many as the cluster fits
+        ("scheduler", "str", dataclasses.field(default="none")),
+        ("max_failures", "int", dataclasses.field(default=1)),  # retries of an errored trial
+        # where results go
+        ("storage", "str", dataclasses.field(default="")),  # "" -> $VAE_STORAGE or ./results
+        ("name", "str", dataclasses.field(default="")),
+    ],
+    bases=(_Sweep,), frozen=True, namespace={"__module__": __name__})
+SweepConfig.__doc__ = "The sweep's typed config: its axes, the trials' settings and their resources."
 
 
 def parse_list(flag: str, text: Any, kind: type) -> list:
@@ -154,30 +153,25 @@ def parse_list(flag: str, text: Any, kind: type) -> list:
         if not math.isfinite(value):
             raise ConfigError(f"--{flag.replace('_', '-')}: must hold finite numbers (got {text!r})")
         out.append(value)
-    _check(len(set(out)) == len(out), flag, "a list without repeated values", text)
+    check(len(set(out)) == len(out), flag, "a list without repeated values", text)
     return out
 
 
 SWEEP_HELP = {
     **HELP,
-    "latent_dims": "comma-separated latent sizes (an axis of the map)",
-    "lrs": "comma-separated learning rates (an axis of the map)",
-    "betas": "comma-separated KL weights (an axis of the map)",
-    "hidden_dims": "optional axis: comma-separated hidden sizes",
-    "kl_warmups": "optional axis: comma-separated KL warm-up lengths in epochs",
-    "free_bits": "optional axis: comma-separated free-bits floors (nats)",
+    **{a.flag: a.help for a in AXES},
     "repeats": "seeds per configuration (seed, seed+1, ...), averaged in the map",
     "search": "grid (every combination), random (--num-samples draws; lr and beta log-uniform in their range) "
               "or boundary (bracket the critical beta of each latent size and lr within --beta-tolerance)",
     "num_samples": "random search: configurations drawn",
     "beta_range": "boundary search: LOW,HIGH betas that bracket the critical beta",
     "beta_tolerance": "boundary search: stop when a bracket's upper / lower beta <= this",
-    "kl_threshold": "nats: a dimension with less test KL counts as collapsed",
     "workers_per_trial": "1: each trial trains in its Tune process; more: each trial runs a Ray Train TorchTrainer",
     "cpus_per_trial": "CPUs per trial (per worker with --workers-per-trial > 1)",
     "gpus_per_trial": "GPUs per trial, fractions allowed (0.25: four trials share one GPU)",
     "max_concurrent": "trials at once (0: as many as the cluster's resources fit)",
-    "scheduler": "none, or asha: stop trials with a hopeless test loss early (never for collapsing)",
+    "scheduler": "none; asha: stop trials with a hopeless test loss early (never for collapsing); settled: stop "
+                 "a trial once its collapse state has settled, never before",
     "max_failures": "retries of a trial that errored (from its last checkpoint)",
     "iw_samples": "importance samples for each trial's final IW NLL (0: skip)",
     "name": "sweep name; --resume --name N finishes it (default: sweep-dataset-model-time)",
@@ -203,7 +197,7 @@ def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, ar
     if args.retry_errored and not args.resume:
         parser.exit(2, "jobs.sweep: error: --retry-errored: only with --resume\n")
     try:
-        first = resolve(cfg.trial_config(latent_dim=cfg.axis("latent_dims")[0], name=cfg.name or "x"))
+        first = cfg.trial_config()
     except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
         parser.exit(2, f"jobs.sweep: error: {e}\n")
     name = cfg.name or f"sweep-{first.dataset}-{first.model}-{time.strftime('%Y%m%d-%H%M%S')}"

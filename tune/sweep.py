@@ -14,32 +14,35 @@ import time
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from vae.config import resolve
+from vae.axes import POINT_KEYS
+from vae.collapse import reported_units_in_use
 from vae.launch import error_line
-from vae.results import SAFE_KEY, Results, config_row, file_key, run_root
+from vae.results import SAFE_KEY, Results, file_key, run_root, trial_row
 
-from .collapse import units_in_use
 from .space import SweepConfig
 
-AXIS_KEYS = ("latent_dim", "lr", "beta", "hidden_dim", "kl_warmup_epochs", "free_bits", "seed")
+
+def point(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's point in the space: its axis values and seed (what Tune's config adds to the sweep's)."""
+    return {k: config[k] for k in POINT_KEYS if k in config}
 
 
 def trial_key(config: dict[str, Any]) -> str:
     """The trial's id in the tables, from its point in the space, so a retried trial (which Tune may give a
     new id) replaces its rows instead of adding a second trial: 'z2-lr0.01-b0.3-s0-1a2b3c'."""
-    point = {k: config[k] for k in AXIS_KEYS if k in config}
-    digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:6]
-    name = f"z{point.get('latent_dim')}-lr{point.get('lr', 0):g}-b{point.get('beta', 0):.4g}-s{point.get('seed', 0)}"
+    where = point(config)
+    digest = hashlib.sha1(json.dumps(where, sort_keys=True).encode()).hexdigest()[:6]
+    name = f"z{where.get('latent_dim')}-lr{where.get('lr', 0):g}-b{where.get('beta', 0):.4g}-s{where.get('seed', 0)}"
     return SAFE_KEY.sub("", name) + "-" + digest
 
 
 def trial(config: dict[str, Any]) -> None:
     """Tune function trainable: the sweep's settings plus this trial's point in the space."""
-    sweep = SweepConfig(**config["sweep"])
+    sweep = SweepConfig(**config["sweep"])  # resolved once, by the driver
     trial_id = trial_key(config)
-    cfg = resolve(sweep.trial_config(trial_id=trial_id, **{k: config[k] for k in AXIS_KEYS if k in config}))
+    cfg = sweep.trial_config(trial_id=trial_id, **point(config))
     if sweep.workers_per_trial == 1:
         import torch
 
@@ -58,30 +61,41 @@ def trial(config: dict[str, Any]) -> None:
                    callbacks=[TuneReportCallback()])
 
 
-def collapsed(result: dict, thresholds: tuple[float, float]) -> bool:
-    """A trial's latest report has no unit in use (the map's definition, `collapse.in_use`)."""
-    return result.get("status") != "diverged" and units_in_use(result, *thresholds) == 0
+def collapsed(result: dict) -> bool:
+    """A trial's latest report has no unit in use (the loop counts them with the run's thresholds)."""
+    return result.get("status") != "diverged" and reported_units_in_use(result) == 0
 
 
 class CollapseKeepingASHA(ASHAScheduler):
     """ASHA on test loss that never stops a trial because it collapsed: collapsed trials are the data."""
 
-    def __init__(self, thresholds: tuple[float, float], **kwargs):
-        super().__init__(**kwargs)
-        self.thresholds = thresholds  # (active, KL)
-
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and collapsed(result, self.thresholds):
+        if decision == TrialScheduler.STOP and collapsed(result):
             return TrialScheduler.CONTINUE
         return decision
+
+
+class StopWhenSettled(FIFOScheduler):
+    """Stops a trial once its collapse state has settled (its cell is answered) after the minimum epochs,
+    never before: the Tune-level twin of the loop's own --until-settled stop, for sweeps that keep a
+    fixed budget but need not spend it."""
+
+    def __init__(self, min_epochs: int):
+        super().__init__()
+        self.min_epochs = min_epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get("settled") and int(result.get("epoch", 0)) >= self.min_epochs:
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
 
 
 class Progress(tune.Callback):
     """One concise line whenever the sweep's state changes (Tune's own table stays off)."""
 
-    def __init__(self, total: int | str, thresholds: tuple[float, float], emit=print):
-        self.total, self.thresholds, self.emit = total, thresholds, emit
+    def __init__(self, total: int | str, emit=print):
+        self.total, self.emit = total, emit
         self.started = time.time()
         self.last: dict[str, dict] = {}
         self.running: set[str] = set()
@@ -95,7 +109,7 @@ class Progress(tune.Callback):
         finals = [self.last[t] for t in self.done if t in self.last]
         losses = [r["test_loss"] for r in self.last.values()
                   if isinstance(r.get("test_loss"), float) and math.isfinite(r["test_loss"])]
-        n_collapsed = sum(1 for r in finals if collapsed(r, self.thresholds))
+        n_collapsed = sum(1 for r in finals if collapsed(r))
         diverged = sum(1 for r in finals if r.get("status") == "diverged")
         total = int(str(self.total).lstrip("~"))
         pending = max(0, total - len(self.done) - len(self.errored) - len(self.running))
@@ -138,18 +152,17 @@ def trainable(sweep: SweepConfig):
 def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False, emit=print,
           cluster_cpus: int = 0) -> tune.Tuner:
     root = run_root(sweep.storage, sweep.name)
-    thresholds = (sweep.active_threshold, sweep.kl_threshold)
-    progress = Progress(f"~{sweep.n_trials()}" if sweep.search == "boundary" else sweep.n_trials(), thresholds, emit)
+    progress = Progress(f"~{sweep.n_trials()}" if sweep.search == "boundary" else sweep.n_trials(), emit)
     if resume:
         restored = tune.Tuner.restore(root, trainable=trainable(sweep), resume_unfinished=True,
                                       resume_errored=False, restart_errored=retry_errored)
-        restored._local_tuner._run_config.callbacks = [progress]  # the callback is not saved with the state
+        set_restored_callbacks(restored, [progress])
         return restored
     max_concurrent = sweep.max_concurrent or None
     if sweep.workers_per_trial > 1 and not max_concurrent and cluster_cpus:
         # Tune counts only the trial process, not its Train workers: cap by what the workers need.
         max_concurrent = max(1, int(cluster_cpus // (sweep.workers_per_trial * sweep.cpus_per_trial)))
-    constants = {"sweep": {k: getattr(sweep, k) for k in sweep.__dataclass_fields__}}
+    constants = {"sweep": sweep.to_dict()}
     search_alg = None
     if sweep.search == "boundary":
         from .boundary import BoundarySearcher
@@ -157,10 +170,10 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
         cells = [(z, lr) for z in sweep.axis("latent_dims") for lr in sweep.axis("lrs")]
         lo, hi = sweep.axis("beta_range")
         search_alg = BoundarySearcher(cells, (lo, hi), sweep.beta_tolerance, sweep.repeats, sweep.seed, constants,
-                                      sweep.active_threshold, sweep.kl_threshold,
                                       max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial)))
-    scheduler = (CollapseKeepingASHA(thresholds, max_t=sweep.epochs, grace_period=max(1, sweep.epochs // 4),
-                                     reduction_factor=3) if sweep.scheduler == "asha" else None)
+    scheduler = {"asha": lambda: CollapseKeepingASHA(max_t=sweep.trial_config().budget, reduction_factor=3,
+                                                     grace_period=max(1, sweep.epochs // 4)),
+                 "settled": lambda: StopWhenSettled(sweep.epochs)}.get(sweep.scheduler, lambda: None)()
     return tune.Tuner(
         trainable(sweep),
         param_space=constants if search_alg else {**constants, **sweep.param_space()},
@@ -173,6 +186,15 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
+
+
+def set_restored_callbacks(restored: tune.Tuner, callbacks: list) -> None:
+    """Give a restored Tuner our callbacks: they are not saved with the experiment's state.
+
+    Ray has no public way to do this (ray-project/ray#41364), so this reaches into the Tuner's private
+    run config, here alone; `tests/test_sweep.py` fails loudly if Ray moves it.
+    """
+    restored._local_tuner._run_config.callbacks = callbacks
 
 
 def settle_trials(sweep: SweepConfig, grid) -> None:
@@ -190,15 +212,15 @@ def settle_trials(sweep: SweepConfig, grid) -> None:
             continue
         status = "failed" if result.error is not None else "stopped"
         error = error_line(result.error)[:500] if result.error else "stopped early by the scheduler"
-        done = epochs[epochs.trial_id == tid].epoch.max() if tid in set(epochs.trial_id) else 0
-        cfg = resolve(sweep.trial_config(trial_id=tid, **{k: cfg_values[k] for k in AXIS_KEYS if k in cfg_values}))
-        row = {"trial_id": tid, **config_row(cfg), "status": status, "error": error,
-               "epochs_done": int(done) if done == done else 0, "active_units": 0}
-        last = epochs[(epochs.trial_id == tid) & (epochs.epoch == done)]
-        for k in ("train_loss", "test_loss", "test_recon", "test_kl", "mutual_info"):
-            row[k] = float(last[k].iloc[0]) if len(last) else float("nan")
-        if len(last):
-            row["active_units"] = int(last.active_units.iloc[0])
-        row["iw_nll"] = float("nan")
-        row["wall_seconds"] = float(known.wall_seconds) if known is not None else float("nan")
-        res.write("trials", [row], file_key(tid))
+        mine = epochs[epochs.trial_id == tid]
+        done = int(mine.epoch.max()) if len(mine) else 0
+        last = mine[mine.epoch == done]
+        final = last.iloc[0].to_dict() if len(last) else {}
+        final.pop("iw_nll", None)
+        if result.error is None:
+            settled = bool(final.get("settled"))
+            final["end_reason"] = f"stopped by the scheduler at epoch {done}" + (" (settled)" if settled else "")
+            error = "" if settled else error
+        wall = float(known.wall_seconds) if known is not None else float("nan")
+        cfg = sweep.trial_config(trial_id=tid, **point(cfg_values))
+        res.write("trials", [trial_row(cfg, tid, status, error, done, final, wall)], file_key(tid))

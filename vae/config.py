@@ -18,12 +18,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 DATASETS = ("mnist", "gaussian2d")
 MODELS = ("mlp", "gaussian-mlp", "linear")
+LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")  # auto: cosine with --until-settled, else constant
 DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
 DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # seed 1 and seed 2
 DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
 STORAGE_SCHEMES = ("", "file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 DATA_DIR_ENV, OFFLINE_ENV = "VAE_DATA_DIR", "VAE_OFFLINE"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The collapse thresholds' defaults, owned here; every reader takes the thresholds a run recorded.
+ACTIVE_THRESHOLD = 0.01  # Var_x E_q[z_j] above this: the unit is active (Burda et al. 2015)
+KL_THRESHOLD = 0.01  # nats: a dimension with less test KL carries no information
 
 
 class ConfigError(ValueError):
@@ -47,12 +51,16 @@ class TrainConfig:
     free_bits: float = 0.0
     num_mc: int = 1
     # optimisation
-    epochs: int = 10
+    epochs: int = 10  # with until_settled: the minimum
+    until_settled: bool = False  # train until the collapse state has settled (vae/settle.py) or max_epochs
+    max_epochs: int = 0  # with until_settled: the budget (0: 10 x epochs)
     batch_size: int = 128  # global: split evenly over the workers
     lr: float = 1e-3
+    lr_schedule: str = "auto"
     seed: int = 0
     # diagnostics
-    active_threshold: float = 0.01
+    active_threshold: float = ACTIVE_THRESHOLD
+    kl_threshold: float = KL_THRESHOLD
     iw_samples: int = 1000
     iw_subset: int = 1000
     # scaling (None: decided from the cluster by the job)
@@ -79,13 +87,25 @@ class TrainConfig:
         return None if self.decoder_var == "learned" else float(self.decoder_var)
 
     @property
+    def budget(self) -> int:
+        """The most epochs this run may train."""
+        return (self.max_epochs or 10 * self.epochs) if self.until_settled else self.epochs
+
+    @property
+    def schedule(self) -> str:
+        """The learning-rate schedule in force (auto resolved)."""
+        if self.lr_schedule != "auto":
+            return self.lr_schedule
+        return "cosine" if self.until_settled else "constant"
+
+    @property
     def run_id(self) -> str:
         return self.trial_id or self.name
 
 
 # ---------------------------------------------------------------- validation
 
-def _check(ok: bool, flag: str, allowed: str, value: Any) -> None:
+def check(ok: bool, flag: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"--{flag.replace('_', '-')}: must be {allowed} (got {value!r})")
 
@@ -95,30 +115,30 @@ def _finite(x: float) -> bool:
 
 
 def check_int(flag: str, value: Any, lo: int, hi: int) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+    check(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
            flag, f"an integer in [{lo}, {hi}]", value)
 
 
 def check_float(flag: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
     ok = _finite(value) and (value > lo if lo_open else value >= lo) and value <= hi
-    _check(ok, flag, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]", value)
+    check(ok, flag, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]", value)
 
 
 def check_choice(flag: str, value: Any, choices: Sequence[str]) -> None:
-    _check(value in choices, flag, "one of " + ", ".join(choices), value)
+    check(value in choices, flag, "one of " + ", ".join(choices), value)
 
 
 def check_storage(value: Any) -> None:
-    _check(isinstance(value, str), "storage", "a path or URI", value)
+    check(isinstance(value, str), "storage", "a path or URI", value)
     if value == "":
         return  # the default: $VAE_STORAGE or ./results
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-    _check(scheme in STORAGE_SCHEMES, "storage",
+    check(scheme in STORAGE_SCHEMES, "storage",
            "a local path or a URI with scheme " + ", ".join(s for s in STORAGE_SCHEMES if s), value)
 
 
 def check_name(flag: str, value: str) -> None:
-    _check(value == "" or bool(NAME_PATTERN.match(value)), flag,
+    check(value == "" or bool(NAME_PATTERN.match(value)), flag,
            "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", value)
 
 
@@ -137,24 +157,30 @@ def validate(c: TrainConfig) -> None:
             var = float(c.decoder_var)
         except (TypeError, ValueError):
             var = float("nan")
-        _check(math.isfinite(var) and 0 < var <= 1e6, "decoder_var",
+        check(math.isfinite(var) and 0 < var <= 1e6, "decoder_var",
                "'learned' or a variance in (0, 1e6]", c.decoder_var)
     check_float("beta", c.beta, 0.0, 1e6)
     check_float("kl_warmup_epochs", c.kl_warmup_epochs, 0.0, 1e6)
     check_float("free_bits", c.free_bits, 0.0, 1e3)
     check_int("num_mc", c.num_mc, 1, 1024)
     check_int("epochs", c.epochs, 1, 100_000)
+    check(isinstance(c.until_settled, bool), "until_settled", "true or false", c.until_settled)
+    check_int("max_epochs", c.max_epochs, 0, 1_000_000)
+    check(c.max_epochs == 0 or c.max_epochs >= c.epochs, "max_epochs",
+          f"0 or at least --epochs ({c.epochs}), the minimum", c.max_epochs)
+    check_choice("lr_schedule", c.lr_schedule, LR_SCHEDULES)
     check_int("batch_size", c.batch_size, 1, 1_000_000)
     check_float("lr", c.lr, 0.0, 100.0, lo_open=True)
     check_int("seed", c.seed, 0, 2**31 - 1)
     check_float("active_threshold", c.active_threshold, 0.0, 1e6, lo_open=True)
+    check_float("kl_threshold", c.kl_threshold, 0.0, 1e6, lo_open=True)
     check_int("iw_samples", c.iw_samples, 0, 100_000)
     check_int("iw_subset", c.iw_subset, 1, 1_000_000)
     check_int("num_workers", c.num_workers, 1, 4096)
-    _check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
+    check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
     check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
     check_int("max_failures", c.max_failures, -1, 1_000_000)
-    _check(c.batch_size >= c.num_workers, "batch_size",
+    check(c.batch_size >= c.num_workers, "batch_size",
            f"at least --num-workers ({c.num_workers}), as it is the global batch", c.batch_size)
     check_storage(c.storage)
     check_name("name", c.name)
@@ -235,11 +261,17 @@ HELP = {
     "kl_warmup_epochs": "raise the KL weight linearly from 0 to beta over this many epochs",
     "free_bits": "per-dimension floor (nats) on the batch-mean KL in the training objective",
     "num_mc": "Monte Carlo samples of z per input",
-    "epochs": "training epochs",
+    "epochs": "training epochs (with --until-settled: the minimum)",
+    "until_settled": "train until every unit is clearly in use or unused and the count holds (see the README), "
+                     "or --max-epochs",
+    "max_epochs": "with --until-settled: the epoch budget (0: 10 x --epochs)",
+    "lr_schedule": "auto (cosine with --until-settled, else constant), constant, cosine (to 0 over the budget) "
+                   "or plateau (halve on a flat training loss)",
     "batch_size": "global batch size (split evenly over the workers)",
     "lr": "Adam learning rate",
     "seed": "random seed (data order, initialisation, noise)",
     "active_threshold": "a latent unit is active when Var_x(E_q[z_j]) exceeds this",
+    "kl_threshold": "nats: a unit is in use when it is active and its test KL is at least this",
     "iw_samples": "importance samples for the final IW NLL bound (0: skip it)",
     "iw_subset": "test examples used for the IW NLL bound",
     "num_workers": "Ray Train data-parallel workers",
@@ -260,7 +292,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, help: Mapping[s
         kind = {"int": number(int), "float": number(float), "bool | None": boolean,
                 "bool": boolean}.get(str(f.type), str)
         default = f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
+        switch = {"nargs": "?", "const": True} if str(f.type) == "bool" else {}  # --until-settled alone: true
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, **switch,
                             default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=help.get(f.name, "") + (f" (default: {default})" if default not in ("", None) else ""))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import streams
 from .config import DATA_DIR_ENV, OFFLINE_ENV, offline
 
 GAUSSIAN_MEAN = (1.0, 0.5)
@@ -41,8 +42,6 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def to(self, device: torch.device | str) -> "Split":
-        return Split(self.x.to(device), self.y.to(device))
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
     mean = torch.tensor(GAUSSIAN_MEAN)
     cov = torch.tensor(GAUSSIAN_COV)
     dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)  # checks positive definiteness
-    gen = torch.Generator().manual_seed(10_007 + seed)
+    gen = streams.toy_data(seed)
     eps = torch.randn(GAUSSIAN_TRAIN + GAUSSIAN_TEST, 2, generator=gen)
     x = mean + eps @ dist.scale_tril.T
     n_train = subset or GAUSSIAN_TRAIN
@@ -188,7 +187,7 @@ def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int) -> torch
     One permutation per (seed, epoch), shared by every rank; padded by wrapping
     so each rank gets the same count; rank r takes positions r, r + world, ...
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = streams.shuffle(seed, epoch)
     order = torch.randperm(n, generator=gen)
     per_rank = -(-n // world)
     total = per_rank * world

@@ -1,7 +1,7 @@
 """Posterior-collapse diagnostics: pure functions of encoder outputs and models.
 
 - KL per latent dimension (test-set mean of the analytic KL),
-- active units (Burda et al. 2015): Var_x(E_q[z_j]) > threshold,
+- active units (Burda et al. 2015): Var_x(E_q[z_j]) > threshold (units in use: vae.collapse),
 - mutual information I(x; z) under q (He et al. 2019's estimator),
 - the importance-weighted NLL bound (Burda et al. 2015) at the end of training.
 """
@@ -50,14 +50,22 @@ def evaluate(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) 
                       mu=torch.cat(mus).cpu(), logvar=torch.cat(logvars).cpu())
 
 
+def covariance_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of the data's covariance (population, in float64), largest first: [D]."""
+    x = x.double()
+    centred = x - x.mean(0)
+    cov = centred.T @ centred / len(x)
+    return torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
+
+
 def unit_activity(mu: torch.Tensor) -> torch.Tensor:
     """Var over examples of E_q[z_j | x] per dimension: [L]."""
     return mu.var(0, unbiased=False)
 
 
-def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
-    """Number of latent dimensions whose activity exceeds the threshold."""
-    return int((unit_activity(mu) > threshold).sum())
+def active_units(activity: torch.Tensor, threshold: float) -> int:
+    """Number of latent dimensions whose activity (`unit_activity`) exceeds the threshold."""
+    return int((activity > threshold).sum())
 
 
 def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, chunk: int = 512) -> float:

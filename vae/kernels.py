@@ -1,37 +1,109 @@
-"""Faster CPU kernels for the training step: the same math as the plain PyTorch ops they stand in for.
+"""CPU kernels for the training step, chosen per process by measurement: the same math as the plain
+PyTorch ops they stand in for.
 
-Measured by `python -m bench.bench` on the 2-core AMD EPYC CI machine (batch 128, the 784-400-20 VAE):
+Two paths for a model's products and step on CPU float32 tensors:
+- `torch`: plain PyTorch ops (`F.linear`, `F.binary_cross_entropy_with_logits`, autograd): the reference.
+- `onednn`: every Linear layer's forward and both backward products through oneDNN
+  (`torch.ops.mkldnn._linear_pointwise`, the op Inductor's CPU backend uses; ReLU/tanh fused), a
+  vectorised Bernoulli NLL (softplus(l) = max(l, 0) + log(1 + exp(-|l|)) with the vectorised `log`; the
+  difference is below 6e-8 nats per pixel), and the pytorch/examples VAE's whole ELBO in one autograd node
+  with a hand-written backward.
 
-- `linear`: on CPU float32 tensors the forward product and both backward products of a Linear layer
-  (with its ReLU or tanh fused into the forward) run through oneDNN (`torch.ops.mkldnn._linear_pointwise`,
-  the op Inductor's CPU backend uses) instead of MKL's sgemm. MKL takes its AVX2 code path on AMD CPUs,
-  oneDNN its AVX-512 one: a 128x784x400 product takes 0.21 ms instead of 0.42 ms. Elsewhere (CUDA,
-  other dtypes, a torch without the op) it is `F.linear` and the activation.
-- `bernoulli_nll`: binary cross-entropy with logits, summed over features. ATen's CPU `log1p` (inside
-  `F.binary_cross_entropy_with_logits`) is not vectorised and took 0.55 ms for 128x784 logits;
-  softplus(l) = max(l, 0) + log(1 + exp(-|l|)) with the vectorised `log` takes 0.1 ms. The difference
-  is below 6e-8 nats per pixel (`log(1 + e)` rounds `e < 6e-8` away). Its gradient is sigmoid(l) - x.
-
-`VAE_KERNELS=torch` in the environment turns both off (the plain ops everywhere), for comparison.
+Which is faster depends on the CPU: on the AMD EPYC where the oneDNN path was written, MKL's sgemm takes
+its AVX2 code path and oneDNN its AVX-512 one (a 128x784x400 product 0.21 ms instead of 0.42 ms); on an
+Intel Xeon the oneDNN path lost 18% to plain ops. So `choose` times both paths on the run's own model
+and batch shape at start-up (a fraction of a second) and keeps the custom path only when it is at
+least `WIN_MARGIN` faster than plain ops. `VAE_KERNELS=torch|onednn|auto` (default auto) forces a path.
+Off CPU float32 (CUDA, other dtypes) or without the private op, it is always the plain ops.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 KERNELS_ENV = "VAE_KERNELS"
+PATHS = ("torch", "onednn")  # torch: the reference
+CHOICES = ("auto",) + PATHS
+WIN_MARGIN = 1.05  # a custom path must beat plain ops by 5% to be kept: within that, the reference wins
 ACTIVATIONS = ("none", "relu", "tanh")
+_active = {"path": "torch"}  # this process's path; `choose` (or `use`) sets it
+
+
+def requested() -> str:
+    """What $VAE_KERNELS asks for: auto (the default), torch or onednn."""
+    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(CHOICES)} (got {value!r})")
+    return value
+
+
+def use(path: str) -> None:
+    """Make `path` this process's kernel path (onednn only where the op is present)."""
+    _active["path"] = path if path == "torch" or onednn_available() else "torch"
+
+
+def active_path() -> str:
+    return _active["path"]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def choose(step: Callable[[], None], applicable: bool = True, rounds: int = 5,
+           target_seconds: float = 0.02) -> dict[str, Any]:
+    """Pick this process's path by timing `step` (one training step of the run's own model and batch
+    shape, on scratch copies) under each path; returns what was chosen and why, for run.json and the log.
+
+    Rounds alternate the order of the paths so a drifting machine favours neither; each path's rate is
+    the median over rounds. The custom path is kept only when it is `WIN_MARGIN` faster than plain ops.
+    """
+    want = requested()
+    if not applicable or not onednn_available():
+        use("torch")
+        why = "not CPU float32" if not applicable else "oneDNN's linear op is not in this torch"
+        return {"requested": want, "path": "torch", "rates": {}, "reason": why}
+    if want != "auto":
+        use(want)
+        return {"requested": want, "path": active_path(), "rates": {}, "reason": f"{KERNELS_ENV}={want}"}
+    for path in PATHS:  # warm-up: first-call costs (allocations, oneDNN primitive creation)
+        use(path)
+        step()
+    use("torch")
+    t0 = time.perf_counter()
+    step()
+    n = max(1, min(50, int(target_seconds / max(time.perf_counter() - t0, 1e-6))))
+    timings: dict[str, list[float]] = {p: [] for p in PATHS}
+    for r in range(rounds):
+        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            use(path)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            timings[path].append(n / (time.perf_counter() - t0))
+    rates = {p: _median(v) for p, v in timings.items()}
+    path = "onednn" if rates["onednn"] >= WIN_MARGIN * rates["torch"] else "torch"
+    use(path)
+    return {"requested": want, "path": path, "rates": rates,
+            "reason": f"onednn / torch = {rates['onednn'] / rates['torch']:.2f} (kept only at >= {WIN_MARGIN:.2f})"}
+
+
+def describe(choice: dict[str, Any]) -> str:
+    """One line for the log and the tables: 'torch (auto; torch 412 steps/s, onednn 350 steps/s)'."""
+    rates = ", ".join(f"{p} {r:,.0f} steps/s" for p, r in choice.get("rates", {}).items())
+    return f"{choice['path']} ({choice['requested']}; {rates or choice.get('reason', '')})"
 
 
 @functools.lru_cache(maxsize=1)
 def onednn_available() -> bool:
     """oneDNN's fused linear is present and agrees with F.linear on a probe (checked once per process)."""
-    if os.environ.get(KERNELS_ENV, "") == "torch":
-        return False
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -44,7 +116,8 @@ def onednn_available() -> bool:
 
 
 def fast_enabled() -> bool:
-    return os.environ.get(KERNELS_ENV, "") != "torch"
+    """The custom (oneDNN) path is this process's choice."""
+    return _active["path"] == "onednn"
 
 
 def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -89,8 +162,7 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str = "none") -> torch.Tensor:
     """activation(x @ weight.T + bias) for x [..., in], weight [out, in]."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2
-            and onednn_available()):
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and fast_enabled():
         return _Linear.apply(x, weight, bias, activation)
     return _activate(F.linear(x, weight, bias), activation)
 
@@ -182,7 +254,7 @@ class _MLPVAETerms(torch.autograd.Function):
 def fused_ok(x: torch.Tensor, eps: torch.Tensor) -> bool:
     """The fused node applies: CPU float32, oneDNN present, gradients wanted for the weights only."""
     return (x.device.type == "cpu" and x.dtype == eps.dtype == torch.float32 and x.dim() == 2 and eps.dim() == 3
-            and torch.is_grad_enabled() and not (x.requires_grad or eps.requires_grad) and onednn_available())
+            and torch.is_grad_enabled() and not (x.requires_grad or eps.requires_grad) and fast_enabled())
 
 
 def mlp_vae_terms(x: torch.Tensor, eps: torch.Tensor, fc1, fc_mu, fc_logvar, fc3, fc4):
@@ -202,8 +274,6 @@ def tune_allocator() -> bool:
     256 MiB that is free; blocks of 32 MiB and more (the dataset) are still mapped separately.
     Returns whether glibc took the settings (False elsewhere, e.g. musl or macOS).
     """
-    if os.environ.get(KERNELS_ENV, "") == "torch":
-        return False
     try:
         import ctypes
 

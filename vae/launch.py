@@ -90,9 +90,9 @@ def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
 
     speed = row.get("samples_per_second")
     return (f"epoch {int(row['epoch'])}/{total}  train {num(row['train_loss'])}  test {num(row['test_loss'])} "
-            f"(recon {num(row['test_recon'])}, KL {num(row['test_kl'])})  active {int(row['active_units'])}/"
-            f"{latent_dim}  MI {num(row['mutual_info'])}"
-            + (f"  {num(speed, ',.0f')} samples/s" if speed == speed and speed is not None else ""))
+            f"(recon {num(row['test_recon'])}, KL {num(row['test_kl'])})  in use {int(row['units_in_use'])}/"
+            f"{latent_dim} (active {int(row['active_units'])})  MI {num(row['mutual_info'])}"
+            + (f"  {num(speed, ',.0f')} samples/s" if speed is not None and not math.isnan(speed) else ""))
 
 
 class EpochFollower(threading.Thread):
@@ -103,6 +103,7 @@ class EpochFollower(threading.Thread):
         self.cfg, self.emit, self.every = cfg, emit, every
         self.results = Results(run_root(cfg.storage, cfg.name))
         self.seen: set[int] = set()
+        self.shown = False  # the first line printed also says which CPU kernels the run chose
         self.stop_event = threading.Event()
 
     def _rows(self):
@@ -123,8 +124,11 @@ class EpochFollower(threading.Thread):
             return
         for row in df.sort_values("epoch").to_dict("records"):
             if int(row["epoch"]) not in self.seen:
+                first = not self.shown
                 self.seen.add(int(row["epoch"]))
-                self.emit(format_epoch(row, self.cfg.epochs, self.cfg.latent_dim))
+                self.shown = True
+                self.emit(format_epoch(row, self.cfg.epochs, self.cfg.latent_dim)
+                          + (f"  kernels {row['kernels']}" if first and row.get("kernels") else ""))
 
     def run(self) -> None:
         while not self.stop_event.wait(self.every):
@@ -143,8 +147,6 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
 
     import ray
     import torch
-
-    from .results import Results
 
     Results(root).write_json("run.json", {
         "kind": kind, "command": " ".join(["python -m", f"jobs.{kind}", *argv]), "config": config,

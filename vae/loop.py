@@ -18,11 +18,14 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, diagnostics, kernels, losses, snapshots
+import numpy as np
+
+from . import checkpoint, diagnostics, kernels, losses, settle, snapshots, streams
+from .collapse import Thresholds, units_in_use
 from .config import TrainConfig, resolve
 from .data import Data, load, shard_indices
 from .models import VAE, build_model
-from .results import Results, config_row, file_key, run_root
+from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
 
 MI_SUBSET = 2000
 IW_BATCH = 250
@@ -49,13 +52,6 @@ def _unwrap(model: torch.nn.Module) -> VAE:
     return model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
 
 
-def _seeded(seed: int, *salt: int, device: torch.device | str = "cpu") -> torch.Generator:
-    value = seed
-    for s in salt:
-        value = (value * 1_000_003 + s) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(value)
-
-
 def shard_digest(idx: torch.Tensor) -> str:
     """A short fingerprint of the indices a rank trained on in one epoch."""
     return hashlib.sha1(idx.cpu().numpy().tobytes()).hexdigest()[:16]
@@ -74,6 +70,17 @@ def train_loop(config: TrainConfig | Mapping[str, Any], session=None) -> dict[st
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     train_loop(config)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, eps: torch.Tensor,
+               weight: float, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the negative ELBO; returns the batch's (recon NLL [B], KL per dim [B, L])."""
+    recon, kl_dims = model(xb, eps)
+    loss = losses.negative_elbo(recon, kl_dims, weight, free_bits)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return recon, kl_dims
 
 
 class _Trainer:
@@ -96,14 +103,101 @@ class _Trainer:
         self.model = model.to(self.device)
         # fused Adam: one kernel for every parameter (measured: 0.45 ms a step instead of 1.3 ms on 2 CPU cores)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
+        self.scheduler = self._lr_scheduler()
         # Fixed test noise (seed 2): the same eps every epoch, so test losses compare across epochs.
         n_test = len(self.test_x)
         self.test_eps = torch.randn(cfg.num_mc, n_test, cfg.latent_dim,
-                                    generator=_seeded(cfg.seed, 1)).to(self.device)
-        self.mi_eps = torch.randn(min(MI_SUBSET, n_test), cfg.latent_dim, generator=_seeded(cfg.seed, 2))
-        self.snapshot_epochs = snapshots.snapshot_epochs(cfg.epochs)
+                                    generator=streams.test_noise(cfg.seed)).to(self.device)
+        self.mi_eps = torch.randn(min(MI_SUBSET, n_test), cfg.latent_dim, generator=streams.mi_noise(cfg.seed))
+        self.kernels = self._choose_kernels()
+        self.snapshot_epochs = snapshots.snapshot_epochs(cfg.budget)
+        self.thresholds = Thresholds(cfg.active_threshold, cfg.kl_threshold)
+        self.history: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (KL, activity) per unit
+        self.settle_epoch = -1  # the first epoch of the current settled run of epochs
         self.started = time.time()
         self.last_metrics: dict[str, Any] = {}
+
+    def _lr_scheduler(self):
+        """The learning-rate schedule, stepped once per epoch (`cfg.schedule`)."""
+        sched = torch.optim.lr_scheduler
+        if self.cfg.schedule == "cosine":  # to zero at the end of the budget: lowers the optimiser's noise floor
+            return sched.CosineAnnealingLR(self.optimizer, T_max=self.cfg.budget)
+        if self.cfg.schedule == "plateau":  # on the training loss, which every rank knows
+            return sched.ReduceLROnPlateau(self.optimizer, factor=0.5, patience=3, threshold=1e-3)
+        return None
+
+    def _step_schedule(self, train_loss: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(train_loss)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    def _settle(self, epoch: int, kl: np.ndarray, activity: np.ndarray) -> settle.SettleState:
+        """Whether the collapse state has settled after `epoch` (rank 0; from this trial's own history)."""
+        self.history[epoch] = (kl, activity)
+        trained = sorted(e for e in self.history if e >= 1)
+        if not trained:
+            return settle.SettleState(False, int(units_in_use(kl, activity, self.thresholds)), 0, 0, "not trained")
+        state = settle.settle_state(np.stack([self.history[e][0] for e in trained]),
+                                    np.stack([self.history[e][1] for e in trained]), self.thresholds,
+                                    epochs_left=self.cfg.budget - epoch)
+        if not state.settled:
+            self.settle_epoch = -1
+        elif self.settle_epoch < 0:
+            self.settle_epoch = epoch
+        return state
+
+    def _load_history(self, done: int) -> None:
+        """A resumed trial's per-unit history, from its own `kl_per_dim/` rows (rank 0)."""
+        import pyarrow.dataset as ds
+
+        rows = self.results.read("kl_per_dim", ds.field("trial_id") == self.trial_id)
+        for epoch, part in rows[rows.epoch <= done].groupby("epoch"):
+            part = part.sort_values("dim")
+            self.history[int(epoch)] = (part.kl.to_numpy(), part.activity.to_numpy())
+
+    def _write_spectrum(self) -> None:
+        """For the linear VAE with a fixed decoder variance: the training split's covariance spectrum,
+        once per (dataset, subset), for the map's theory column."""
+        cfg = self.cfg
+        if cfg.model != "linear" or cfg.fixed_decoder_var is None:
+            return
+        key = f"{cfg.dataset}-{cfg.subset}.parquet"
+        import pyarrow.dataset as ds
+
+        if not self.results.read("spectrum", (ds.field("dataset") == cfg.dataset)
+                                 & (ds.field("subset") == cfg.subset)).empty:
+            return
+        eig = diagnostics.covariance_spectrum(self.data.train.x)
+        self.results.write("spectrum", [{"dataset": cfg.dataset, "subset": cfg.subset, "index": i,
+                                         "eigenvalue": float(v)} for i, v in enumerate(eig)], key)
+
+    def _choose_kernels(self) -> dict[str, Any]:
+        """Time this model's training step under each CPU kernel path (on scratch copies) and keep the
+        fastest (`vae.kernels.choose`); rank 0 records the choice in run.json."""
+        import copy
+
+        cfg = self.cfg
+        if self.device.type != "cpu" or self.train_x.dtype != torch.float32:
+            choice = kernels.choose(lambda: None, applicable=False)
+            return {**choice, "summary": kernels.describe(choice)}
+        scratch = copy.deepcopy(self.model)
+        opt = torch.optim.Adam(scratch.parameters(), lr=cfg.lr, fused=True)
+        batch = max(1, cfg.batch_size // self.world)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        xb = self.train_x[torch.randint(len(self.train_x), (batch,), generator=gen, device=self.device)]
+        eps = torch.randn(cfg.num_mc, batch, cfg.latent_dim, generator=gen, device=self.device)
+
+        def step() -> None:
+            train_step(scratch, opt, xb, eps, cfg.beta, cfg.free_bits)
+
+        choice = kernels.choose(step)
+        choice["summary"] = kernels.describe(choice)
+        if self.rank == 0 and cfg.run_id == cfg.name:  # a run of its own (a sweep's trials log it per epoch)
+            info = self.results.read_json("run.json")
+            if info is not None:
+                self.results.write_json("run.json", {**info, "kernels": choice})
+        return choice
 
     # ------------------------------------------------------------- checkpoints
     def _restore(self) -> int:
@@ -114,6 +208,9 @@ class _Trainer:
             state = checkpoint.load(folder, self.trial_id)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state["extra"]:
+            self.scheduler.load_state_dict(state["extra"]["scheduler"])
+        self.settle_epoch = int(state["extra"].get("settle_epoch", -1))
         self.started -= float(state["extra"].get("wall_seconds", 0.0))
         self.last_metrics = dict(state["extra"].get("metrics", {}))
         return int(state["epoch"])
@@ -125,7 +222,9 @@ class _Trainer:
         with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as folder:
             checkpoint.save(folder, model_state=_unwrap(self.model).state_dict(),
                             optimizer_state=self.optimizer.state_dict(), epoch=epoch, trial_id=self.trial_id,
-                            extra={"wall_seconds": time.time() - self.started, "metrics": metrics})
+                            extra={"wall_seconds": time.time() - self.started, "metrics": metrics,
+                                   "settle_epoch": self.settle_epoch,
+                                   **({"scheduler": self.scheduler.state_dict()} if self.scheduler else {})})
             self.session.report(metrics, folder)
 
     # ------------------------------------------------------------- the loop
@@ -134,14 +233,18 @@ class _Trainer:
         done = self._restore()
         self.model = self.session.prepare(self.model)
         metrics: dict[str, Any] = {}
-        if done >= cfg.epochs:  # finished before a restart: say so again, so Tune and Train see the result
-            metrics = self.last_metrics if self.rank == 0 else {"epoch": done}
+        settled_before = cfg.until_settled and done >= cfg.epochs and bool(self.last_metrics.get("settled"))
+        if done >= cfg.budget or settled_before:  # finished before a restart: say so again, so Tune and
+            metrics = self.last_metrics if self.rank == 0 else {"epoch": done}  # Train see the result
             self.session.report(metrics, None)
             return metrics
+        if self.rank == 0:
+            self._write_spectrum()
+            self._load_history(done)
         if done == 0 and self.rank == 0:
             self._write_trial("running", "", 0, {})
             metrics = self._evaluate_and_write(0, train=None, seconds=0.0)
-        for epoch in range(done + 1, cfg.epochs + 1):
+        for epoch in range(done + 1, cfg.budget + 1):
             t0 = time.perf_counter()
             train = self._train_epoch(epoch)
             seconds = time.perf_counter() - t0
@@ -149,17 +252,31 @@ class _Trainer:
                 reason = f"train loss became {train['loss']} in epoch {epoch}"
                 if self.rank == 0:
                     self._write_epoch_row(epoch, train, None, seconds)
-                    self._write_trial("diverged", reason, epoch, {"train_loss": train["loss"]})
+                    self._write_trial("diverged", reason, epoch, {"train_loss": train["loss"],
+                                                                  "end_reason": f"diverged in epoch {epoch}"})
                 metrics = {"epoch": epoch, "status": "diverged", "error": reason, "train_loss": float("nan"),
-                           "test_loss": float("nan"), "active_units": 0}
+                           "test_loss": float("nan"), "active_units": 0, "units_in_use": 0}
                 self.session.report(metrics, None)
                 return metrics
             metrics = self._evaluate_and_write(epoch, train, seconds) if self.rank == 0 else {"epoch": epoch}
-            metrics.update(rank=self.rank, shard_digest=train["shard_digest"], param_checksum=self._param_checksum())
-            if epoch == cfg.epochs and self.rank == 0:
+            self._step_schedule(train["loss"])
+            final = self._agree(bool(metrics.get("final", False)))
+            metrics.update(rank=self.rank, shard_digest=train["shard_digest"], param_checksum=self._param_checksum(),
+                           final=final)
+            if final and self.rank == 0:
                 self._finish(metrics)
             self._report(epoch, metrics)
+            if final:
+                break
         return metrics
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision, on every rank (whether training stops after this epoch)."""
+        if self.world > 1 and dist.is_initialized():
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.broadcast(t, src=0)
+            return bool(t.item())
+        return flag
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, model, opt = self.cfg, self.model, self.optimizer
@@ -167,7 +284,7 @@ class _Trainer:
         idx = shard_indices(len(self.train_x), self.rank, self.world, epoch, cfg.seed).to(self.device)
         batch = cfg.batch_size // self.world
         steps = -(-len(idx) // batch)
-        gen = _seeded(cfg.seed, 3, epoch, self.rank, device=self.device)  # per epoch: resume replays exactly
+        gen = streams.train_noise(cfg.seed, epoch, self.rank, self.device)  # per epoch: resume replays exactly
         recon_sum = torch.zeros((), device=self.device)
         kl_sum = torch.zeros((), device=self.device)
         fault_at = _fault_step(epoch, steps, self.rank)
@@ -177,11 +294,7 @@ class _Trainer:
             xb = torch.index_select(self.train_x, 0, idx[step * batch:(step + 1) * batch])  # 3x x[idx]
             eps = torch.randn(cfg.num_mc, len(xb), cfg.latent_dim, generator=gen, device=self.device)
             weight = losses.kl_weight(cfg.beta, epoch - 1 + step / steps, cfg.kl_warmup_epochs)
-            recon, kl_dims = model(xb, eps)
-            loss = losses.negative_elbo(recon, kl_dims, weight, cfg.free_bits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            recon, kl_dims = train_step(model, opt, xb, eps, weight, cfg.free_bits)
             recon_sum += recon.detach().sum()  # stays on the device: one host sync per epoch
             kl_sum += kl_dims.detach().sum()
         sums = torch.stack([recon_sum, kl_sum, torch.tensor(float(len(idx)), device=self.device)])
@@ -190,6 +303,7 @@ class _Trainer:
         recon_mean, kl_mean, n = sums.tolist()
         return {"loss": (recon_mean + kl_mean) / n, "recon": recon_mean / n, "kl": kl_mean / n,
                 "kl_weight": losses.kl_weight(cfg.beta, epoch, cfg.kl_warmup_epochs), "samples": n,
+                "lr": float(opt.param_groups[0]["lr"]),
                 "shard_digest": shard_digest(idx)}
 
     def _param_checksum(self) -> float:
@@ -206,33 +320,36 @@ class _Trainer:
         mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
         mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps))
         activity = diagnostics.unit_activity(ev.mu)
-        active = int((activity > cfg.active_threshold).sum())
-        row = self._write_epoch_row(epoch, train, ev, seconds, active=active, mi=mi)
-        self.results.write("kl_per_dim", [
-            {"trial_id": self.trial_id, "epoch": epoch, "dim": j, "kl": float(ev.kl_per_dim[j]),
-             "activity": float(activity[j])} for j in range(cfg.latent_dim)], file_key(self.trial_id, epoch))
-        if epoch in self.snapshot_epochs:
+        active = diagnostics.active_units(activity, cfg.active_threshold)
+        used = units_in_use(ev.kl_per_dim, activity, self.thresholds)
+        state = self._settle(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float))
+        final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
+        row = self._write_epoch_row(epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
+        self.results.write("kl_per_dim", kl_rows(self.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist()),
+                           file_key(self.trial_id, epoch))
+        if epoch in self.snapshot_epochs or final:
             self.results.write("images", snapshots.image_rows(model, self.data, self.trial_id, epoch, cfg.seed),
                                file_key(self.trial_id, epoch))
             self.results.write("latents", snapshots.latent_rows(ev.mu, self.data.test.y, self.trial_id, epoch),
                                file_key(self.trial_id))
-        status = "finished" if epoch == cfg.epochs else "running"
-        return {"status": status, "kl_per_dim": ev.kl_per_dim.tolist(), "activity": activity.tolist(),
+        status = "finished" if final else "running"
+        end = ("" if not final else f"settled at epoch {self.settle_epoch}" if state.settled and cfg.until_settled
+               else f"epoch budget ({cfg.budget}) reached" + ("" if state.settled else f", not settled: {state.reason}"))
+        return {"status": status, "final": final, "settled": state.settled, "settle_epoch": self.settle_epoch,
+                "units_undecided": state.undecided, "end_reason": end,
+                "kl_per_dim": ev.kl_per_dim.tolist(), "activity": activity.tolist(),
                 **{k: row[k] for k in ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
-                                    "test_kl", "active_units", "mutual_info", "samples_per_second")}}
+                                    "test_kl", "active_units", "units_in_use", "mutual_info", "samples_per_second")}}
 
-    def _write_epoch_row(self, epoch, train, ev, seconds, active=0, mi=float("nan")) -> dict[str, Any]:
+    def _write_epoch_row(self, epoch, train, ev, seconds, active=0, used=0, mi=float("nan"),
+                         state: settle.SettleState | None = None) -> dict[str, Any]:
         cfg = self.cfg
-        nan = float("nan")
-        train = train or {}
-        row = {"trial_id": self.trial_id, "epoch": epoch, **config_row(cfg),
-               "kl_weight": train.get("kl_weight", losses.kl_weight(cfg.beta, 0, cfg.kl_warmup_epochs)),
-               "train_loss": train.get("loss", nan), "train_recon": train.get("recon", nan),
-               "train_kl": train.get("kl", nan),
-               "test_loss": ev.loss if ev else nan, "test_recon": ev.recon if ev else nan,
-               "test_kl": ev.kl if ev else nan, "active_units": active, "mutual_info": mi,
-               "epoch_seconds": seconds,
-               "samples_per_second": train["samples"] / seconds if train and seconds > 0 else nan}
+        weight = train["kl_weight"] if train else losses.kl_weight(cfg.beta, 0, cfg.kl_warmup_epochs)
+        test = {"loss": ev.loss, "recon": ev.recon, "kl": ev.kl} if ev else None
+        lr_now = train["lr"] if train else cfg.lr
+        row = epoch_row(cfg, self.trial_id, epoch, weight, train, test, active, used, mi, seconds,
+                        self.kernels["summary"], lr_now, state.undecided if state else 0,
+                        bool(state and state.settled))
         self.results.write("epochs", [row], file_key(self.trial_id, epoch))
         return row
 
@@ -242,18 +359,13 @@ class _Trainer:
         if cfg.iw_samples:
             model = _unwrap(self.model)
             x = self.test_x[:cfg.iw_subset]
-            gen = _seeded(cfg.seed, 4)
+            gen = streams.iw_noise(cfg.seed)
             parts = [diagnostics.iw_nll(model, x[s:s + IW_BATCH], cfg.iw_samples, gen) * len(x[s:s + IW_BATCH])
                      for s in range(0, len(x), IW_BATCH)]
             iw = sum(parts) / len(x)
         last["iw_nll"] = iw
-        self._write_trial("finished", "", cfg.epochs, {**last, "iw_nll": iw})
+        self._write_trial("finished", "", int(last["epoch"]), {**last, "iw_nll": iw})
 
     def _write_trial(self, status: str, error: str, epochs_done: int, final: dict[str, Any]) -> None:
-        nan = float("nan")
-        row = {"trial_id": self.trial_id, **config_row(self.cfg), "status": status, "error": error,
-               "epochs_done": epochs_done, "wall_seconds": time.time() - self.started}
-        for k in ("train_loss", "test_loss", "test_recon", "test_kl", "mutual_info", "iw_nll"):
-            row[k] = float(final.get(k, nan))
-        row["active_units"] = int(final.get("active_units", 0))
+        row = trial_row(self.cfg, self.trial_id, status, error, epochs_done, final, time.time() - self.started)
         self.results.write("trials", [row], file_key(self.trial_id))

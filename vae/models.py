@@ -8,6 +8,7 @@ the per-example terms of the ELBO so that DDP sees one forward call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -187,5 +188,5 @@ def build_model(name: str, input_dim: int, latent_dim: int, hidden_dim: int,
     cls, cfg_cls = REGISTRY[name]
     offered = {"input_dim": input_dim, "latent_dim": latent_dim, "hidden_dim": hidden_dim,
                "decoder_var": decoder_var}
-    fields = cfg_cls.__dataclass_fields__
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
     return cls(cfg_cls(**{k: v for k, v in offered.items() if k in fields}))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .config import KL_THRESHOLD  # noqa: E402
 from .data import GAUSSIAN_COV, GAUSSIAN_MEAN  # noqa: E402
 
 DPI = 100
@@ -62,7 +64,7 @@ def kl_heatmap(kl_per_dim: pd.DataFrame, path: str) -> str | None:
         return _save(fig, path)
 
 
-def kl_bars(kl_per_dim: pd.DataFrame, path: str, kl_threshold: float = 0.01) -> str | None:
+def kl_bars(kl_per_dim: pd.DataFrame, path: str, kl_threshold: float = KL_THRESHOLD) -> str | None:
     """Final KL per dimension, sorted, with the collapse threshold."""
     if kl_per_dim.empty:
         return None
@@ -80,18 +82,20 @@ def kl_bars(kl_per_dim: pd.DataFrame, path: str, kl_threshold: float = 0.01) -> 
 
 
 def activity_curves(epochs: pd.DataFrame, path: str) -> str | None:
-    """Active units and mutual information I(x; z) over epochs."""
+    """Active units, units in use and mutual information I(x; z) over epochs."""
     if epochs.empty:
         return None
     e = epochs.sort_values("epoch")
     with plt.rc_context(STYLE):
         fig, ax = _subplots(figsize=(7, 3.4))
-        ax.plot(e.epoch, e.active_units, "o-", color="tab:blue", ms=3)
-        ax.set(xlabel="epoch", ylabel="active units", ylim=(-0.5, e.latent_dim.max() + 0.5))
+        ax.plot(e.epoch, e.active_units, "o-", color="tab:blue", ms=3, label="active")
+        ax.plot(e.epoch, e.units_in_use, "^-", color="tab:green", ms=3, label="in use")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.set(xlabel="epoch", ylabel="latent units", ylim=(-0.5, e.latent_dim.max() + 0.5))
         ax2 = ax.twinx()
         ax2.plot(e.epoch, e.mutual_info, "s--", color="tab:orange", ms=3)
         ax2.set_ylabel("mutual information (nats)", color="tab:orange")
-        ax.set_title("active units (blue) and I(x; z) (orange)")
+        ax.set_title("active units (blue), units in use (green) and I(x; z) (orange)")
         return _save(fig, path)
 
 
@@ -230,7 +234,7 @@ def toy_progress(images: pd.DataFrame, path: str) -> str | None:
 
 
 def collapse_heatmaps(table: pd.DataFrame, path: str) -> str | None:
-    """For each learning rate: active fraction over latent size x beta, critical beta on top, diverged marked."""
+    """For each learning rate: fraction of units in use over latent size x beta, critical beta on top, diverged marked."""
     if table.empty:
         return None
     lrs = sorted(table.lr.unique())
@@ -238,12 +242,22 @@ def collapse_heatmaps(table: pd.DataFrame, path: str) -> str | None:
         fig, axes = _subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False)
         for ax, lr in zip(axes[0], lrs):
             t = table[table.lr == lr]
-            grid = t.pivot_table(index="latent_dim", columns="beta", values="active_fraction", aggfunc="mean")
+            grid = t.pivot_table(index="latent_dim", columns="beta", values="fraction_in_use", aggfunc="mean")
             betas, dims = list(grid.columns), list(grid.index)
             im = ax.imshow(grid.values, origin="lower", aspect="auto", cmap="RdYlGn", vmin=0, vmax=1)
             ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], rotation=45)
             ax.set_yticks(range(len(dims)), [str(d) for d in dims])
-            ax.set(xlabel="beta (KL weight)", ylabel="latent size", title=f"active fraction, lr {lr:g}")
+            ax.set(xlabel="beta (KL weight)", ylabel="latent size", title=f"fraction in use, lr {lr:g}")
+            unsettled = t.groupby(["latent_dim", "beta"]).frac_settled.mean()
+            for (z, b), f in unsettled.items():  # hatched: some trial of the cell had not settled
+                if f < 1:
+                    ax.add_patch(matplotlib.patches.Rectangle((betas.index(b) - 0.5, dims.index(z) - 0.5), 1, 1,
+                                                              fill=False, hatch="//", lw=0, color="0.3"))
+            if "theory_units" in t and t.theory_units.notna().any():
+                theory = t.groupby(["latent_dim", "beta"]).theory_units.first()
+                for (z, b), u in theory.items():
+                    ax.text(betas.index(b), dims.index(z) - 0.3, f"theory {u:g}", ha="center", va="center",
+                            fontsize=7)
             div = t.groupby(["latent_dim", "beta"]).frac_diverged.mean()
             for (z, b), f in div.items():
                 if f > 0:
@@ -251,13 +265,13 @@ def collapse_heatmaps(table: pd.DataFrame, path: str) -> str | None:
             crit = t.groupby("latent_dim").critical_beta.first()
             ys, xs = [], []
             for z, c in crit.items():
-                if c == c and len(betas) > 1:
+                if not math.isnan(c) and len(betas) > 1:
                     xs.append(np.interp(math.log(c), np.log(betas), np.arange(len(betas))))
                     ys.append(dims.index(z))
             if xs:
                 ax.plot(xs, ys, "k-o", lw=2, ms=4, label="critical beta")
                 ax.legend(loc="upper right", fontsize=8)
-        fig.colorbar(im, ax=axes[0].tolist(), label="active units / latent size")
+        fig.colorbar(im, ax=axes[0].tolist(), label="units in use / latent size")
         return _save(fig, path)
 
 
@@ -281,7 +295,7 @@ def rate_distortion(final: pd.DataFrame, path: str) -> str | None:
 
 
 def brackets(table: pd.DataFrame, path: str) -> str | None:
-    """Each cell's tried betas and their active fractions, with the final critical-beta bracket shaded."""
+    """Each cell's tried betas and their fractions of units in use, with the final critical-beta bracket shaded."""
     if table.empty:
         return None
     cells = list(table.groupby(["latent_dim", "lr"]))
@@ -294,17 +308,17 @@ def brackets(table: pd.DataFrame, path: str) -> str | None:
         for ax, ((z, lr), cell) in zip(axes.flat, cells):
             cell = cell.sort_values("beta")
             ok = cell[cell.frac_diverged < 1]
-            ax.plot(ok.beta, ok.active_fraction, "o-", ms=4)
+            ax.plot(ok.beta, ok.fraction_in_use, "o-", ms=4)
             bad = cell[cell.frac_diverged >= 1]
             ax.plot(bad.beta, [0.5] * len(bad), "kx", ms=8, label="diverged" if len(bad) else None)
             lo, hi = cell.critical_beta_lower.iloc[0], cell.critical_beta_upper.iloc[0]
-            if lo == lo and hi == hi:
+            if not (math.isnan(lo) or math.isnan(hi)):
                 ax.axvspan(lo, hi, color="tab:red", alpha=0.25, label=f"bracket {lo:.3g}-{hi:.3g}")
             ax.axhline(0.5, color="k", lw=0.8, ls="--")
             title = f"latent {z}, lr {lr:g}: {len(cell)} betas"
             if not bool(cell.monotone.iloc[0]):
                 title += " (not monotone)"
-            ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="beta", ylabel="active fraction", title=title)
+            ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="beta", ylabel="fraction in use", title=title)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         return _save(fig, path)

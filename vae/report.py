@@ -17,7 +17,9 @@ from typing import Callable
 import pandas as pd
 
 from . import plots
-from .results import Results, SAFE_KEY
+from .axes import CELL_AXES
+from .collapse import Thresholds, collapse_map, final_rows, recorded_thresholds, theory_agreement
+from .results import SAFE_KEY, Results
 
 AUTO_TRIAL_PAGES = 24  # trial pages drawn with the index; others with --trial
 
@@ -92,9 +94,10 @@ SCALAR_FIGURES = [
     ("kl-heatmap", "kl_per_dim", plots.kl_heatmap, "KL per latent dimension over epochs",
      "KL near zero in a dimension means the decoder ignores it; dark rows are collapsed units."),
     ("kl-bars", "kl_per_dim", plots.kl_bars, "Final KL per dimension",
-     "Sorted; red bars fall under the threshold and carry no information about x."),
-    ("activity", "epochs", plots.activity_curves, "Active units and mutual information",
-     "Units whose mean varies with x (Var > 0.01) and I(x; z); both at zero is full collapse."),
+     "Sorted; red bars fall under the KL threshold ({kl:g} nats) and carry no information about x."),
+    ("activity", "epochs", plots.activity_curves, "Active units, units in use and mutual information",
+     "Active: units whose mean varies with x (Var > {active:g}); in use: active and with test KL of at least "
+     "{kl:g} nats; and I(x; z). All at zero is full collapse."),
 ]
 IMAGE_FIGURES = [
     ("recon", "images", plots.reconstructions, "Reconstructions",
@@ -118,7 +121,7 @@ TOY_FIGURES = [
 ]
 
 
-def trial_figures(res: Results, trial_id: str, out: str, tsne: bool = True) -> list[Figure]:
+def trial_figures(res: Results, trial_id: str, out: str, thresholds: Thresholds, tsne: bool = True) -> list[Figure]:
     import pyarrow.dataset as ds
 
     only = ds.field("trial_id") == trial_id
@@ -129,17 +132,21 @@ def trial_figures(res: Results, trial_id: str, out: str, tsne: bool = True) -> l
     for suffix, table, fn, title, caption in SCALAR_FIGURES + (TOY_FIGURES if toy else IMAGE_FIGURES):
         if fn is plots.latent_space:
             fn = functools.partial(plots.latent_space, tsne=tsne)
+        if fn is plots.kl_bars:
+            fn = functools.partial(plots.kl_bars, kl_threshold=thresholds.kl)
+        caption = caption.format(active=thresholds.active, kl=thresholds.kl)
         figs.append(_draw(out, f"{key}-{suffix}.png", fn, tables[table], title=title, caption=caption))
     return figs
 
 
-def trial_page(res: Results, trial: pd.Series, out: str, tsne: bool = True) -> tuple[str, list[Figure]]:
+def trial_page(res: Results, trial: pd.Series, out: str, thresholds: Thresholds,
+               tsne: bool = True) -> tuple[str, list[Figure]]:
     """Write `trial-<id>.html`; returns its file name and its figures."""
     tid = str(trial.trial_id)
     page = Page(f"Trial {tid}")
     page.sections.append('<p><a href="index.html">back to the report</a></p>')
     page.sections.append(table_html(trial.to_frame().T))
-    figs = trial_figures(res, tid, out, tsne)
+    figs = trial_figures(res, tid, out, thresholds, tsne)
     page.sections += [figure_html(fig) for fig in figs]
     name = f"trial-{SAFE_KEY.sub('_', tid)}.html"
     with open(os.path.join(out, name), "w", encoding="utf-8") as fh:
@@ -147,11 +154,17 @@ def trial_page(res: Results, trial: pd.Series, out: str, tsne: bool = True) -> t
     return name, figs
 
 
-def build_report(root: str, out: str | None = None, trial_id: str | None = None) -> str:
-    """Write the report for `root` (a run or a sweep); returns the page written."""
-    from tune import collapse
+def build_report(root: str, out: str | None = None, trial_id: str | None = None,
+                 thresholds: Thresholds | None = None) -> str:
+    """Write the report for `root` (a run or a sweep); returns the page written.
 
+    Units in use are counted with the thresholds the run recorded, unless `thresholds` overrides them
+    (the page then says so).
+    """
     res = Results(root)
+    recorded = recorded_thresholds(res)
+    overridden = thresholds is not None and thresholds != recorded
+    thresholds = thresholds or recorded
     if not out:  # beside the tables when they are local; in the current folder when they are in a bucket
         out = os.path.join(root, "report") if "://" not in root else os.path.basename(root.rstrip("/")) + "-report"
     os.makedirs(out, exist_ok=True)
@@ -160,44 +173,65 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None)
         match = trials[trials.trial_id == trial_id]
         if match.empty:
             raise KeyError(trial_id)
-        return os.path.join(out, trial_page(res, match.iloc[0], out, tsne=True)[0])
+        return os.path.join(out, trial_page(res, match.iloc[0], out, thresholds, tsne=True)[0])
 
     info = res.read_json("run.json") or {}
     page = Page(f"VAE collapse report: {os.path.basename(root.rstrip('/'))}")
     page.sections.append(
         f"<p>Results folder <code>{html.escape(root)}</code>; report drawn "
-        f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}. {len(trials)} trial(s), {len(epochs)} epoch rows.</p>")
+        f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}. {len(trials)} trial(s), {len(epochs)} epoch rows. A unit is "
+        f"<i>in use</i> when its activity Var_x E_q[z_j] exceeds {thresholds.active:g} and its test KL is at least "
+        f"{thresholds.kl:g} nats ("
+        + ("<b>thresholds overridden</b>; the run recorded "
+           f"{recorded.active:g} and {recorded.kl:g}" if overridden else "the run's own thresholds") + ").</p>")
     if info:
         page.sections.append("<h2>What was run</h2><pre>" + html.escape(info.get("command", "")) + "</pre>")
         page.sections.append(table_html(pd.DataFrame([{k: str(v) for k, v in info.get("config", {}).items()}])))
         page.sections.append("<p>Started " + html.escape(str(info.get("started", "?"))) + "; software: "
                              + html.escape(", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()))
                              + "</p>")
-    final = collapse.final_rows(trials, epochs, dims) if not epochs.empty else pd.DataFrame()
+    final = final_rows(trials, epochs, dims, thresholds) if not epochs.empty else pd.DataFrame()
     pages: dict[str, str] = {}
     figures: list[Figure] = []
     ranked = trials.sort_values("test_loss") if not trials.empty else trials
     for _, trial in ranked.head(AUTO_TRIAL_PAGES).iterrows():
-        pages[str(trial.trial_id)], figures = trial_page(res, trial, out, tsne=len(trials) == 1)
+        pages[str(trial.trial_id)], figures = trial_page(res, trial, out, thresholds, tsne=len(trials) == 1)
 
     if len(trials) > 1:
         table = res.read("collapse_map")
-        if table.empty and not final.empty:
-            table = collapse.collapse_map(trials, epochs, dims)
+        stale = not table.empty and not ((table.active_threshold == thresholds.active)
+                                         & (table.kl_threshold == thresholds.kl)).all()
+        if (table.empty or stale) and not final.empty:  # drawn with other thresholds (or never): recompute
+            table = collapse_map(trials, epochs, dims, thresholds, res.read("spectrum"))
         page.sections.append("<h2>The collapse map</h2>")
+        if not table.empty:
+            unsettled = int((table.frac_settled < 1).sum())
+            budget = ("trained until settled" if bool(info.get("config", {}).get("until_settled")) else
+                      f"a fixed budget of {info.get('config', {}).get('epochs', '?')} epochs")
+            words = (f"<p>The map used {html.escape(budget)}. {len(table) - unsettled} of {len(table)} cells had "
+                     f"settled (every trial's units clearly in use or unused, the count steady); "
+                     f"<b>{unsettled} unsettled</b> (hatched in the figure: their counts may still change).")
+            agree = theory_agreement(table)
+            if agree["cells"]:
+                words += (f" Against the linear VAE's theory (units with a data-covariance eigenvalue above beta "
+                          f"times the decoder variance): {agree['match']} cells match, {agree['off']} are off, "
+                          f"{agree['too_close']} lie too close to an eigenvalue to judge.")
+            page.sections.append(words + "</p>")
         page.sections.append(figure_html(_draw(
             out, "collapse-map.png", plots.collapse_heatmaps, table, title="Collapse map",
-            caption="Share of latent units in use for each latent size and beta (green: all, red: none); the black "
+            caption="Hatched cells had not settled. Share of latent units in use for each latent size and beta (green: all, red: none); the black "
                     "line is the critical beta where half the units are gone; x marks diverged cells.")))
         page.sections.append(figure_html(_draw(
             out, "brackets.png", plots.brackets, table, title="Where the boundary lies",
-            caption="Each cell's betas tried (a boundary search places them adaptively) and their active fractions; "
+            caption="Each cell's betas tried (a boundary search places them adaptively) and their fractions of units "
+                    "in use; "
                     "the shaded band is the bracket around the critical beta, where half the units are gone.")))
         page.sections.append(figure_html(_draw(
             out, "rate-distortion.png", plots.rate_distortion, final, title="Rate and distortion",
             caption="Each trial's test KL (rate) against reconstruction (distortion); collapsed trials (x) sit at "
                     "zero rate with the worst reconstructions.")))
-        show = ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "test_loss", "iw_nll", "active_units"]
+        show = ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "test_loss", "iw_nll", "units_in_use",
+                "active_units"]
         if not final.empty:
             page.sections.append("<h2>Best trials by test loss</h2>"
                                  + table_html(final.sort_values("test_loss")[show].head(10), pages))
@@ -206,15 +240,21 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None)
         if not table.empty:
             bad = table[table.status.isin(["collapsed", "diverged"])]
             page.sections.append("<h2>Collapsed and diverged cells</h2>" + table_html(
-                bad[["latent_dim", "lr", "beta", "n_trials", "active_fraction", "total_kl", "status"]]))
-            crit = table.groupby(collapse.CELL_AXES, dropna=False).first().reset_index()
+                bad[["latent_dim", "lr", "beta", "n_trials", "fraction_in_use", "total_kl", "status", "frac_settled"]]))
+            if table.theory_units.notna().any():
+                page.sections.append("<h2>Measured against theory (linear VAE)</h2>" + table_html(
+                    table[table.theory_units.notna()][["latent_dim", "lr", "beta", "units_in_use_min",
+                                                       "units_in_use_max", "theory_units", "theory_close",
+                                                       "frac_settled"]]))
+            crit = table.groupby(CELL_AXES, dropna=False).first().reset_index()
             page.sections.append("<h2>Critical beta per (latent size, learning rate)</h2>" + table_html(
                 crit[["latent_dim", "lr", "critical_beta", "critical_beta_lower", "critical_beta_upper",
                       "monotone"]]))
     elif len(trials) == 1:  # a single training run: its figures on the index too
         page.sections += [figure_html(fig) for fig in figures]
     show_all = [c for c in ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "error", "epochs_done",
-                            "test_loss", "iw_nll", "active_units"] if c in trials.columns]
+                            "test_loss", "iw_nll", "units_in_use", "active_units", "settled", "end_reason"]
+                if c in trials.columns]
     page.sections.append("<h2>All trials</h2>" + table_html(trials[show_all], pages))
     if len(trials) > len(pages):
         page.sections.append(f"<p>Pages were drawn for the {len(pages)} best trials; draw any other with "

@@ -20,23 +20,34 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .axes import AXES
+
 # The run settings that become columns of `epochs/` and `trials/` (the science, not the plumbing).
 CONFIG_FIELDS = [
     ("dataset", pa.string()), ("model", pa.string()), ("latent_dim", pa.int64()),
     ("hidden_dim", pa.int64()), ("decoder_var", pa.string()), ("beta", pa.float64()),
     ("kl_warmup_epochs", pa.float64()), ("free_bits", pa.float64()), ("num_mc", pa.int64()),
-    ("epochs", pa.int64()), ("batch_size", pa.int64()), ("lr", pa.float64()),
+    ("epochs", pa.int64()), ("until_settled", pa.bool_()), ("max_epochs", pa.int64()),
+    ("batch_size", pa.int64()), ("lr", pa.float64()), ("lr_schedule", pa.string()),
     ("seed", pa.int64()), ("subset", pa.int64()), ("num_workers", pa.int64()),
+    ("active_threshold", pa.float64()), ("kl_threshold", pa.float64()),
 ]
 CONFIG_COLUMNS = [name for name, _ in CONFIG_FIELDS]
 KEY = [("trial_id", pa.string())]
+# active_units: Var_x E_q[z_j] > active_threshold; units_in_use: active and test KL >= kl_threshold
+# (vae.collapse): each written where it is computed, under its own name.
+UNIT_FIELDS = [("active_units", pa.int64()), ("units_in_use", pa.int64())]
+TEST_FIELDS = [("test_loss", pa.float64()), ("test_recon", pa.float64()), ("test_kl", pa.float64())]
 
 METRIC_FIELDS = [
     ("kl_weight", pa.float64()), ("train_loss", pa.float64()), ("train_recon", pa.float64()),
-    ("train_kl", pa.float64()), ("test_loss", pa.float64()), ("test_recon", pa.float64()),
-    ("test_kl", pa.float64()), ("active_units", pa.int64()), ("mutual_info", pa.float64()),
+    ("train_kl", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
     ("epoch_seconds", pa.float64()), ("samples_per_second", pa.float64()),
+    ("kernels", pa.string()),  # the CPU kernel path this process chose, and the rates it measured
+    ("lr_now", pa.float64()),  # the learning rate the epoch trained at (its schedule's)
+    ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/settle.py, after this epoch
 ]
+_ARROW = {int: pa.int64(), float: pa.float64()}
 
 SCHEMAS: dict[str, pa.Schema] = {
     # one row per (trial_id, epoch); epoch 0 is the test before the first step
@@ -46,11 +57,13 @@ SCHEMAS: dict[str, pa.Schema] = {
                                    ("kl", pa.float64()), ("activity", pa.float64())]),
     # one row per trial: its config, where it stopped, and its final metrics
     "trials": pa.schema(KEY + CONFIG_FIELDS + [
-        ("status", pa.string()),  # running | finished | diverged | failed
+        ("status", pa.string()),  # running | finished | diverged | failed | stopped
         ("error", pa.string()), ("epochs_done", pa.int64()),
-        ("train_loss", pa.float64()), ("test_loss", pa.float64()), ("test_recon", pa.float64()),
-        ("test_kl", pa.float64()), ("active_units", pa.int64()), ("mutual_info", pa.float64()),
+        ("train_loss", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
         ("iw_nll", pa.float64()), ("wall_seconds", pa.float64()),
+        # vae/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
+        ("settled", pa.bool_()), ("settle_epoch", pa.int64()), ("units_undecided", pa.int64()),
+        ("end_reason", pa.string()),  # why training stopped: budget, settled at epoch N, diverged, ...
     ]),
     # test-set encoder means (latest epoch) with labels, for latent-space plots
     "latents": pa.schema(KEY + [("epoch", pa.int64()), ("index", pa.int64()), ("label", pa.int64()),
@@ -60,19 +73,28 @@ SCHEMAS: dict[str, pa.Schema] = {
                                ("kind", pa.string()),  # see IMAGE_KINDS
                                ("index", pa.int64()), ("pair", pa.int64()),  # pair: interpolation path, else -1
                                ("values", pa.list_(pa.float32()))]),
-    # one row per (latent_dim, lr, beta) cell of a sweep (other swept axes split cells too), over repeats
-    "collapse_map": pa.schema([
-        ("latent_dim", pa.int64()), ("lr", pa.float64()), ("hidden_dim", pa.int64()),
-        ("kl_warmup_epochs", pa.float64()), ("free_bits", pa.float64()), ("beta", pa.float64()),
-        ("n_trials", pa.int64()), ("active_units_mean", pa.float64()), ("active_units_min", pa.float64()),
-        ("active_units_max", pa.float64()), ("active_fraction", pa.float64()), ("total_kl", pa.float64()),
+    # one row per cell of a sweep (the cell axes of vae.axes, then beta), over repeats
+    "collapse_map": pa.schema([(a.key, _ARROW[a.kind]) for a in AXES if a.cell] + [
+        ("beta", pa.float64()),
+        ("n_trials", pa.int64()), ("units_in_use_mean", pa.float64()), ("units_in_use_min", pa.float64()),
+        ("units_in_use_max", pa.float64()), ("fraction_in_use", pa.float64()), ("total_kl", pa.float64()),
         ("mutual_info", pa.float64()), ("test_loss", pa.float64()), ("iw_nll", pa.float64()),
         ("frac_collapsed", pa.float64()), ("frac_partial", pa.float64()), ("frac_diverged", pa.float64()),
         ("status", pa.string()),  # the cell's majority class
-        # per (latent_dim, lr): where the active fraction first falls below 1/2
+        # per cell: where the fraction in use first falls below 1/2
         ("critical_beta", pa.float64()), ("critical_beta_lower", pa.float64()),
         ("critical_beta_upper", pa.float64()), ("monotone", pa.bool_()),
+        ("active_threshold", pa.float64()), ("kl_threshold", pa.float64()),  # what "in use" meant here
+        ("frac_settled", pa.float64()),  # share of the cell's trials whose collapse state had settled
+        ("units_in_use_std", pa.float64()),  # spread over seeds (repeats)
+        ("units_undecided_mean", pa.float64()),
+        # the linear VAE with a fixed decoder variance: units theory keeps (eigenvalues > beta * sigma^2,
+        # Lucas et al. 2019), and whether an eigenvalue lies too close to beta * sigma^2 to judge
+        ("theory_units", pa.float64()), ("theory_close", pa.bool_()),
     ]),
+    # the training split's covariance eigenvalues, largest first (the linear VAE's theory reads them)
+    "spectrum": pa.schema([("dataset", pa.string()), ("subset", pa.int64()), ("index", pa.int64()),
+                           ("eigenvalue", pa.float64())]),
 }
 IMAGE_KINDS = ("original", "reconstruction", "prior_sample", "interpolation", "manifold",  # images
                "generated", "generated_noisy")  # 2-D toy points (original: the true test points)
@@ -99,6 +121,45 @@ def run_root(storage: str, name: str) -> str:
 def config_row(config: Any) -> dict[str, Any]:
     values = config if isinstance(config, Mapping) else config.to_dict()
     return {k: values[k] for k in CONFIG_COLUMNS}
+
+
+NAN = float("nan")
+
+
+def epoch_row(config: Any, trial_id: str, epoch: int, kl_weight: float, train: Mapping[str, float] | None,
+              test: Mapping[str, float] | None, active_units: int = 0, units_in_use: int = 0,
+              mutual_info: float = NAN, seconds: float = 0.0, kernels: str = "", lr_now: float = NAN,
+              units_undecided: int = 0, settled: bool = False) -> dict[str, Any]:
+    """A row of `epochs/`: train is {loss, recon, kl, samples} (None at epoch 0), test {loss, recon, kl}
+    (None when the epoch diverged)."""
+    train, test = train or {}, test or {}
+    return {"trial_id": trial_id, "epoch": epoch, **config_row(config), "kl_weight": kl_weight,
+            "train_loss": train.get("loss", NAN), "train_recon": train.get("recon", NAN),
+            "train_kl": train.get("kl", NAN), "test_loss": test.get("loss", NAN),
+            "test_recon": test.get("recon", NAN), "test_kl": test.get("kl", NAN), "active_units": active_units,
+            "units_in_use": units_in_use, "mutual_info": mutual_info, "epoch_seconds": seconds,
+            "samples_per_second": train["samples"] / seconds if train and seconds > 0 else NAN,
+            "kernels": kernels, "lr_now": lr_now, "units_undecided": units_undecided, "settled": settled}
+
+
+def kl_rows(trial_id: str, epoch: int, kl: Iterable[float], activity: Iterable[float]) -> list[dict[str, Any]]:
+    """The rows of `kl_per_dim/` for one epoch."""
+    return [{"trial_id": trial_id, "epoch": epoch, "dim": j, "kl": float(k), "activity": float(a)}
+            for j, (k, a) in enumerate(zip(kl, activity))]
+
+
+def trial_row(config: Any, trial_id: str, status: str, error: str, epochs_done: int,
+              final: Mapping[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """The row of `trials/`: where the trial stopped and its final metrics (NaN / 0 where it has none)."""
+    row = {"trial_id": trial_id, **config_row(config), "status": status, "error": error,
+           "epochs_done": int(epochs_done), "wall_seconds": float(wall_seconds),
+           "settled": bool(final.get("settled", False)), "settle_epoch": int(final.get("settle_epoch", -1)),
+           "units_undecided": int(final.get("units_undecided", 0)), "end_reason": str(final.get("end_reason", ""))}
+    for k in ("train_loss", "test_loss", "test_recon", "test_kl", "mutual_info", "iw_nll"):
+        row[k] = float(final.get(k, NAN))
+    for k in ("active_units", "units_in_use"):
+        row[k] = int(final.get(k, 0))
+    return row
 
 
 def file_key(trial_id: str, epoch: int | None = None) -> str:

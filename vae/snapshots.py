@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import streams
 from .data import Data
 
 N_ORIGINALS = 16
@@ -40,14 +41,14 @@ def _rows(trial_id: str, epoch: int, kind: str, values: torch.Tensor, pair: int 
 @torch.no_grad()
 def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed + 77)
+    gen = streams.snapshot_prior(seed)
     rows: list[dict[str, Any]] = []
     if data.image_shape is None:  # 2-D toy: true test points once, generated points every time
         if epoch == 0:
             rows += _rows(trial_id, epoch, "original", data.test.x[:N_POINTS])
         z = torch.randn(N_POINTS, model.latent_dim, generator=gen).to(device)
         rows += _rows(trial_id, epoch, "generated", model.decode_mean(z))
-        noisy_gen = torch.Generator().manual_seed(seed + 78)
+        noisy_gen = streams.snapshot_noise(seed)
         noisy = model.decode_sample(z, noisy_gen if device.type == "cpu" else None)
         rows += _rows(trial_id, epoch, "generated_noisy", noisy)
         return rows
