@@ -20,7 +20,7 @@ DATASETS = ("mnist", "gaussian2d")
 MODELS = ("mlp", "gaussian-mlp", "linear")
 LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")  # auto: cosine with --until-settled, else constant
 DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
-DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # seed 1 and seed 2
+DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE and the 2-D Gaussian toy
 DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
 STORAGE_SCHEMES = ("", "file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 DATA_DIR_ENV, OFFLINE_ENV = "VAE_DATA_DIR", "VAE_OFFLINE"
@@ -249,7 +249,7 @@ def boolean(text: str) -> bool:
 
 
 HELP = {
-    "dataset": "mnist (seed 1) or gaussian2d (seed 2's correlated 2-D Gaussian)",
+    "dataset": "mnist (the pytorch/examples VAE's data) or gaussian2d (the correlated 2-D Gaussian toy)",
     "subset": "train on the first N training examples only (0: all)",
     "data_dir": "MNIST root in torchvision's layout (default: $VAE_DATA_DIR or ./data; downloaded when absent)",
     "model": "mlp (Bernoulli decoder), gaussian-mlp (learned output variance) or linear "
@@ -351,10 +351,10 @@ def parse_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] |
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
-ENV_HELP = ("environment: VAE_KERNELS=torch runs plain PyTorch ops instead of oneDNN matrix products and the "
-            "fused seed-1 step (the same results to float rounding; only CPU float32 uses them anyway). "
-            "VAE_DATA_DIR: MNIST's folder (default ./data); VAE_OFFLINE=1: never download it. "
-            "VAE_STORAGE: the default --storage.")
+ENV_HELP = ("environment: VAE_KERNELS=auto|torch|onednn picks the CPU kernels (auto, the default: a start-up "
+            "probe times plain PyTorch ops and the oneDNN path on this model and keeps oneDNN only when it is 5% "
+            "faster; the choice is printed with the first epoch and kept in run.json). VAE_DATA_DIR: MNIST's "
+            "folder (default ./data); VAE_OFFLINE=1: never download it. VAE_STORAGE: the default --storage.")
 
 
 def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 MNIST is read once into one float tensor (no per-item PIL/ToTensor in the hot
 loop): parsed straight from torchvision's raw files when they are there (torchvision
-itself, a second's import, only downloads them); the 2-D Gaussian of seed 2 is
+itself, a second's import, only downloads them); the 2-D Gaussian toy is
 generated from a seed. Batches are index slices of these tensors.
 """
 
@@ -127,7 +127,7 @@ def download_mnist(root: str) -> None:
 
 
 def load_mnist(root: str, subset: int = 0) -> Data:
-    """MNIST as [0, 1] intensities, flattened to 784 values (seed 1: ToTensor only)."""
+    """MNIST as [0, 1] intensities, flattened to 784 values (as the pytorch/examples VAE reads it: ToTensor only)."""
     if not mnist_present(root):  # absent: torchvision downloads it
         download_mnist(root)
     files = check_mnist_files(root)
@@ -142,7 +142,7 @@ def load_mnist(root: str, subset: int = 0) -> Data:
 
 
 def gaussian2d(seed: int, subset: int = 0) -> Data:
-    """Seed 2's correlated 2-D Gaussian: 10,000 training and 2,000 test points."""
+    """The 2-D Gaussian toy's correlated Gaussian: 10,000 training and 2,000 test points."""
     mean = torch.tensor(GAUSSIAN_MEAN)
     cov = torch.tensor(GAUSSIAN_COV)
     dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)  # checks positive definiteness

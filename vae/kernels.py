@@ -205,7 +205,7 @@ def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return _BernoulliNLL.apply(logits, x)
 
 
-# ------------------------------------------------------------------ the seed-1 VAE's ELBO terms, fused
+# ------------------------------------------------------------------ the pytorch/examples VAE's ELBO terms, fused
 class _MLPVAETerms(torch.autograd.Function):
     """MLPVAE.forward in one node: x [B, D], eps [S, B, L] -> (recon NLL averaged over S [B], KL per dim [B, L]).
 
@@ -258,7 +258,7 @@ def fused_ok(x: torch.Tensor, eps: torch.Tensor) -> bool:
 
 
 def mlp_vae_terms(x: torch.Tensor, eps: torch.Tensor, fc1, fc_mu, fc_logvar, fc3, fc4):
-    """The fused forward of the seed-1 VAE: (recon NLL [B], KL per dim [B, L]); see `_MLPVAETerms`."""
+    """The fused forward of the pytorch/examples VAE: (recon NLL [B], KL per dim [B, L]); see `_MLPVAETerms`."""
     return _MLPVAETerms.apply(x, eps, fc1.weight, fc1.bias, fc_mu.weight, fc_mu.bias, fc_logvar.weight,
                               fc_logvar.bias, fc3.weight, fc3.bias, fc4.weight, fc4.bias)
 

@@ -28,7 +28,7 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """-log Bernoulli(x | sigmoid(logits)) summed over features: [..., B].
 
-    x may be a [0, 1] intensity (seed 1 reads pixels as probabilities).
+    x may be a [0, 1] intensity (the pytorch/examples VAE reads pixels as probabilities).
     """
     return kernels.bernoulli_nll(x, logits)
 

@@ -57,7 +57,7 @@ class VAE(nn.Module):
         return recon, losses.kl_per_dim(mu, logvar)
 
 
-# ------------------------------------------------------------------ seed 1
+# ------------------------------------------------------------------ the pytorch/examples VAE
 
 @dataclass(frozen=True)
 class MLPConfig:
@@ -67,7 +67,7 @@ class MLPConfig:
 
 
 class MLPVAE(VAE):
-    """Seed 1: 784-400-(mu, logvar) encoder, 400-784 decoder giving Bernoulli logits."""
+    """The pytorch/examples VAE: 784-400-(mu, logvar) encoder, 400-784 decoder giving Bernoulli logits."""
 
     likelihood = "bernoulli"
 
@@ -93,10 +93,10 @@ class MLPVAE(VAE):
         return super().forward(x, eps)
 
 
-# ------------------------------------------------------------------ seed 2
+# ------------------------------------------------------------------ the 2-D Gaussian toy's VAE
 
 class GaussianMLP(nn.Module):
-    """Seed 2's building block: Linear + tanh, then one Linear giving (mean, logvar)."""
+    """The 2-D Gaussian toy's building block: Linear + tanh, then one Linear giving (mean, logvar)."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int):
         super().__init__()
@@ -117,7 +117,7 @@ class GaussianMLPConfig:
 
 
 class GaussianMLPVAE(VAE):
-    """Seed 2: GaussianMLP encoder and decoder; the decoder's output variance is learned."""
+    """The 2-D Gaussian toy's VAE: GaussianMLP encoder and decoder; the decoder's output variance is learned."""
 
     def __init__(self, cfg: GaussianMLPConfig):
         super().__init__()

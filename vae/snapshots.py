@@ -62,7 +62,7 @@ def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[
     for pair in range(N_PAIRS):
         path = (1 - t) * mu[2 * pair] + t * mu[2 * pair + 1]  # straight line between two test codes
         rows += _rows(trial_id, epoch, "interpolation", model.decode_mean(path), pair)
-    if model.latent_dim == 2:  # the decoded manifold over a grid of z (seed 1's latent map)
+    if model.latent_dim == 2:  # the decoded manifold over a grid of z (the pytorch/examples VAE's latent map)
         axis = torch.linspace(-2.5, 2.5, N_GRID, device=device)
         grid = torch.stack(torch.meshgrid(axis, axis.flip(0), indexing="xy"), -1).reshape(-1, 2)
         rows += _rows(trial_id, epoch, "manifold", model.decode_mean(grid))
