@@ -27,6 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')}: must be a number > 0 (got {value})")
+    from vae.results import StorageError
+
+    try:
+        return _report(args)
+    except StorageError as e:  # a damaged table file, an unreadable bucket: one line
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _report(args) -> int:
     from vae.collapse import Thresholds, recorded_thresholds
     from vae.report import build_report
     from vae.results import Results

@@ -30,17 +30,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --name: {root} already exists; use --resume to finish it or pick another name",
               file=sys.stderr)
         return 2
+    from vae.results import StorageError
+    from vae.runs import RunError, RunLock, check_identity
+
+    lock = RunLock(root, ["python -m", PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
+        if args.resume:  # the recorded sweep, with only the flags given now changed (and those checked)
+            sweep = resumed_config(sweep, args, Results(root))
+            for note in check_identity(Results(root), "sweep", sweep.to_dict()):
+                print(f"{PROG}: {note}", flush=True)
         preflight(sweep.dataset, sweep.data_dir)
-    except DataError as e:
+        lock.acquire()
+    except (DataError, RunError, StorageError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _run(sweep, args, argv, root)
+    finally:
+        lock.release()
 
+
+def resumed_config(sweep, args, res):
+    """`--resume --name N`: the sweep as run.json recorded it, with the flags given now on top."""
+    import dataclasses
+
+    from tune.space import SweepConfig
+    from vae.config import ConfigError
+    from vae.runs import RunError
+
+    info = res.read_json("run.json") or {}
+    if info.get("kind") != "sweep":
+        raise RunError(f"--resume: {res.root} holds no sweep (no run.json of kind sweep)")
+    fields = {f.name for f in dataclasses.fields(SweepConfig)}
+    given = {k: getattr(sweep, k) for k in vars(args) if k in fields}
+    try:
+        return SweepConfig(**{**{k: v for k, v in info["config"].items() if k in fields}, **given})
+    except (ConfigError, TypeError) as e:
+        raise RunError(f"--resume: {res.root}/run.json does not hold a usable sweep config ({e})") from None
+
+
+def _run(sweep, args, argv, root) -> int:
     from tune.sweep import settle_trials, tuner
     from vae import collapse, launch
+    from vae.results import Results
+    from vae.runs import RunError
 
     launch.connect(verbose=args.verbose)
     cpus, _ = launch.cluster_resources()
+    try:
+        launch.check_trial_resources(sweep.cpus_per_trial, sweep.gpus_per_trial, sweep.workers_per_trial)
+    except RunError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     if not args.resume:
         launch.record_run(root, "sweep", list(sys.argv[1:] if argv is None else argv), sweep.to_dict())
     count = f"about {sweep.n_trials()}" if sweep.search == "boundary" else str(sweep.n_trials())

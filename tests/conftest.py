@@ -17,6 +17,15 @@ import pytest
 from vae.config import DATA_DIR_ENV, OFFLINE_ENV, default_data_dir, offline
 
 ROOT = Path(__file__).resolve().parents[1]
+
+try:  # CI runs hypothesis derandomised (the same examples every run); a failure prints how to replay it
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:  # hypothesis comes with the test extra
+    pass
 DATA_DIR = default_data_dir()
 os.environ[DATA_DIR_ENV] = DATA_DIR  # subprocesses (jobs, Ray workers) look in the same folder
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

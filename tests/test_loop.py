@@ -80,13 +80,14 @@ def test_a_diverging_trial_is_recorded_with_its_reason(tmp_path):
     assert "train loss became" in trial.error and f"epoch {trial.epochs_done}" in trial.error
 
 
-def test_data_model_and_noise_live_on_the_sessions_device(tmp_path):
-    """The GPU path's placement logic, checked on the CPU (no GPU in CI): everything follows session.device."""
+def test_data_model_and_noise_move_to_the_sessions_device(tmp_path):
+    """The GPU path's placement logic, without a GPU: on the `meta` device (not the CPU default), so a
+    tensor left behind on the CPU fails this test."""
     from vae.loop import _Trainer
 
-    session = LocalSession(device="cpu")
+    session = LocalSession(device="meta")
     trainer = _Trainer(resolve(toy(tmp_path, epochs=1)), session)
-    assert trainer.train_x.device == session.device and trainer.test_x.device == session.device
-    assert trainer.test_eps.device == session.device
-    assert all(p.device == session.device for p in trainer.model.parameters())
-    assert trainer.run()["status"] == "finished"
+    meta = torch.device("meta")
+    assert trainer.train_x.device == meta and trainer.test_x.device == meta and trainer.test_eps.device == meta
+    assert all(p.device == meta for p in trainer.model.parameters())
+    assert trainer.kernels["path"] == "torch" and "not CPU float32" in trainer.kernels["reason"]

@@ -12,7 +12,7 @@ import pandas as pd
 
 from vae.collapse import Thresholds, build, recorded_thresholds
 from vae.config import OneLineParser
-from vae.results import Results
+from vae.results import Results, StorageError
 
 PROG = "tune.collapse_map"
 
@@ -26,15 +26,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="an active unit is in use when its test KL is at least this (default: the run's own)")
     args = parser.parse_args(argv)
     res = Results(args.root)
-    if not res.exists():
-        parser.exit(2, f"{PROG}: error: no results at {args.root}\n")
+    try:
+        if not res.exists() or res.read("trials").empty:
+            parser.exit(2, f"{PROG}: error: no results tables at {args.root} (nothing written)\n")
+    except StorageError as e:
+        parser.exit(2, f"{PROG}: error: {e}\n")
     recorded = recorded_thresholds(res)
     thresholds = Thresholds(args.active_threshold if args.active_threshold is not None else recorded.active,
                             args.kl_threshold if args.kl_threshold is not None else recorded.kl)
     for name, value in (("active", thresholds.active), ("kl", thresholds.kl)):
         if not value > 0:
             parser.exit(2, f"{PROG}: error: --{name}-threshold: must be a number > 0 (got {value})\n")
-    table = build(args.root, thresholds)
+    try:
+        table = build(args.root, thresholds)
+    except StorageError as e:
+        parser.exit(2, f"{PROG}: error: {e}\n")
     source = "the run's own" if thresholds == recorded else f"overridden (the run recorded {recorded.active:g} / {recorded.kl:g})"
     print(f"{PROG}: units in use = activity > {thresholds.active:g} and test KL >= {thresholds.kl:g} nats ({source})")
     with pd.option_context("display.width", 200, "display.max_columns", 30):

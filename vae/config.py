@@ -105,9 +105,15 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- validation
 
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error line never echoes an unbounded value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check(ok: bool, flag: str, allowed: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"--{flag.replace('_', '-')}: must be {allowed} (got {value!r})")
+        raise ConfigError(f"--{flag.replace('_', '-')}: must be {allowed} (got {shown(value)})")
 
 
 def _finite(x: float) -> bool:
@@ -138,7 +144,7 @@ def check_storage(value: Any) -> None:
 
 
 def check_name(flag: str, value: str) -> None:
-    check(value == "" or bool(NAME_PATTERN.match(value)), flag,
+    check(value == "" or (isinstance(value, str) and bool(NAME_PATTERN.fullmatch(value))), flag,
            "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", value)
 
 
@@ -298,20 +304,58 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, help: Mapping[s
                             help=help.get(f.name, "") + (f" (default: {default})" if default not in ("", None) else ""))
 
 
+YAML_MAX_BYTES = 64 * 1024
+YAML_MAX_NODES = 10_000  # after alias expansion: a config is a flat mapping of a few dozen values
+
+
+def _expanded_nodes(node, memo: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (shared nodes counted each time)."""
+    import yaml
+
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = YAML_MAX_NODES + 1  # a cycle expands without end
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_nodes(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, YAML_MAX_NODES + 1)
+    return memo[id(node)]
+
+
 def load_yaml(path: str) -> dict[str, Any]:
+    """A --config file as {field: value}. Refused with one line: unreadable, not UTF-8, empty, larger than
+    64 KiB, aliases that expand past 10,000 nodes, duplicate keys, not a mapping, not YAML."""
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read(YAML_MAX_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror}")
+    if len(raw) > YAML_MAX_BYTES:
+        raise ConfigError(f"--config: {path} is larger than {YAML_MAX_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start})")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            raise ConfigError(f"--config: {path} is empty")
+        if _expanded_nodes(root, {}) > YAML_MAX_NODES:
+            raise ConfigError(f"--config: {path} expands (through aliases) past {YAML_MAX_NODES} values")
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
+        keys = [str(k.value).replace("-", "_") for k, _ in root.value if isinstance(k, yaml.ScalarNode)]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ConfigError(f"--config: {path} gives {shown(dupes[0], 40)} more than once")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
+        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0][:120]})")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -320,7 +364,7 @@ def build(cls: type, values: Mapping[str, Any], source: str = "--config") -> Any
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
+        raise ConfigError(f"{source}: unknown key {shown(unknown[0], 40)}; allowed: {', '.join(names)}")
     coerced = {}
     for key, value in values.items():
         kind = str(names[key].type)
@@ -331,7 +375,7 @@ def build(cls: type, values: Mapping[str, Any], source: str = "--config") -> Any
         expected = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": (bool, type(None))}
         want = expected.get(kind)
         if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise ConfigError(f"--{key.replace('_', '-')}: must be {kind} (got {value!r})")
+            raise ConfigError(f"--{key.replace('_', '-')}: must be {kind} (got {shown(value)})")
         coerced[key] = value
     return cls(**coerced)
 

@@ -69,7 +69,74 @@ def settle_scaling(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
 
 
-OUR_ERRORS = ("StorageError", "DataError", "CheckpointError", "ConfigError")
+def attached() -> bool:
+    """Whether we joined a cluster started elsewhere (it may autoscale) rather than starting a local one."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> None:
+    """Refuse (RunError) a request the cluster can never meet: a local instance cannot grow. On a cluster
+    we attached to, which may autoscale, say what is pending instead and let Ray wait for it."""
+    from .runs import RunError
+
+    cpus, gpus = cluster_resources()
+    need_cpu = cfg.num_workers * (cfg.cpus_per_worker or 1)
+    need_gpu = cfg.num_workers if cfg.use_gpu else 0
+    short = [f"{need} {kind} ({cfg.num_workers} worker(s) x {need // cfg.num_workers})"
+             for need, have, kind in ((need_cpu, cpus, "CPUs"), (need_gpu, gpus, "GPUs")) if need > have]
+    if not short:
+        return
+    have = f"the cluster has {cpus} CPUs and {gpus} GPUs"
+    if not attached():
+        raise RunError(f"--num-workers: the run needs {' and '.join(short)} but {have} and a local Ray "
+                       "instance cannot grow; ask for fewer workers or --cpus-per-worker")
+    emit(f"waiting for the cluster to grow: the run needs {' and '.join(short)}, {have} now (the autoscaler "
+         "adds nodes up to its max_workers; Ctrl-C to give up)")
+
+
+def check_trial_resources(cpus_per_trial: float, gpus_per_trial: float, workers_per_trial: int) -> None:
+    """The same for one sweep trial: a trial that no node of a local instance can hold never starts."""
+    from .runs import RunError
+
+    cpus, gpus = cluster_resources()
+    need_cpu, need_gpu = workers_per_trial * cpus_per_trial, workers_per_trial * gpus_per_trial
+    if attached() or (need_cpu <= cpus and need_gpu <= gpus):
+        return
+    raise RunError(f"--cpus-per-trial/--gpus-per-trial: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
+                   f"but the local Ray instance has {cpus} CPUs and {gpus} GPUs and cannot grow")
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a helper thread while the main thread waits (and so can run signal handlers);
+    its result, or its exception raised here."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def shutdown_quietly() -> None:
+    """End this job's Ray (its local instance, workers included), without Ray's own noise."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # already going down
+        pass
+
+
+OUR_ERRORS = ("StorageError", "DataError", "CheckpointError", "ConfigError", "RunError")
 
 
 def error_line(error: BaseException | None) -> str:
@@ -127,7 +194,7 @@ class EpochFollower(threading.Thread):
                 first = not self.shown
                 self.seen.add(int(row["epoch"]))
                 self.shown = True
-                self.emit(format_epoch(row, self.cfg.epochs, self.cfg.latent_dim)
+                self.emit(format_epoch(row, self.cfg.budget, self.cfg.latent_dim)
                           + (f"  kernels {row['kernels']}" if first and row.get("kernels") else ""))
 
     def run(self) -> None:

@@ -260,10 +260,15 @@ class _Trainer:
                 return metrics
             metrics = self._evaluate_and_write(epoch, train, seconds) if self.rank == 0 else {"epoch": epoch}
             self._step_schedule(train["loss"])
-            final = self._agree(bool(metrics.get("final", False)))
+            stop = self._agree(self.rank == 0 and not metrics.get("final") and self.results.stop_requested() is not None)
+            if stop and self.rank == 0:  # a signal to the job: this epoch is whole (tables and checkpoint agree)
+                reason = f"interrupted after epoch {epoch} ({self.results.stop_requested()})"
+                metrics.update(status="interrupted", end_reason=reason)
+                self._write_trial("interrupted", "", epoch, {**metrics, "end_reason": reason})
+            final = self._agree(bool(metrics.get("final", False))) or stop
             metrics.update(rank=self.rank, shard_digest=train["shard_digest"], param_checksum=self._param_checksum(),
                            final=final)
-            if final and self.rank == 0:
+            if final and not stop and self.rank == 0:
                 self._finish(metrics)
             self._report(epoch, metrics)
             if final:

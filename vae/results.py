@@ -57,7 +57,7 @@ SCHEMAS: dict[str, pa.Schema] = {
                                    ("kl", pa.float64()), ("activity", pa.float64())]),
     # one row per trial: its config, where it stopped, and its final metrics
     "trials": pa.schema(KEY + CONFIG_FIELDS + [
-        ("status", pa.string()),  # running | finished | diverged | failed | stopped
+        ("status", pa.string()),  # running | finished | diverged | failed | stopped | interrupted
         ("error", pa.string()), ("epochs_done", pa.int64()),
         ("train_loss", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
         ("iw_nll", pa.float64()), ("wall_seconds", pa.float64()),
@@ -103,6 +103,10 @@ SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
 
 class StorageError(RuntimeError):
     """Results could not be written; the message names the path."""
+
+
+class DamagedTable(StorageError):
+    """A table file that cannot be read; the message names it."""
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -210,18 +214,77 @@ class Results:
         except OSError as e:
             raise StorageError(f"cannot write {final}: {e}") from None
 
+    # ---------------------------------------------------------------- a stop request (signals, jobs.train)
+    STOP = ".stop"
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the run's loop to stop after the epoch in flight (it checks at every epoch's end)."""
+        with self.fs.open_output_stream(f"{self.path}/{self.STOP}") as out:
+            out.write(reason.encode())
+
+    def stop_requested(self) -> str | None:
+        """The reason a stop was requested, or None."""
+        path = f"{self.path}/{self.STOP}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as src:
+            return src.read().decode() or "stop requested"
+
+    def clear_stop(self) -> None:
+        try:
+            self.fs.delete_file(f"{self.path}/{self.STOP}")
+        except (OSError, FileNotFoundError):
+            pass
+
     # ---------------------------------------------------------------- read
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
 
-    def read(self, table: str, filter: ds.Expression | None = None) -> pd.DataFrame:
-        """The whole table as a DataFrame with the contract's columns (empty if absent)."""
-        schema = SCHEMAS[table]
+    def files(self, table: str) -> list[str]:
+        """The table's files: `*.parquet`, not hidden (temporary files and moved-aside `.damaged` ones are not)."""
         folder = f"{self.path}/{table}"
         if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(folder))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                      and not i.base_name.startswith((".", "_")))
+
+    def read(self, table: str, filter: ds.Expression | None = None) -> pd.DataFrame:
+        """The whole table as a DataFrame with the contract's columns (empty if absent).
+
+        A file that cannot be read raises `DamagedTable` naming it (`set_aside_damaged` moves it away)."""
+        schema = SCHEMAS[table]
+        files = self.files(table)
+        if not files:
             return schema.empty_table().to_pandas()
-        dataset = ds.dataset(folder, schema=schema, format="parquet", filesystem=self.fs)
-        return dataset.to_table(filter=filter).to_pandas()
+        try:
+            dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
+            return dataset.to_table(filter=filter).to_pandas()
+        except (pa.ArrowInvalid, OSError) as e:
+            bad = self.damaged_files(table) or files
+            raise DamagedTable(f"cannot read {bad[0]}: {str(e).splitlines()[0][:200]} (a resume moves it aside "
+                               "as <file>.damaged)") from None
+
+    def damaged_files(self, table: str) -> list[str]:
+        """The table's files whose Parquet footer cannot be read."""
+        bad = []
+        for path in self.files(table):
+            try:
+                with self.fs.open_input_file(path) as src:
+                    pq.read_metadata(src)
+            except (pa.ArrowInvalid, OSError):
+                bad.append(path)
+        return bad
+
+    def set_aside_damaged(self) -> list[str]:
+        """Move every unreadable table file to `<file>.damaged` (kept for inspection, no longer read);
+        returns the files moved."""
+        moved = []
+        for table in SCHEMAS:
+            for path in self.damaged_files(table):
+                self.fs.move(path, path + ".damaged")
+                moved.append(path)
+        return moved
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = f"{self.path}/{name}"

@@ -1,0 +1,201 @@
+"""Nothing mixed, nothing hung: run identity, one writer, impossible requests, signals, damaged tables, YAML."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from vae.results import Results
+
+TOY = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--iw-samples", "0"]
+
+
+def _recorded_run(root: Path, kind: str = "train", **config) -> dict:
+    """A run.json as an earlier start would have left it."""
+    from vae.config import TrainConfig, resolve
+
+    cfg = resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0,
+                              storage=str(root.parent), name=root.name, **config)).to_dict()
+    info = {"kind": kind, "command": "python -m jobs.train ...", "config": cfg}
+    Results(str(root)).write_json("run.json", info)
+    return info
+
+
+def test_a_rerun_with_other_settings_is_refused_before_ray_naming_each_field(tmp_path, capsys):
+    from jobs import train
+
+    before = _recorded_run(tmp_path / "X", beta=1.0, lr=1e-3, epochs=3)
+    code = train.main([*TOY, "--storage", str(tmp_path), "--name", "X", "--epochs", "5", "--beta", "4",
+                       "--lr", "0.01"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--beta 1.0 -> 4.0" in err and "--lr 0.001 -> 0.01" in err and "--epochs" not in err
+    assert Results(str(tmp_path / "X")).read_json("run.json") == before  # not overwritten
+    assert not (tmp_path / "X" / ".lock").exists()
+
+
+def test_changing_only_the_budget_extends_the_run(tmp_path):
+    from vae.config import TrainConfig, resolve
+    from vae.runs import check_identity
+
+    _recorded_run(tmp_path / "X", epochs=3)
+    cfg = resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0,
+                              storage=str(tmp_path), name="X", epochs=5))
+    assert check_identity(Results(str(tmp_path / "X")), "train", cfg.to_dict()) == \
+        [f"extending {tmp_path}/X: --epochs 3 -> 5"]
+
+
+def test_a_train_run_cannot_land_in_a_sweeps_folder(tmp_path, capsys):
+    from jobs import train
+
+    _recorded_run(tmp_path / "S", kind="sweep")
+    assert train.main([*TOY, "--storage", str(tmp_path), "--name", "S"]) == 2
+    assert "holds a sweep run, not a train" in capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, capsys):
+    from jobs import train
+    from vae.runs import RunError, RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / "X" / ".lock"
+        lock.parent.mkdir()
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "then"}))
+        assert train.main([*TOY, "--storage", str(tmp_path), "--name", "X"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and socket.gethostname() in err and "started then" in err
+        with pytest.raises(RunError, match="being written by another job"):
+            RunLock(str(tmp_path / "X")).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    mine = RunLock(str(tmp_path / "X"))
+    mine.acquire()  # the holder is gone: stale, taken over
+    assert mine.took_over["pid"] == holder.pid
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    mine.release()
+    assert not lock.exists()
+
+
+def test_more_workers_than_a_local_instance_has_fail_at_once(ray_cluster):
+    from vae import launch
+    from vae.config import TrainConfig
+    from vae.runs import RunError
+
+    cfg = launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=3))
+    with pytest.raises(RunError, match=r"needs 3 CPUs \(3 worker\(s\) x 1\).*cannot grow"):
+        launch.check_resources(cfg)
+    with pytest.raises(RunError, match="one trial needs 4 CPUs"):
+        launch.check_trial_resources(4, 0, 1)
+    launch.check_resources(launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=2)))
+
+
+def _start(tmp_path, name, epochs=400):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "jobs.train", *TOY, "--lr", "0.01", "--storage", str(tmp_path), "--name", name,
+           "--epochs", str(epochs)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    res = Results(str(tmp_path / name))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(res.read("epochs")) < 4:
+        time.sleep(0.3)
+    return proc, res, cmd, env
+
+
+def _latest_checkpoint_epoch(root: Path) -> int:
+    import torch
+
+    files = sorted(root.glob("checkpoint_*/state.pt"))
+    return max(int(torch.load(f, weights_only=True)["epoch"]) for f in files)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resume(tmp_path, sig, code):
+    proc, res, cmd, env = _start(tmp_path, "sig")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == code, err[-2000:]
+    assert "resume with: python -m jobs.train" in err and "interrupted" in err
+    assert "*** SIGTERM" not in err and "Stack trace" not in err and "Traceback" not in err
+    trial = res.read("trials").iloc[0]
+    last = int(res.read("epochs").epoch.max())
+    assert trial.status == "interrupted" and trial.epochs_done == last
+    assert _latest_checkpoint_epoch(tmp_path / "sig") == last  # the tables and the checkpoint agree
+    assert not (tmp_path / "sig" / ".lock").exists() and not (tmp_path / "sig" / ".stop").exists()
+    if sig == signal.SIGTERM:  # the same command resumes after that epoch, and trains only what is left
+        cmd[-1] = str(last + 2)
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"epochs up to {last} are done" in again.stdout
+        trained = [int(line.split()[1].split("/")[0]) for line in again.stdout.splitlines()
+                   if line.startswith("epoch ")]
+        assert trained == [last + 1, last + 2]
+        assert sorted(res.read("epochs").epoch) == list(range(last + 3))
+
+
+def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume(tmp_path, capsys):
+    from jobs import report
+    from tune import collapse_map
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.session import LocalSession
+
+    train_loop(TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="d"),
+               LocalSession())
+    res = Results(str(tmp_path / "d"))
+    bad = sorted((tmp_path / "d" / "epochs").glob("*.parquet"))[1]
+    bad.write_bytes(bad.read_bytes()[:10])
+    assert report.main([str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and bad.name in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        collapse_map.main([str(tmp_path / "d")])
+    assert exit_info.value.code == 2 and bad.name in capsys.readouterr().err
+    assert res.set_aside_damaged() == [str(bad)]
+    assert Path(str(bad) + ".damaged").exists() and len(res.read("epochs")) == 2
+
+
+def test_collapse_map_on_a_folder_without_results_exits_2_and_writes_nothing(tmp_path):
+    from tune import collapse_map
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        collapse_map.main([str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a: &a [1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+     b"d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\nepochs: [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n", "expands (through aliases)"),
+    (b"epochs: 3\nbeta: \xff\xfe\n", "is not UTF-8 text"),
+    (b"epochs: 3\nepochs: 5\n", "gives 'epochs' more than once"),
+    (b"epochs: 3\nlatent-dim: 2\nlatent_dim: 4\n", "gives 'latent_dim' more than once"),
+    (b"", "is empty"),
+    (b"# only a comment\n", "is empty"),
+])
+def test_hostile_or_broken_yaml_is_refused_in_one_short_line(tmp_path, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    run = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr
+    assert len(run.stderr) < 400 and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["run\n", "run ", "ru\tn", "r\x07"])
+def test_names_with_whitespace_or_control_characters_are_refused(name):
+    from vae.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--name"):
+        TrainConfig(name=name)
