@@ -66,7 +66,15 @@ def test_rerun_with_a_checkpoint_resumes_and_writes_each_epoch_once(tmp_path):
     train_loop(toy(tmp_path, epochs=2), LocalSession(ckpt))
     straight = toy(tmp_path, epochs=4, name="straight")
     train_loop(straight, LocalSession())
-    resumed = train_loop(toy(tmp_path, epochs=4), LocalSession(ckpt))
+    from vae.loop import _Trainer
+
+    probe = _Trainer(resolve(toy(tmp_path, epochs=4)), LocalSession(ckpt))
+    assert probe._restore() == 2  # the optimiser's state comes back with the weights: Adam's step count
+    steps = {int(st["step"]) for st in probe.optimizer.state.values()}
+    assert steps == {2 * -(-10_000 // 128)}
+    second = LocalSession(ckpt)
+    resumed = train_loop(toy(tmp_path, epochs=4), second)
+    assert [r["epoch"] for r in second.reports] == [3, 4]  # the second call trained only what was left
     epochs = Results(f"{tmp_path}/toy").read("epochs")
     assert sorted(epochs.epoch) == [0, 1, 2, 3, 4]
     reference = Results(f"{tmp_path}/straight").read("epochs").set_index("epoch")
