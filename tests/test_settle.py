@@ -60,6 +60,14 @@ def test_a_reviving_unit_is_not_settled():
     assert not s.settled and s.moving == 1
 
 
+def test_a_collapsed_unit_whose_tiny_kl_wanders_without_a_trend_is_settled():
+    rng = np.random.default_rng(1)
+    noise = {e: float(np.exp(rng.normal(0, 0.4))) for e in range(1, 13)}
+    wandering = lambda e: (0.002 * noise[e], 0.0015 * noise[e])  # noqa: E731  below a third, no trend
+    s = settle_state(*history(steady_used, wandering), TH, epochs_left=100)
+    assert s.settled and s.units_in_use == 1 and s.moving == 0
+
+
 def test_too_few_epochs_are_never_settled():
     s = settle_state(*history(steady_used, epochs=3), TH, epochs_left=0)
     assert not s.settled and "fewer than" in s.reason

@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any, Sequence
 
-from vae.axes import AXES, BY_KEY
+from vae.axes import AXES
 from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig, add_config_flags, check,
                         check_choice, check_float, check_int, check_name, check_storage, parse_args, resolve)
 
@@ -185,8 +185,17 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="finish the interrupted sweep --name")
     parser.add_argument("--retry-errored", action="store_true", help="with --resume: rerun errored trials")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log stream")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config as YAML (what --config takes) and exit")
     add_config_flags(parser, SweepConfig, help=SWEEP_HELP)
     return parser
+
+
+def finish_parse(cfg: SweepConfig) -> SweepConfig:
+    """Fill what depends on the environment and the other settings: name, storage, data folder, model."""
+    first = cfg.trial_config()
+    name = cfg.name or f"sweep-{first.dataset}-{first.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return dataclasses.replace(cfg, name=name, storage=first.storage, data_dir=first.data_dir, model=first.model)
 
 
 def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, argparse.Namespace]:
@@ -197,8 +206,6 @@ def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, ar
     if args.retry_errored and not args.resume:
         parser.exit(2, "jobs.sweep: error: --retry-errored: only with --resume\n")
     try:
-        first = cfg.trial_config()
+        return finish_parse(cfg), args
     except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
         parser.exit(2, f"jobs.sweep: error: {e}\n")
-    name = cfg.name or f"sweep-{first.dataset}-{first.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return dataclasses.replace(cfg, name=name, storage=first.storage, data_dir=first.data_dir, model=first.model), args

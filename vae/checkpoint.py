@@ -49,6 +49,11 @@ def load(folder: str, trial_id: str | None = None) -> dict[str, Any]:
     except Exception as e:  # UnpicklingError for foreign objects, RuntimeError/EOFError for truncation
         raise CheckpointError(f"checkpoint {path} refused: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+    return check_payload(payload, path, trial_id)
+
+
+def check_payload(payload: Any, path: str, trial_id: str | None = None) -> dict[str, Any]:
+    """A loaded checkpoint that is ours (and `trial_id`'s, when given), or CheckpointError."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} refused: not a {FORMAT} file")
     if trial_id is not None and payload.get("trial_id") != trial_id:

@@ -325,6 +325,13 @@ def _expanded_nodes(node, memo: dict[int, int]) -> int:
     return memo[id(node)]
 
 
+def config_yaml(config: Any) -> str:
+    """A config dataclass as the YAML `--config` takes back as is (`config.yaml` in every run folder)."""
+    import yaml
+
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     """A --config file as {field: value}. Refused with one line: unreadable, not UTF-8, empty, larger than
     64 KiB, aliases that expand past 10,000 nodes, duplicate keys, not a mapping, not YAML."""
@@ -406,6 +413,8 @@ def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
                            epilog=ENV_HELP)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these flags")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log stream")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config as YAML (what --config takes) and exit")
     add_config_flags(parser, TrainConfig)
     return parser
 

@@ -156,7 +156,8 @@ def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
         return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
     speed = row.get("samples_per_second")
-    return (f"epoch {int(row['epoch'])}/{total}  train {num(row['train_loss'])}  test {num(row['test_loss'])} "
+    trained = "before training" if int(row["epoch"]) == 0 else f"train {num(row['train_loss'])}"
+    return (f"epoch {int(row['epoch'])}/{total}  {trained}  test {num(row['test_loss'])} "
             f"(recon {num(row['test_recon'])}, KL {num(row['test_kl'])})  in use {int(row['units_in_use'])}/"
             f"{latent_dim} (active {int(row['active_units'])})  MI {num(row['mutual_info'])}"
             + (f"  {num(speed, ',.0f')} samples/s" if speed is not None and not math.isnan(speed) else ""))
@@ -215,10 +216,16 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
     import ray
     import torch
 
-    Results(root).write_json("run.json", {
+    import yaml
+
+    res = Results(root)
+    res.write_json("run.json", {
         "kind": kind, "command": " ".join(["python -m", f"jobs.{kind}", *argv]), "config": config,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}})
+    # what `--config` takes back as is: rerunning it reproduces (or resumes) the run
+    res.write_text("config.yaml", f"# python -m jobs.{kind} --config config.yaml\n"
+                   + yaml.safe_dump(dict(config), sort_keys=False))
 
 
 def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None,

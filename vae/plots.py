@@ -1,18 +1,23 @@
 """Figures drawn from the results tables alone (never from live models).
 
-Each function takes DataFrames with the contract's columns (`vae.results`)
-and a path, writes one PNG, and returns the path, or returns None when the
-tables hold nothing to draw (the report then says so).
+Each function takes DataFrames with the contract's columns (`vae.results`). With a `path` it writes one
+PNG, closes the figure and returns the path (the report); without one it returns the matplotlib Figure,
+which a notebook draws inline. `ax` draws into an existing axes (its place is split for multi-panel
+figures). None means the tables hold nothing to draw (the report then says so).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import sys
 
 import matplotlib
 import matplotlib.patches
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend, so figures draw in the page
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -25,52 +30,66 @@ STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.s
          "font.size": 10}
 
 
-def _subplots(*args, **kwargs):
-    return plt.subplots(*args, layout="constrained", **kwargs)  # colour bars and titles without overlaps
+def _subplots(nrows: int = 1, ncols: int = 1, ax=None, squeeze: bool = True, **kwargs):
+    """(figure, axes) as `plt.subplots` gives them; given an `ax` (a notebook's, or a panel of a larger
+    figure), the panels are drawn in its place instead of in a new figure."""
+    if ax is None:  # constrained layout: colour bars and titles without overlaps
+        return plt.subplots(nrows, ncols, layout="constrained", squeeze=squeeze, **kwargs)
+    fig = ax.figure
+    if nrows == ncols == 1 and squeeze:
+        return fig, ax
+    grid = ax.get_subplotspec().subgridspec(nrows, ncols)
+    ax.remove()
+    axes = np.array([[fig.add_subplot(grid[i, j]) for j in range(ncols)] for i in range(nrows)])
+    return fig, (axes.squeeze() if squeeze and axes.size > 1 else axes[0, 0] if squeeze else axes)
 
 
-def _save(fig, path: str) -> str:
+def _finish(fig, path: str | None):
+    """With a path: the PNG written and the figure closed (the report); without: the Figure (a notebook)."""
+    if path is None:
+        return fig
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
-def loss_curves(epochs: pd.DataFrame, path: str) -> str | None:
+def loss_curves(epochs: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """Total, reconstruction and KL per epoch, train and test; epoch 0 is the test before training."""
     if epochs.empty:
         return None
     e = epochs.sort_values("epoch")
     with plt.rc_context(STYLE):
-        fig, axes = _subplots(1, 3, figsize=(12, 3.6))
+        fig, axes = _subplots(1, 3, figsize=(12, 3.6), ax=ax)
         for ax, (col, title) in zip(axes, [("loss", "negative ELBO"), ("recon", "reconstruction"), ("kl", "KL")]):
             ax.plot(e.epoch, e[f"test_{col}"], "o-", label="test", ms=3)
             ax.plot(e.epoch, e[f"train_{col}"], "s--", label="train", ms=3)
             ax.set(title=title, xlabel="epoch", ylabel="nats per example")
             ax.legend()
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def kl_heatmap(kl_per_dim: pd.DataFrame, path: str) -> str | None:
+def kl_heatmap(kl_per_dim: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """KL of each latent dimension over epochs: where collapse shows first."""
     if kl_per_dim.empty:
         return None
     grid = kl_per_dim.pivot_table(index="dim", columns="epoch", values="kl")
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, ax = _subplots(figsize=(8, max(2.5, 0.25 * len(grid) + 1.5)))
+        fig, ax = _subplots(figsize=(8, max(2.5, 0.25 * len(grid) + 1.5)), ax=ax)
         im = ax.imshow(np.log10(np.clip(grid.values, 1e-4, None)), aspect="auto", cmap="viridis",
                        extent=(grid.columns.min() - 0.5, grid.columns.max() + 0.5, len(grid) - 0.5, -0.5))
         fig.colorbar(im, ax=ax, label="log10 KL (nats)")
         ax.set(xlabel="epoch", ylabel="latent dimension", title="KL per latent dimension")
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def kl_bars(kl_per_dim: pd.DataFrame, path: str, kl_threshold: float = KL_THRESHOLD) -> str | None:
+def kl_bars(kl_per_dim: pd.DataFrame, path: str | None = None, kl_threshold: float = KL_THRESHOLD,
+            ax=None) -> Any:
     """Final KL per dimension, sorted, with the collapse threshold."""
     if kl_per_dim.empty:
         return None
     last = kl_per_dim[kl_per_dim.epoch == kl_per_dim.epoch.max()].sort_values("kl", ascending=False)
     with plt.rc_context(STYLE):
-        fig, ax = _subplots(figsize=(8, 3.4))
+        fig, ax = _subplots(figsize=(8, 3.4), ax=ax)
         colors = ["tab:blue" if k >= kl_threshold else "tab:red" for k in last.kl]
         ax.bar(range(len(last)), last.kl, color=colors)
         ax.axhline(kl_threshold, color="k", ls="--", lw=1, label=f"threshold {kl_threshold:g} nats")
@@ -78,16 +97,16 @@ def kl_bars(kl_per_dim: pd.DataFrame, path: str, kl_threshold: float = KL_THRESH
         ax.set(yscale="symlog", xlabel="latent dimension (sorted)", ylabel="test KL (nats)",
                title=f"KL per dimension at epoch {int(last.epoch.max())}")
         ax.legend()
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def activity_curves(epochs: pd.DataFrame, path: str) -> str | None:
+def activity_curves(epochs: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """Active units, units in use and mutual information I(x; z) over epochs."""
     if epochs.empty:
         return None
     e = epochs.sort_values("epoch")
     with plt.rc_context(STYLE):
-        fig, ax = _subplots(figsize=(7, 3.4))
+        fig, ax = _subplots(figsize=(7, 3.4), ax=ax)
         ax.plot(e.epoch, e.active_units, "o-", color="tab:blue", ms=3, label="active")
         ax.plot(e.epoch, e.units_in_use, "^-", color="tab:green", ms=3, label="in use")
         ax.legend(loc="lower left", fontsize=8)
@@ -96,14 +115,15 @@ def activity_curves(epochs: pd.DataFrame, path: str) -> str | None:
         ax2.plot(e.epoch, e.mutual_info, "s--", color="tab:orange", ms=3)
         ax2.set_ylabel("mutual information (nats)", color="tab:orange")
         ax.set_title("active units (blue), units in use (green) and I(x; z) (orange)")
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def _image_grid(rows: list[np.ndarray], shape: tuple[int, int], path: str, title: str,
-                row_labels: list[str] | None = None) -> str:
+def _image_grid(rows: list[np.ndarray], shape: tuple[int, int], path: str | None, title: str,
+                row_labels: list[str] | None = None, ax=None) -> Any:
     with plt.rc_context({**STYLE, "axes.grid": False}):
         n_rows, n_cols = len(rows), max(len(r) for r in rows)
-        fig, axes = _subplots(n_rows, n_cols, figsize=(0.7 * n_cols + 0.8, 0.75 * n_rows + 0.6), squeeze=False)
+        fig, axes = _subplots(n_rows, n_cols, figsize=(0.7 * n_cols + 0.8, 0.75 * n_rows + 0.6), squeeze=False,
+                              ax=ax)
         for i, row in enumerate(rows):
             for j in range(n_cols):
                 ax = axes[i][j]
@@ -114,7 +134,7 @@ def _image_grid(rows: list[np.ndarray], shape: tuple[int, int], path: str, title
                 axes[i][0].text(-0.15, 0.5, row_labels[i], transform=axes[i][0].transAxes, ha="right",
                                 va="center", fontsize=8)
         fig.suptitle(title)
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
 def _latest(images: pd.DataFrame, kind: str) -> pd.DataFrame:
@@ -122,36 +142,36 @@ def _latest(images: pd.DataFrame, kind: str) -> pd.DataFrame:
     return rows[rows.epoch == rows.epoch.max()].sort_values(["pair", "index"]) if len(rows) else rows
 
 
-def reconstructions(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+def reconstructions(images: pd.DataFrame, path: str | None = None, shape=(28, 28), ax=None) -> Any:
     rec = _latest(images, "reconstruction")
     if rec.empty:
         return None
     orig = images[(images.kind == "original") & (images.epoch == rec.epoch.max())].sort_values("index")
     return _image_grid([list(orig["values"]), list(rec["values"])], shape, path,
                        f"test images (top) and reconstructions (bottom), epoch {int(rec.epoch.max())}",
-                       ["original", "recon"])
+                       ["original", "recon"], ax=ax)
 
 
-def prior_samples(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+def prior_samples(images: pd.DataFrame, path: str | None = None, shape=(28, 28), ax=None) -> Any:
     s = _latest(images, "prior_sample")
     if s.empty:
         return None
     vals = list(s["values"])
     cols = 8
     return _image_grid([vals[i:i + cols] for i in range(0, len(vals), cols)], shape, path,
-                       f"decoded means of z ~ N(0, I), epoch {int(s.epoch.max())}")
+                       f"decoded means of z ~ N(0, I), epoch {int(s.epoch.max())}", ax=ax)
 
 
-def interpolations(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+def interpolations(images: pd.DataFrame, path: str | None = None, shape=(28, 28), ax=None) -> Any:
     s = _latest(images, "interpolation")
     if s.empty:
         return None
     rows = [list(g.sort_values("index")["values"]) for _, g in s.groupby("pair")]
     return _image_grid(rows, shape, path, "decoded straight paths between two test codes (holes show as blur)",
-                       [f"pair {p}" for p in sorted(s.pair.unique())])
+                       [f"pair {p}" for p in sorted(s.pair.unique())], ax=ax)
 
 
-def latent_space(latents: pd.DataFrame, path: str, tsne: bool = True) -> str | None:
+def latent_space(latents: pd.DataFrame, path: str | None = None, tsne: bool = True, ax=None) -> Any:
     """Test-set means in 2-D: as they are for latent size 2, else PCA and (with `tsne`) t-SNE when installed."""
     if latents.empty:
         return None
@@ -175,17 +195,17 @@ def latent_space(latents: pd.DataFrame, path: str, tsne: bool = True) -> str | N
         except ImportError:
             pass  # PCA alone; the figure's titles say which projections it shows
     with plt.rc_context(STYLE):
-        fig, axes = _subplots(1, len(views), figsize=(5.2 * len(views), 4.4), squeeze=False)
+        fig, axes = _subplots(1, len(views), figsize=(5.2 * len(views), 4.4), squeeze=False, ax=ax)
         for ax, (title, pts) in zip(axes[0], views):
             lab = labels[: len(pts)]
             sc = ax.scatter(pts[:, 0], pts[:, 1], c=lab, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
             ax.set(title=title, xlabel="axis 1", ylabel="axis 2")
         if len(np.unique(labels)) > 1:
             fig.colorbar(sc, ax=axes[0].tolist(), label="digit", ticks=range(10))
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def manifold(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
+def manifold(images: pd.DataFrame, path: str | None = None, shape=(28, 28), ax=None) -> Any:
     """Latent size 2: decoded means over a 12 x 12 grid of z in [-2.5, 2.5]^2."""
     s = _latest(images, "manifold")
     if s.empty:
@@ -193,10 +213,10 @@ def manifold(images: pd.DataFrame, path: str, shape=(28, 28)) -> str | None:
     vals = list(s.sort_values("index")["values"])
     n = int(round(math.sqrt(len(vals))))
     return _image_grid([vals[i:i + n] for i in range(0, len(vals), n)], shape, path,
-                       f"decoded manifold over z1, z2 in [-2.5, 2.5], epoch {int(s.epoch.max())}")
+                       f"decoded manifold over z1, z2 in [-2.5, 2.5], epoch {int(s.epoch.max())}", ax=ax)
 
 
-def toy_histograms(images: pd.DataFrame, path: str) -> str | None:
+def toy_histograms(images: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """2-D Gaussian: true test samples and generated samples under the true density's contours."""
     true = images[images.kind == "original"]
     gen = _latest(images, "generated_noisy")
@@ -208,16 +228,16 @@ def toy_histograms(images: pd.DataFrame, path: str) -> str | None:
     d = np.stack([xs - mean[0], ys - mean[1]], -1)
     dens = np.exp(-0.5 * np.einsum("...i,ij,...j", d, np.linalg.inv(cov), d)) / (2 * math.pi * math.sqrt(np.linalg.det(cov)))
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, axes = _subplots(1, 2, figsize=(10, 4.4), sharex=True, sharey=True)
+        fig, axes = _subplots(1, 2, figsize=(10, 4.4), sharex=True, sharey=True, ax=ax)
         for ax, pts, title in [(axes[0], t, "true test samples"),
                                (axes[1], g, f"generated samples, epoch {int(gen.epoch.max())}")]:
             ax.hist2d(pts[:, 0], pts[:, 1], bins=50, range=[[-3, 5], [-3.5, 4.5]], cmap="Blues")
             ax.contour(xs, ys, dens, levels=5, colors="tab:red", linewidths=0.8)
             ax.set(title=title, xlabel="x1", ylabel="x2")
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def toy_progress(images: pd.DataFrame, path: str) -> str | None:
+def toy_progress(images: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """Generated points at the snapshot epochs: how the model learns the density."""
     gen = images[images.kind == "generated_noisy"]
     if gen.empty:
@@ -225,21 +245,21 @@ def toy_progress(images: pd.DataFrame, path: str) -> str | None:
     epochs = sorted(gen.epoch.unique())
     with plt.rc_context(STYLE):
         fig, axes = _subplots(1, len(epochs), figsize=(2.6 * len(epochs), 2.8), sharex=True, sharey=True,
-                                 squeeze=False)
+                              squeeze=False, ax=ax)
         for ax, ep in zip(axes[0], epochs):
             pts = np.stack(gen[gen.epoch == ep]["values"].to_numpy())
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
             ax.set(title=f"epoch {ep}", xlim=(-3, 5), ylim=(-3.5, 4.5))
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def collapse_heatmaps(table: pd.DataFrame, path: str) -> str | None:
+def collapse_heatmaps(table: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """For each learning rate: fraction of units in use over latent size x beta, critical beta on top, diverged marked."""
     if table.empty:
         return None
     lrs = sorted(table.lr.unique())
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, axes = _subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False)
+        fig, axes = _subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False, ax=ax)
         for ax, lr in zip(axes[0], lrs):
             t = table[table.lr == lr]
             grid = t.pivot_table(index="latent_dim", columns="beta", values="fraction_in_use", aggfunc="mean")
@@ -272,16 +292,16 @@ def collapse_heatmaps(table: pd.DataFrame, path: str) -> str | None:
                 ax.plot(xs, ys, "k-o", lw=2, ms=4, label="critical beta")
                 ax.legend(loc="upper right", fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), label="units in use / latent size")
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def rate_distortion(final: pd.DataFrame, path: str) -> str | None:
+def rate_distortion(final: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """Test KL (rate) against reconstruction (distortion) for every trial, coloured by beta."""
     ok = final[np.isfinite(final.test_recon) & np.isfinite(final.test_kl)] if not final.empty else final
     if ok.empty:
         return None
     with plt.rc_context(STYLE):
-        fig, ax = _subplots(figsize=(6.5, 4.4))
+        fig, ax = _subplots(figsize=(6.5, 4.4), ax=ax)
         collapsed = ok.status == "collapsed"
         sc = ax.scatter(ok.test_kl[~collapsed], ok.test_recon[~collapsed], c=np.log10(ok.beta[~collapsed]),
                         cmap="plasma", s=30, label="not collapsed", vmin=np.log10(ok.beta.min()),
@@ -291,10 +311,10 @@ def rate_distortion(final: pd.DataFrame, path: str) -> str | None:
         ax.set(xscale="symlog", xlabel="rate: test KL (nats)", ylabel="distortion: test reconstruction (nats)",
                title="rate-distortion over trials")
         ax.legend()
-        return _save(fig, path)
+        return _finish(fig, path)
 
 
-def brackets(table: pd.DataFrame, path: str) -> str | None:
+def brackets(table: pd.DataFrame, path: str | None = None, ax=None) -> Any:
     """Each cell's tried betas and their fractions of units in use, with the final critical-beta bracket shaded."""
     if table.empty:
         return None
@@ -302,7 +322,7 @@ def brackets(table: pd.DataFrame, path: str) -> str | None:
     cols = min(3, len(cells))
     rows = -(-len(cells) // cols)
     with plt.rc_context(STYLE):
-        fig, axes = _subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+        fig, axes = _subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False, ax=ax)
         for ax in axes.flat[len(cells):]:
             ax.axis("off")
         for ax, ((z, lr), cell) in zip(axes.flat, cells):
@@ -321,4 +341,4 @@ def brackets(table: pd.DataFrame, path: str) -> str | None:
             ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="beta", ylabel="fraction in use", title=title)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        return _save(fig, path)
+        return _finish(fig, path)

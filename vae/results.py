@@ -204,12 +204,16 @@ class Results:
         return final
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
+        self.write_text(name, json.dumps(payload, indent=2, default=str))
+
+    def write_text(self, name: str, text: str) -> None:
+        """`<root>/<name>`, written under a temporary name and renamed into place."""
         final = f"{self.path}/{name}"
         tmp = f"{self.path}/.tmp-{uuid.uuid4().hex}-{name}"
         try:
             self.fs.create_dir(self.path, recursive=True)
             with self.fs.open_output_stream(tmp) as out:
-                out.write(json.dumps(payload, indent=2, default=str).encode())
+                out.write(text.encode())
             self.fs.move(tmp, final)
         except OSError as e:
             raise StorageError(f"cannot write {final}: {e}") from None

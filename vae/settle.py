@@ -48,12 +48,17 @@ def unit_sides(kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds, mar
 
 def epochs_to_cross(series: np.ndarray, threshold: float) -> float:
     """Epochs until the log-linear trend of `series` (one value per epoch) reaches `threshold`; inf when
-    it moves away from it or stays flat."""
+    it moves away from it or has no clear trend (a slope within two standard errors of zero: the noise of
+    a collapsed unit's tiny KL wanders in log space without going anywhere)."""
     y = np.log(np.maximum(np.asarray(series, float), 1e-30))
     t = np.arange(len(y), dtype=float)
-    slope = np.polyfit(t, y, 1)[0] if len(y) > 1 else 0.0
     gap = math.log(threshold) - y[-1]
-    if slope == 0 or gap == 0 or (gap > 0) != (slope > 0):
+    if len(y) < 3:
+        return math.inf
+    slope, intercept = np.polyfit(t, y, 1)
+    resid = y - (slope * t + intercept)
+    se = math.sqrt(float(resid @ resid) / (len(y) - 2) / float(((t - t.mean()) ** 2).sum()))
+    if abs(slope) <= 2 * se or gap == 0 or (gap > 0) != (slope > 0):
         return 0.0 if gap == 0 else math.inf
     return gap / slope
 

@@ -1,0 +1,73 @@
+"""The Python API: the same validation as the CLI, the same run, results and models back in Python."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+
+import vae
+import vae.api
+from vae.config import ConfigError
+
+
+def test_bad_values_raise_the_clis_one_line_message():
+    with pytest.raises(ConfigError, match=r"^--lr: must be a number in \(0, 100\] \(got -1.0\)$"):
+        vae.api.train_config(lr=-1)
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
+        vae.api.train_config(learning_rate=0.1)
+    from tune.api import sweep_config
+
+    with pytest.raises(ConfigError, match="--betas: must be a comma-separated list of numbers"):
+        sweep_config(betas="1,x")
+    assert sweep_config(dataset="gaussian2d", betas=[0.5, 2]).axis("betas") == [0.5, 2.0]
+
+
+def test_train_returns_its_tables_figures_and_a_model_to_use(ray_cluster, tmp_path):
+    run = vae.train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=2, lr=0.01, iw_samples=0,
+                    storage=str(tmp_path), name="api", quiet=True)
+    assert sorted(run.epochs.epoch) == [0, 1, 2] and run.trials.status.tolist() == ["finished"]
+    assert run.config["decoder_var"] == "1" and run.info["kind"] == "train"
+    fig = run.plot("loss_curves")
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 3
+    again = vae.open_results(str(tmp_path / "api"))
+    assert again.kl_per_dim.equals(run.kl_per_dim)
+    model = vae.load_model(str(tmp_path / "api"))
+    assert model.epoch == 2 and model.trial_id == "api"
+    x = torch.randn(5, 2)
+    mu, logvar = model.encode(x)
+    mean, var = model.decode(mu)
+    assert mu.shape == logvar.shape == (5, 2) and mean.shape == var.shape == (5, 2)
+    assert torch.allclose(var, torch.ones_like(var))  # the fixed decoder variance
+    assert model.sample(7, seed=0).shape == (7, 2) and torch.equal(model.sample(7, seed=0), model.sample(7, seed=0))
+    assert torch.allclose(model.reconstruct(x), mean)
+    assert vae.load_model(str(tmp_path / "api"), epoch=1).epoch == 1  # Ray Train keeps the latest two
+    with pytest.raises(FileNotFoundError, match="no checkpoint of trial 'api' at epoch 0"):
+        vae.load_model(str(tmp_path / "api"), epoch=0)
+
+
+def test_a_failed_run_raises_with_the_clis_line(ray_cluster, tmp_path):
+    vae.train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=1, iw_samples=0, storage=str(tmp_path),
+              name="b", quiet=True)
+    with pytest.raises(vae.RunFailed, match=r"was run with other settings \(--beta 1.0 -> 2.0\)"):
+        vae.train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=1, iw_samples=0,
+                  storage=str(tmp_path), name="b", beta=2.0, quiet=True)
+
+
+def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    """examples/quickstart.ipynb (committed without outputs): a sweep, its map inline, a model sampled."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed clean
+    monkeypatch.setenv("VAE_STORAGE", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parents[1])}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # figures drawn inline
+    table = next(o["data"]["text/plain"] for o in outputs if "theory_units" in o.get("data", {}).get("text/plain", ""))
+    assert "0.3" in table and "TrainedVAE(linear" in str(outputs)

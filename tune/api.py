@@ -1,0 +1,141 @@
+"""The Python API of sweeps: `sweep(...)` takes the flags of `python -m jobs.sweep` as keyword arguments
+(or a `SweepConfig`), validates them the same way, and runs through the same function as the CLI
+(`run_sweep`); it returns the sweep's results (`vae.api.RunResults`: tables, config, figures).
+
+    from tune.api import sweep
+    s = sweep(dataset="gaussian2d", model="linear", decoder_var=1, latent_dims="2", betas="0.3,1,3", epochs=5)
+    s.collapse_map; s.plot("collapse_heatmaps")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from vae.api import RunFailed, RunResults, open_results
+from vae.config import build
+
+from .space import SweepConfig, finish_parse
+
+PROG = "jobs.sweep"
+
+
+def sweep_config(config: SweepConfig | Mapping[str, Any] | None = None, **flags: Any) -> SweepConfig:
+    """A resolved SweepConfig from a config object or mapping plus flag-named overrides (`ConfigError`:
+    the CLI's one-line message)."""
+    values = dict(config.to_dict() if isinstance(config, SweepConfig) else config or {})
+    values.update({k.replace("-", "_"): (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                   for k, v in flags.items()})
+    if "decoder_var" in values and not isinstance(values["decoder_var"], str):
+        values["decoder_var"] = str(values["decoder_var"])
+    return finish_parse(build(SweepConfig, values, source="sweep()"))
+
+
+def run_sweep(sweep: SweepConfig, argv: list[str], resume: bool = False, retry_errored: bool = False,
+              verbose: bool = False, given_flags: Iterable[str] = (), emit: Callable[[str], None] = print
+              ) -> tuple[int, str]:
+    """The sweep job: identity and lock, Ray, resources, Tune, trials settled, collapse map, summary.
+    Returns (exit code, last line): 0 done, 1 some trials errored, 2 refused."""
+    from ray import tune as ray_tune
+
+    from vae.data import DataError, preflight
+    from vae.results import Results, StorageError, run_root
+    from vae.runs import RunError, RunLock, check_identity
+
+    root = run_root(sweep.storage, sweep.name)
+    if resume and not ray_tune.Tuner.can_restore(root):
+        return 2, f"error: --resume: no sweep to finish at {root}"
+    if not resume and Results(root).exists():
+        return 2, f"error: --name: {root} already exists; use --resume to finish it or pick another name"
+    lock = RunLock(root, ["python -m", PROG, *argv])
+    try:
+        if resume:  # the recorded sweep, with only the flags given now changed (and those checked)
+            sweep = resumed_config(sweep, given_flags, Results(root))
+            for note in check_identity(Results(root), "sweep", sweep.to_dict()):
+                emit(f"{PROG}: {note}")
+        preflight(sweep.dataset, sweep.data_dir)
+        lock.acquire()
+    except (DataError, RunError, StorageError) as e:
+        return 2, f"error: {e}"
+    try:
+        return _run(sweep, argv, root, resume, retry_errored, verbose, emit)
+    finally:
+        lock.release()
+
+
+def sweep(config: SweepConfig | Mapping[str, Any] | None = None, *, resume: bool = False,
+          retry_errored: bool = False, verbose: bool = False, quiet: bool = False, **flags: Any) -> RunResults:
+    """Run a sweep (a local Ray instance unless one is running) and return its results. Raises
+    `ConfigError` for a bad value and `RunFailed` when the sweep is refused or a trial errored."""
+    cfg = sweep_config(config, **flags)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + (["--resume"] if resume else [])
+    code, line = run_sweep(cfg, argv, resume, retry_errored, verbose, given_flags=flags,
+                           emit=(lambda _: None) if quiet else print)
+    if code != 0:
+        raise RunFailed(line)
+    from vae.results import run_root
+
+    return open_results(run_root(cfg.storage, cfg.name))
+
+
+def resumed_config(sweep, given_flags, res):
+    """`--resume --name N`: the sweep as run.json recorded it, with the flags given now on top."""
+    from vae.config import ConfigError
+    from vae.runs import RunError
+
+    info = res.read_json("run.json") or {}
+    if info.get("kind") != "sweep":
+        raise RunError(f"--resume: {res.root} holds no sweep (no run.json of kind sweep)")
+    fields = {f.name for f in dataclasses.fields(SweepConfig)}
+    given = {k: getattr(sweep, k) for k in given_flags if k in fields}
+    try:
+        return SweepConfig(**{**{k: v for k, v in info["config"].items() if k in fields}, **given})
+    except (ConfigError, TypeError) as e:
+        raise RunError(f"--resume: {res.root}/run.json does not hold a usable sweep config ({e})") from None
+
+
+def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, str]:
+    from vae import collapse, launch
+    from vae.results import Results
+    from vae.runs import RunError
+
+    from .sweep import settle_trials, tuner
+
+    launch.connect(verbose=verbose)
+    cpus, _ = launch.cluster_resources()
+    try:
+        launch.check_trial_resources(sweep.cpus_per_trial, sweep.gpus_per_trial, sweep.workers_per_trial)
+    except RunError as e:
+        return 2, f"error: {e}"
+    if not resume:
+        launch.record_run(root, "sweep", argv, sweep.to_dict())
+    count = f"about {sweep.n_trials()}" if sweep.search == "boundary" else str(sweep.n_trials())
+    emit(f"{PROG}: {sweep.name}: {count} trials ({sweep.search} search) of {sweep.dataset}/{sweep.model}, "
+          + (f"until settled ({sweep.epochs} to {sweep.trial_config().budget} epochs each)" if sweep.until_settled
+             else f"{sweep.epochs} epochs each") + f"; results in {root}")
+    started = time.time()
+    grid = tuner(sweep, resume=resume, retry_errored=retry_errored, emit=emit, cluster_cpus=cpus).fit()
+    settle_trials(sweep, grid)
+    table = collapse.build(root, collapse.Thresholds(sweep.active_threshold, sweep.kl_threshold))
+    trials = Results(root).read("trials")
+    counts = trials.status.value_counts().to_dict()
+    emit(f"{PROG}: {sweep.name}: {len(trials)} trials in {time.time() - started:.0f}s "
+          f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); collapse map: {len(table)} cells, "
+          f"{int((table.frac_settled < 1).sum()) if len(table) else 0} unsettled")
+    agree = collapse.theory_agreement(table)
+    if agree["cells"]:
+        emit(f"{PROG}: against the linear VAE's theory: {agree['match']} cells match, {agree['off']} off, "
+              f"{agree['too_close']} too close to an eigenvalue to judge")
+    for key, cell in table.groupby(collapse.CELL_AXES, dropna=False):
+        row = cell.iloc[0]
+        crit = (f"{row.critical_beta:.3g} (between {row.critical_beta_lower:g} and {row.critical_beta_upper:g})"
+                if not math.isnan(row.critical_beta) else
+                ("below the betas tried" if not math.isnan(row.critical_beta_upper) else
+                 "above the betas tried"))
+        emit(f"  latent {row.latent_dim}, lr {row.lr:g}: critical beta {crit}"
+              + ("" if row.monotone else " [not monotone in beta]"))
+    return (1 if grid.num_errors else 0), f"tables and collapse_map/ in {root}"
+
+

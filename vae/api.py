@@ -1,0 +1,331 @@
+"""The Python API: train a VAE, open a run's results, load a trained model back.
+
+    from vae import train, open_results, load_model
+    run = train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=5, name="toy")
+    run.epochs                        # the tables, as DataFrames
+    run.plot("loss_curves")           # a matplotlib Figure (inline in a notebook)
+    vae = load_model(run.root)        # the trained model, to encode, decode, sample
+
+`train` takes the flags of `python -m jobs.train` as keyword arguments (underscores for dashes) or a
+`TrainConfig`, validates them the same way (a bad value raises `ConfigError` with the CLI's one-line
+message), and runs through the same function as the CLI (`run_training`). Sweeps: `tune.api.sweep`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from .config import ConfigError, TrainConfig, build, resolve
+from .results import SCHEMAS, Results
+
+EXIT_FOR = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class RunFailed(RuntimeError):
+    """A run that ended without finishing (failed, diverged, interrupted); the message says how."""
+
+
+def train_config(config: TrainConfig | Mapping[str, Any] | None = None, **flags: Any) -> TrainConfig:
+    """A resolved TrainConfig from a config object or mapping plus flag-named overrides, checked as the CLI
+    checks them (`ConfigError`: one line naming the flag)."""
+    values = dict(config.to_dict() if isinstance(config, TrainConfig) else config or {})
+    values.update({k.replace("-", "_"): v for k, v in flags.items()})
+    values = {k: (str(v) if k == "decoder_var" and not isinstance(v, str) else v) for k, v in values.items()}
+    return resolve(build(TrainConfig, values, source="train()"))
+
+
+def run_training(cfg: TrainConfig, argv: list[str], verbose: bool = False, emit: Callable[[str], None] = print,
+                 warn: Callable[[str], None] | None = None, handle_signals: bool = False) -> tuple[int, str]:
+    """The training job: data check, identity and lock, Ray, resources, fit, summary. Returns (exit code,
+    last line). Codes as `jobs.train`'s: 0, 1 failed or diverged, 2 refused, 130 / 143 interrupted."""
+    from .data import DataError, preflight
+    from .results import StorageError, run_root
+    from .runs import RunError, RunLock, check_identity
+
+    warn = warn or emit
+    root = run_root(cfg.storage, cfg.name)
+    res = Results(root)
+    lock = RunLock(root, ["python -m jobs.train", *argv])
+    try:
+        preflight(cfg.dataset, cfg.data_dir)  # fail on bad data before any cluster work
+        notes = check_identity(res, "train", cfg.to_dict())
+        lock.acquire()
+    except (DataError, RunError, StorageError) as e:
+        return 2, f"error: {e}"
+    try:
+        return _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes)
+    finally:
+        lock.release()
+
+
+def _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes) -> tuple[int, str]:
+    from . import launch
+    from .results import StorageError
+    from .runs import RunError
+
+    root = res.root
+    if lock.took_over:
+        emit(f"took over the lock of a job that is gone ({lock.took_over.get('host')}, "
+             f"pid {lock.took_over.get('pid')}, started {lock.took_over.get('started')})")
+    for note in notes:
+        emit(note)
+    for path in res.set_aside_damaged() if res.exists() else []:
+        emit(f"{path} could not be read: moved aside to {os.path.basename(path)}.damaged")
+    res.clear_stop()
+    launch.connect(verbose=verbose)
+    cfg = launch.settle_scaling(cfg)
+    try:
+        launch.check_resources(cfg, emit=emit)
+    except RunError as e:
+        return 2, f"error: {e}"
+    launch.record_run(root, "train", argv, cfg.to_dict())
+    emit(f"{cfg.name}: {cfg.dataset}/{cfg.model} z={cfg.latent_dim} beta={cfg.beta:g} lr={cfg.lr:g} "
+         f"on {cfg.num_workers} worker(s), {'GPU' if cfg.use_gpu else 'CPU'}; results in {root}")
+    follower = launch.EpochFollower(cfg, emit=emit)
+    last = follower.resumed_after()
+    if last is not None:
+        emit(f"resuming {cfg.name}: epochs up to {last} are done")
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        if received:  # the second: stop at once
+            warn("stopping now; the epoch in flight is lost (rerun the same command to resume from the last "
+                 "whole one)")
+            launch.shutdown_quietly()
+            os._exit(EXIT_FOR.get(signum, 130))
+        received.append(signum)
+        warn(f"{signal.Signals(signum).name}: stopping after the epoch in flight (again to stop at once)")
+        res.request_stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, on_signal) for s in EXIT_FOR} if handle_signals else {}
+    follower.start()
+    try:
+        # fit() off the main thread: Ray Train then leaves SIGINT to us (on the main thread it installs its
+        # own handler, which aborts the run mid-epoch), and the main thread stays free to take signals.
+        result = launch.in_thread(launch.fit, cfg)
+        error = result.error
+    except Exception as e:  # TrainingFailedError and friends: one line, the details are in Ray's logs
+        error = e
+    finally:
+        follower.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    try:
+        trial = res.read("trials")
+    except StorageError as e:
+        return 1, f"error: {e}"
+    res.clear_stop()
+    trial = trial[trial.trial_id == cfg.run_id]
+    if received:
+        done = int(trial.epochs_done.iloc[0]) if len(trial) else 0
+        launch.shutdown_quietly()
+        return EXIT_FOR[received[0]], (f"interrupted: {cfg.name} stopped after epoch {done} (tables and checkpoint "
+                                       f"agree); resume with: python -m jobs.train {' '.join(argv)}")
+    if error is not None or trial.empty:
+        return 1, f"failed: {launch.error_line(error)}; results so far in {root}"
+    row = trial.iloc[0]
+    line = (f"{row.status}: {cfg.name} test_loss={row.test_loss:.2f} iw_nll={row.iw_nll:.2f} "
+            f"units_in_use={row.units_in_use}/{cfg.latent_dim} (active {row.active_units}) epochs={row.epochs_done} "
+            f"settled={'yes' if row.settled else 'no'} wall={row.wall_seconds:.0f}s results={root}"
+            + (f" ({row.error})" if row.error else "") + (f" [{row.end_reason}]" if row.end_reason else ""))
+    return (0 if row.status == "finished" else 1), line
+
+
+def train(config: TrainConfig | Mapping[str, Any] | None = None, *, verbose: bool = False,
+          quiet: bool = False, **flags: Any) -> "RunResults":
+    """Train one VAE (Ray Train, a local Ray instance unless one is running) and return its results.
+
+    Keyword arguments are the CLI's flags (`latent_dim=2`, `until_settled=True`, ...). Raises `ConfigError`
+    for a bad value and `RunFailed` when the run does not finish (its results so far stay on disk)."""
+    cfg = train_config(config, **flags)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    code, line = run_training(cfg, argv, verbose, emit=(lambda _: None) if quiet else print)
+    if code != 0:
+        raise RunFailed(line)
+    if not quiet:
+        print(line)
+    from .results import run_root
+
+    return open_results(run_root(cfg.storage, cfg.name))
+
+
+# ------------------------------------------------------------------ results
+@dataclass
+class RunResults:
+    """A run's or a sweep's folder: its tables as DataFrames, its config, and its figures."""
+
+    root: str
+    _res: Results = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self._res = Results(self.root)
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in SCHEMAS:
+            raise KeyError(f"no table {name!r}; tables: {', '.join(SCHEMAS)}")
+        return self._res.read(name)
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        if name in SCHEMAS:
+            return self.table(name)
+        raise AttributeError(name)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """run.json: what the folder is, the command, the config, versions."""
+        return self._res.read_json("run.json") or {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.info.get("config", {}))
+
+    def plot(self, name: str, trial_id: str | None = None, ax=None, **kwargs: Any):
+        """A figure of `vae.plots` by name, drawn from the tables it needs (one trial's, for trial figures:
+        the run's own, or `trial_id`); returns the matplotlib Figure."""
+        from . import plots
+        from .collapse import collapse_map, final_rows, recorded_thresholds
+
+        fn = getattr(plots, name, None)
+        if fn is None or name.startswith("_"):
+            raise KeyError(f"no figure {name!r}")
+        if name in ("collapse_heatmaps", "brackets"):
+            table = self.table("collapse_map")
+            if table.empty:
+                table = collapse_map(self.trials, self.epochs, self.kl_per_dim, recorded_thresholds(self._res),
+                                     self.spectrum)
+            return fn(table, ax=ax, **kwargs)
+        if name == "rate_distortion":
+            return fn(final_rows(self.trials, self.epochs, self.kl_per_dim, recorded_thresholds(self._res)),
+                      ax=ax, **kwargs)
+        source = {"loss_curves": "epochs", "activity_curves": "epochs", "kl_heatmap": "kl_per_dim",
+                  "kl_bars": "kl_per_dim", "latent_space": "latents"}.get(name, "images")
+        rows = self.table(source)
+        ids = sorted(rows.trial_id.unique()) if len(rows) else []
+        tid = trial_id or (ids[0] if len(ids) == 1 else None)
+        if tid is None and len(ids) > 1:
+            raise ValueError(f"{self.root} holds {len(ids)} trials: pass trial_id= (e.g. {ids[0]!r})")
+        return fn(rows[rows.trial_id == tid] if tid else rows, ax=ax, **kwargs)
+
+
+def open_results(path_or_uri: str) -> RunResults:
+    """A run's or a sweep's results (`<storage>/<name>`, a local path or a pyarrow.fs URI)."""
+    res = Results(path_or_uri)
+    if not res.exists():
+        raise FileNotFoundError(f"no results at {path_or_uri}")
+    return RunResults(path_or_uri)
+
+
+# ------------------------------------------------------------------ models
+class TrainedVAE:
+    """A trained VAE back from its checkpoint, for what a user does with one.
+
+    encode(x) -> (mu, logvar) of q(z|x); decode(z) -> Bernoulli means (pixel intensities) for the MLP, the
+    Gaussian's (mean, variance) for the others; sample(n) -> decoded draws of z ~ N(0, I) (means);
+    reconstruct(x) -> decode(E[z|x]). Inputs are moved to the model's device; no gradients are kept.
+    """
+
+    def __init__(self, model, config: Mapping[str, Any], trial_id: str, epoch: int):
+        self.model, self.config, self.trial_id, self.epoch = model.eval(), dict(config), trial_id, epoch
+        self.device = next(model.parameters()).device
+
+    def __repr__(self) -> str:
+        return (f"TrainedVAE({self.config.get('model')}, latent {self.model.latent_dim}, trial {self.trial_id!r}, "
+                f"epoch {self.epoch}, {self.device})")
+
+    def _in(self, x):
+        import torch
+
+        return torch.as_tensor(x, dtype=torch.float32).to(self.device)
+
+    def encode(self, x):
+        import torch
+
+        with torch.no_grad():
+            return self.model.encode(self._in(x))
+
+    def decode(self, z):
+        import torch
+
+        with torch.no_grad():
+            out = self.model.decode(self._in(z))
+            if self.model.likelihood == "bernoulli":
+                return torch.sigmoid(out)
+            mean, logvar = out
+            return mean, logvar.exp()
+
+    def sample(self, n: int, seed: int | None = None):
+        import torch
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        z = torch.randn(n, self.model.latent_dim, generator=gen)
+        decoded = self.decode(z)
+        return decoded if self.model.likelihood == "bernoulli" else decoded[0]
+
+    def reconstruct(self, x):
+        mu, _ = self.encode(x)
+        decoded = self.decode(mu)
+        return decoded if self.model.likelihood == "bernoulli" else decoded[0]
+
+
+def _checkpoints(res: Results) -> list[str]:
+    """Every checkpoint file (`state.pt`) under a run's folder, at any depth."""
+    import pyarrow.fs as pafs
+
+    infos = res.fs.get_file_info(pafs.FileSelector(res.path, recursive=True, allow_not_found=True))
+    return [i.path for i in infos if i.type == pafs.FileType.File and i.base_name == "state.pt"]
+
+
+def load_model(path_or_uri: str, trial_id: str | None = None, epoch: int | None = None,
+               device: str = "cpu") -> TrainedVAE:
+    """The trained VAE of a run (or of one trial of a sweep) from its checkpoint: the latest, or `epoch`.
+
+    Checkpoints hold weights only and are loaded with `torch.load(weights_only=True)`."""
+    import torch
+
+    from .checkpoint import CheckpointError, check_payload
+    from .data import GAUSSIAN_MEAN
+    from .models import build_model
+
+    res = Results(path_or_uri)
+    trials = res.read("trials")
+    if trials.empty:
+        raise FileNotFoundError(f"no trials at {path_or_uri}")
+    if trial_id is None:
+        if len(trials) > 1:
+            raise ValueError(f"{path_or_uri} holds {len(trials)} trials: pass trial_id= "
+                             f"(e.g. {trials.trial_id.iloc[0]!r})")
+        trial_id = str(trials.trial_id.iloc[0])
+    match = trials[trials.trial_id == trial_id]
+    if match.empty:
+        raise KeyError(f"no trial {trial_id!r} in {path_or_uri}")
+    row = match.iloc[0]
+    found = []
+    for path in _checkpoints(res):
+        with res.fs.open_input_file(path) as src:
+            try:
+                payload = check_payload(torch.load(io.BytesIO(src.read()), map_location="cpu", weights_only=True),
+                                        path, trial_id)
+            except CheckpointError:
+                continue  # another trial's, or not ours
+        found.append(payload)
+    if epoch is not None:
+        found = [p for p in found if int(p["epoch"]) == epoch]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint of trial {trial_id!r}" + (f" at epoch {epoch}" if epoch is not None else "")
+                                + f" under {path_or_uri} (Ray keeps the latest two)")
+    payload = max(found, key=lambda p: int(p["epoch"]))
+    input_dim = 784 if row.dataset == "mnist" else len(GAUSSIAN_MEAN)
+    decoder_var = None if row.decoder_var == "learned" else float(row.decoder_var)
+    model = build_model(row.model, input_dim, int(row.latent_dim), int(row.hidden_dim), decoder_var)
+    model.load_state_dict(payload["model"])
+    return TrainedVAE(model.to(device), row.to_dict(), trial_id, int(payload["epoch"]))
+
+
+__all__ = ["ConfigError", "RunFailed", "RunResults", "TrainedVAE", "load_model", "open_results", "run_training",
+           "train", "train_config"]
