@@ -52,7 +52,8 @@ def _report(args) -> int:
         print(f"{PROG}: thresholds overridden: active > {thresholds.active:g}, KL >= {thresholds.kl:g} nats "
               f"(the run recorded {recorded.active:g} and {recorded.kl:g})")
     try:
-        page = build_report(args.root, args.out, args.trial, thresholds)
+        page = build_report(args.root, args.out, args.trial, thresholds,
+                            progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
     except KeyError:
         print(f"{PROG}: error: --trial: no trial {args.trial!r} in {args.root}", file=sys.stderr)
         return 2

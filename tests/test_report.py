@@ -146,20 +146,32 @@ def test_sweep_report_loads_every_image_in_headless_chromium(ray_cluster, tmp_pa
         assert f'src="{name}"' in page
     for link in re.findall(r'href="(trial-[^"]+\.html)"', page):
         assert (out / link).is_file()
-    # Measure the real page in the browser: a copy beside it reports every <img>'s natural width.
-    probe = out / "probe.html"
-    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load', () => {"
-                                  "document.body.setAttribute('data-widths', JSON.stringify("
-                                  "[...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])));"
-                                  "});</script></body>"))
+    # What the sweep found comes first, from the map's own numbers.
+    table = Results(str(tmp_path / "tiny")).read("collapse_map")
+    assert page.index("What the sweep found") < page.index("What was run")
+    assert f"<b>{len(table)} cells</b>" in page and f"{int((table.status == 'healthy').sum())} healthy" in page
+    # Measure the real pages in the browser at 1280 px: a copy beside each reports every <img>'s natural
+    # width and whether the page scrolls sideways.
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}",
-             "--virtual-time-budget=5000"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
-    widths = json.loads(re.search(r"data-widths=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
-    assert len(widths) >= 2 and all(w > 0 for _, w in widths), widths
-    assert {src for src, _ in widths} <= set(pngs)
+             "--virtual-time-budget=5000", "--window-size=1280,900"]
+    trial_page = next(out.glob("trial-*.html"))
+    for source in (out / "index.html", trial_page):
+        probe = out / f"probe-{source.name}"
+        probe.write_text(source.read_text().replace(
+            "</body>", "<script>window.addEventListener('load', () => {"
+            "document.body.setAttribute('data-widths', JSON.stringify("
+            "[...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])));"
+            "document.body.setAttribute('data-scroll', JSON.stringify("
+            "[document.documentElement.scrollWidth, window.innerWidth]));"
+            "});</script></body>"))
+        dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                             timeout=120).stdout
+        widths = json.loads(re.search(r"data-widths=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
+        assert len(widths) >= 2 and all(w > 0 for _, w in widths), (source.name, widths)
+        assert {src for src, _ in widths} <= set(pngs)
+        scroll_width, inner_width = json.loads(re.search(r"data-scroll=\"([^\"]*)\"", dom).group(1))
+        assert scroll_width <= inner_width, (source.name, scroll_width, inner_width)  # no sideways scrolling
     artifacts = os.environ.get("TEST_ARTIFACTS", str(tmp_path / "artifacts"))
     os.makedirs(artifacts, exist_ok=True)
     subprocess.run([CHROMIUM, *flags, "--window-size=1280,2000",

@@ -15,6 +15,7 @@ import sys
 
 import matplotlib
 import matplotlib.patches
+import matplotlib.ticker
 
 if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend, so figures draw in the page
     matplotlib.use("Agg")
@@ -44,6 +45,12 @@ def _subplots(nrows: int = 1, ncols: int = 1, ax=None, squeeze: bool = True, **k
     return fig, (axes.squeeze() if squeeze and axes.size > 1 else axes[0, 0] if squeeze else axes)
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels as plain numbers (0.01, 1, 100), no minor-tick labels like '1.66354 x 10^0'."""
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _finish(fig, path: str | None):
     """With a path: the PNG written and the figure closed (the report); without: the Figure (a notebook)."""
     if path is None:
@@ -68,17 +75,28 @@ def loss_curves(epochs: pd.DataFrame, path: str | None = None, ax=None) -> Any:
         return _finish(fig, path)
 
 
-def kl_heatmap(kl_per_dim: pd.DataFrame, path: str | None = None, ax=None) -> Any:
-    """KL of each latent dimension over epochs: where collapse shows first."""
+def kl_heatmap(kl_per_dim: pd.DataFrame, path: str | None = None, kl_threshold: float = KL_THRESHOLD,
+               ax=None) -> Any:
+    """KL of each latent dimension over epochs, rows sorted by final KL: units in use on top, the collapsed
+    ones grouped below a line at the threshold; its height is capped."""
     if kl_per_dim.empty:
         return None
     grid = kl_per_dim.pivot_table(index="dim", columns="epoch", values="kl")
+    grid = grid.loc[grid[grid.columns.max()].sort_values(ascending=False).index]
+    used = int((grid[grid.columns.max()] >= kl_threshold).sum())
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, ax = _subplots(figsize=(8, max(2.5, 0.25 * len(grid) + 1.5)), ax=ax)
+        fig, ax = _subplots(figsize=(8, min(6.0, max(2.5, 0.12 * len(grid) + 1.5))), ax=ax)
         im = ax.imshow(np.log10(np.clip(grid.values, 1e-4, None)), aspect="auto", cmap="viridis",
+                       interpolation="nearest",
                        extent=(grid.columns.min() - 0.5, grid.columns.max() + 0.5, len(grid) - 0.5, -0.5))
+        if 0 < used < len(grid):
+            ax.axhline(used - 0.5, color="w", lw=1.5, ls="--")
+            ax.text(grid.columns.max() + 0.5, used - 0.5, f" {used} above {kl_threshold:g} nats", color="k",
+                    va="center", ha="left", fontsize=8, clip_on=False)
+        step = max(1, len(grid) // 25)  # at most about 25 row labels
+        ax.set_yticks(range(0, len(grid), step), [str(d) for d in grid.index[::step]], fontsize=7)
         fig.colorbar(im, ax=ax, label="log10 KL (nats)")
-        ax.set(xlabel="epoch", ylabel="latent dimension", title="KL per latent dimension")
+        ax.set(xlabel="epoch", ylabel="latent dimension (by final KL)", title="KL per latent dimension")
         return _finish(fig, path)
 
 
@@ -96,6 +114,7 @@ def kl_bars(kl_per_dim: pd.DataFrame, path: str | None = None, kl_threshold: flo
         ax.set_xticks(range(len(last)), [str(d) for d in last.dim], fontsize=7)
         ax.set(yscale="symlog", xlabel="latent dimension (sorted)", ylabel="test KL (nats)",
                title=f"KL per dimension at epoch {int(last.epoch.max())}")
+        _plain_log_ticks(ax.yaxis)
         ax.legend()
         return _finish(fig, path)
 
@@ -259,7 +278,9 @@ def collapse_heatmaps(table: pd.DataFrame, path: str | None = None, ax=None) -> 
         return None
     lrs = sorted(table.lr.unique())
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, axes = _subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False, ax=ax)
+        dims_all, betas_all = table.latent_dim.nunique(), table.beta.nunique()
+        fig, axes = _subplots(1, len(lrs), figsize=(max(6.0, 0.9 * betas_all + 2.5) * len(lrs),
+                                                    max(4.2, 0.6 * dims_all + 2)), squeeze=False, ax=ax)
         for ax, lr in zip(axes[0], lrs):
             t = table[table.lr == lr]
             grid = t.pivot_table(index="latent_dim", columns="beta", values="fraction_in_use", aggfunc="mean")
@@ -268,6 +289,11 @@ def collapse_heatmaps(table: pd.DataFrame, path: str | None = None, ax=None) -> 
             ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], rotation=45)
             ax.set_yticks(range(len(dims)), [str(d) for d in dims])
             ax.set(xlabel="beta (KL weight)", ylabel="latent size", title=f"fraction in use, lr {lr:g}")
+            used = t.groupby(["latent_dim", "beta"]).units_in_use_mean.mean()
+            for (z, b), u in used.items():  # each cell says its count: no guessing from the colour
+                if not math.isnan(u):
+                    ax.text(betas.index(b), dims.index(z) + 0.18, f"{u:.3g}/{z}", ha="center", va="center",
+                            fontsize=8)
             unsettled = t.groupby(["latent_dim", "beta"]).frac_settled.mean()
             for (z, b), f in unsettled.items():  # hatched: some trial of the cell had not settled
                 if f < 1:
@@ -276,8 +302,8 @@ def collapse_heatmaps(table: pd.DataFrame, path: str | None = None, ax=None) -> 
             if "theory_units" in t and t.theory_units.notna().any():
                 theory = t.groupby(["latent_dim", "beta"]).theory_units.first()
                 for (z, b), u in theory.items():
-                    ax.text(betas.index(b), dims.index(z) - 0.3, f"theory {u:g}", ha="center", va="center",
-                            fontsize=7)
+                    ax.text(betas.index(b), dims.index(z) - 0.22, f"theory {u:g}", ha="center", va="center",
+                            fontsize=7, color="0.25")
             div = t.groupby(["latent_dim", "beta"]).frac_diverged.mean()
             for (z, b), f in div.items():
                 if f > 0:
@@ -311,6 +337,30 @@ def rate_distortion(final: pd.DataFrame, path: str | None = None, ax=None) -> An
         ax.set(xscale="symlog", xlabel="rate: test KL (nats)", ylabel="distortion: test reconstruction (nats)",
                title="rate-distortion over trials")
         ax.legend()
+        return _finish(fig, path)
+
+
+def fraction_curves(table: pd.DataFrame, path: str | None = None, ax=None) -> Any:
+    """Grid and random searches: one panel per learning rate, a line per latent size, fraction in use over
+    beta, with each latent size's critical beta marked."""
+    if table.empty:
+        return None
+    lrs = sorted(table.lr.unique())
+    with plt.rc_context(STYLE):
+        fig, axes = _subplots(1, len(lrs), figsize=(5.2 * len(lrs), 3.6), squeeze=False, sharey=True, ax=ax)
+        for ax, lr in zip(axes[0], lrs):
+            t = table[table.lr == lr]
+            for z, cell in t.groupby("latent_dim"):
+                cell = cell.sort_values("beta")
+                line, = ax.plot(cell.beta, cell.fraction_in_use, "o-", ms=3, label=f"latent {z}")
+                crit = cell.critical_beta.iloc[0]
+                if not math.isnan(crit):
+                    ax.axvline(crit, color=line.get_color(), lw=0.8, ls=":")
+            ax.axhline(0.5, color="k", lw=0.8, ls="--")
+            ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="beta", title=f"lr {lr:g}")
+            _plain_log_ticks(ax.xaxis)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("fraction of units in use")
         return _finish(fig, path)
 
 

@@ -42,11 +42,15 @@ class Page:
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
-figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; border: 1px solid #ddd; }}
+figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; height: auto; border: 1px solid #ddd; }}
 figcaption {{ color: #444; font-size: 0.95em; }} .missing {{ color: #a33; font-style: italic; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }} th {{ background: #f4f4f4; }}
-pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
+pre {{ background: #f6f6f6; padding: 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; }}
+dl.settings {{ display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 2px 1em; font-size: 0.9em; }}
+dl.settings dt {{ color: #555; }} dl.settings dd {{ margin: 0; overflow-wrap: anywhere; }}
+.summary {{ background: #f4f8f4; border: 1px solid #cdc; padding: 0.6em 1em; }}
 </style></head><body>
 <h1>{html.escape(self.title)}</h1>
 {body}
@@ -59,6 +63,12 @@ def figure_html(fig: Figure) -> str:
         return f'<p class="missing">{html.escape(fig.title)}: skipped ({html.escape(fig.caption)}).</p>'
     return (f'<figure><img src="{html.escape(os.path.basename(fig.file))}" alt="{html.escape(fig.title)}">'
             f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>")
+
+
+def settings_html(values: dict) -> str:
+    """A run's settings as a key/value list (long values wrap; no sideways scrolling)."""
+    items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in values.items())
+    return f'<dl class="settings">{items}</dl>'
 
 
 def table_html(df: pd.DataFrame, links: dict[str, str] | None = None, digits: int = 3) -> str:
@@ -75,7 +85,7 @@ def table_html(df: pd.DataFrame, links: dict[str, str] | None = None, digits: in
                 text = f'<a href="{html.escape(links[str(val)])}">{text}</a>'
             cells.append(f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
 def _draw(out: str, name: str, fn: Callable[..., str | None], *args, title: str, caption: str) -> Figure:
@@ -92,7 +102,8 @@ SCALAR_FIGURES = [
      "Negative ELBO, reconstruction and KL per epoch (epoch 0: before training). "
      "KL often rises first, then settles; a KL that falls to zero is collapse."),
     ("kl-heatmap", "kl_per_dim", plots.kl_heatmap, "KL per latent dimension over epochs",
-     "KL near zero in a dimension means the decoder ignores it; dark rows are collapsed units."),
+     "Rows sorted by final KL: units in use on top, collapsed ones (dark) below the dashed line at the KL "
+     "threshold. KL near zero in a dimension means the decoder ignores it."),
     ("kl-bars", "kl_per_dim", plots.kl_bars, "Final KL per dimension",
      "Sorted; red bars fall under the KL threshold ({kl:g} nats) and carry no information about x."),
     ("activity", "epochs", plots.activity_curves, "Active units, units in use and mutual information",
@@ -132,8 +143,8 @@ def trial_figures(res: Results, trial_id: str, out: str, thresholds: Thresholds,
     for suffix, table, fn, title, caption in SCALAR_FIGURES + (TOY_FIGURES if toy else IMAGE_FIGURES):
         if fn is plots.latent_space:
             fn = functools.partial(plots.latent_space, tsne=tsne)
-        if fn is plots.kl_bars:
-            fn = functools.partial(plots.kl_bars, kl_threshold=thresholds.kl)
+        if fn in (plots.kl_bars, plots.kl_heatmap):
+            fn = functools.partial(fn, kl_threshold=thresholds.kl)
         caption = caption.format(active=thresholds.active, kl=thresholds.kl)
         figs.append(_draw(out, f"{key}-{suffix}.png", fn, tables[table], title=title, caption=caption))
     return figs
@@ -145,7 +156,8 @@ def trial_page(res: Results, trial: pd.Series, out: str, thresholds: Thresholds,
     tid = str(trial.trial_id)
     page = Page(f"Trial {tid}")
     page.sections.append('<p><a href="index.html">back to the report</a></p>')
-    page.sections.append(table_html(trial.to_frame().T))
+    page.sections.append(settings_html({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                        for k, v in trial.to_dict().items()}))
     figs = trial_figures(res, tid, out, thresholds, tsne)
     page.sections += [figure_html(fig) for fig in figs]
     name = f"trial-{SAFE_KEY.sub('_', tid)}.html"
@@ -154,8 +166,103 @@ def trial_page(res: Results, trial: pd.Series, out: str, thresholds: Thresholds,
     return name, figs
 
 
+def _page_job(args: tuple) -> tuple[str, str, list[Figure]]:
+    root, trial, out, thresholds, tsne = args
+    name, figs = trial_page(Results(root), trial, out, thresholds, tsne)
+    return str(trial.trial_id), name, figs
+
+
+def trial_pages(root: str, trials: pd.DataFrame, out: str, thresholds: Thresholds, tsne: bool,
+                progress: Callable[[str], None] | None = None) -> tuple[dict[str, str], list[Figure]]:
+    """Every trial page, drawn in parallel processes (one per CPU) when there are several; a progress line
+    per page. Returns {trial_id: page} and the figures of the last page (a single run shows them inline)."""
+    jobs = [(root, trial, out, thresholds, tsne) for _, trial in trials.iterrows()]
+    pages: dict[str, str] = {}
+    figures: list[Figure] = []
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = pool.map(_page_job, jobs)
+            for i, (tid, name, figures) in enumerate(done, 1):
+                pages[tid] = name
+                if progress:
+                    progress(f"page {i}/{len(jobs)}: {name}")
+        return pages, figures
+    for i, job in enumerate(jobs, 1):
+        tid, name, figures = _page_job(job)
+        pages[tid] = name
+        if progress:
+            progress(f"page {i}/{len(jobs)}: {name}")
+    return pages, figures
+
+
+def summary_html(table: pd.DataFrame, info: dict) -> str:
+    """What the sweep found, in a few sentences and a small table, every number from `collapse_map/`."""
+    counts = table.status.value_counts()
+    n = len(table)
+    unsettled = int((table.frac_settled < 1).sum())
+    parts = [f"{int(counts.get(c, 0))} {c}" for c in ("healthy", "partial", "collapsed", "diverged")]
+    text = [f"<b>{n} cells</b>: {', '.join(parts)}; <b>{unsettled} unsettled</b> (a trial's count could still "
+            "change)."]
+    crit = table.groupby(CELL_AXES, dropna=False).first().reset_index()
+    found = crit[crit.critical_beta.notna()]
+    if len(found):
+        text.append("Critical beta (half the units gone): " + "; ".join(
+            f"latent {int(r.latent_dim)}, lr {r.lr:g}: <b>{r.critical_beta:.3g}</b> (between "
+            f"{r.critical_beta_lower:g} and {r.critical_beta_upper:g})" for r in found.itertuples()) + ".")
+    else:
+        text.append("No (latent size, learning rate) pair lost half its units within the betas tried.")
+    wiggly = crit[~crit.monotone]
+    if len(wiggly):
+        text.append("Not monotone in beta (units come back at a larger beta): " + ", ".join(
+            f"latent {int(r.latent_dim)}, lr {r.lr:g}" for r in wiggly.itertuples()) + ".")
+    agree = theory_agreement(table)
+    if agree["cells"]:
+        text.append(f"Against the linear VAE's theory: {agree['match']} cells match, {agree['off']} off, "
+                    f"{agree['too_close']} too close to an eigenvalue to judge.")
+    cfg = info.get("config", {})
+    budget = (f"until settled, {cfg.get('epochs')} to {cfg.get('max_epochs') or 10 * int(cfg.get('epochs', 0))} "
+              "epochs" if cfg.get("until_settled") else f"a fixed {cfg.get('epochs', '?')} epochs")
+    examples = "all" if not cfg.get("subset") else cfg.get("subset")
+    text.append(html.escape(f"Budget: {budget} per trial, {examples} training examples, {cfg.get('search', '?')} "
+                            f"search, {int(table.n_trials.sum())} trials."))
+    small = pd.DataFrame([{"status": c, "cells": int(counts.get(c, 0))}
+                          for c in ("healthy", "partial", "collapsed", "diverged")]
+                         + [{"status": "unsettled", "cells": unsettled}])
+    return ('<div class="summary"><h2>What the sweep found</h2><p>' + " ".join(text) + "</p>"  # numbers only,
+            + table_html(small) + "</div>")  # and the budget line escaped
+
+
+def cells_html(table: pd.DataFrame, final: pd.DataFrame, pages: dict[str, str]) -> str:
+    """The map as a table: a row per (latent size, lr), a column per beta, each cell 'in use / latent size',
+    linked to a trial page of that cell where one was drawn."""
+    betas = sorted(table.beta.unique())
+    head = "<th>latent</th><th>lr</th>" + "".join(f"<th>beta {b:g}</th>" for b in betas)
+    rows = []
+    for (z, lr), part in table.groupby(["latent_dim", "lr"]):
+        cells = []
+        for b in betas:
+            row = part[part.beta == b]
+            if row.empty:
+                cells.append("<td></td>")
+                continue
+            r = row.iloc[0]
+            text = "x" if r.status == "diverged" else f"{r.units_in_use_mean:.3g}/{int(z)}"
+            text += "" if r.frac_settled >= 1 else "*"
+            tids = [] if final.empty else final[(final.latent_dim == z) & (final.lr == lr) & (final.beta == b)].trial_id
+            link = next((pages[t] for t in tids if t in pages), None)
+            cells.append(f'<td><a href="{html.escape(link)}">{html.escape(text)}</a></td>' if link
+                         else f"<td>{html.escape(text)}</td>")
+        rows.append(f"<tr><td>{int(z)}</td><td>{lr:g}</td>{''.join(cells)}</tr>")
+    return (f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+            "<p>* not settled; x diverged. Units in use over latent size, mean over repeats.</p>")
+
+
 def build_report(root: str, out: str | None = None, trial_id: str | None = None,
-                 thresholds: Thresholds | None = None) -> str:
+                 thresholds: Thresholds | None = None, progress: Callable[[str], None] | None = None) -> str:
     """Write the report for `root` (a run or a sweep); returns the page written.
 
     Units in use are counted with the thresholds the run recorded, unless `thresholds` overrides them
@@ -184,19 +291,19 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
         f"{thresholds.kl:g} nats ("
         + ("<b>thresholds overridden</b>; the run recorded "
            f"{recorded.active:g} and {recorded.kl:g}" if overridden else "the run's own thresholds") + ").</p>")
+    summary_at = len(page.sections)  # the summary goes first, once the map is known
     if info:
         page.sections.append("<h2>What was run</h2><pre>" + html.escape(info.get("command", "")) + "</pre>")
-        page.sections.append(table_html(pd.DataFrame([{k: str(v) for k, v in info.get("config", {}).items()}])))
+        page.sections.append(settings_html(info.get("config", {})))
         page.sections.append("<p>Started " + html.escape(str(info.get("started", "?"))) + "; software: "
                              + html.escape(", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()))
                              + "</p>")
     final = final_rows(trials, epochs, dims, thresholds) if not epochs.empty else pd.DataFrame()
-    pages: dict[str, str] = {}
-    figures: list[Figure] = []
     ranked = trials.sort_values("test_loss") if not trials.empty else trials
-    for _, trial in ranked.head(AUTO_TRIAL_PAGES).iterrows():
-        pages[str(trial.trial_id)], figures = trial_page(res, trial, out, thresholds, tsne=len(trials) == 1)
+    pages, figures = trial_pages(root, ranked.head(AUTO_TRIAL_PAGES), out, thresholds, tsne=len(trials) == 1,
+                                 progress=progress)
 
+    table = pd.DataFrame()
     if len(trials) > 1:
         table = res.read("collapse_map")
         stale = not table.empty and not ((table.active_threshold == thresholds.active)
@@ -221,11 +328,20 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
             out, "collapse-map.png", plots.collapse_heatmaps, table, title="Collapse map",
             caption="Hatched cells had not settled. Share of latent units in use for each latent size and beta (green: all, red: none); the black "
                     "line is the critical beta where half the units are gone; x marks diverged cells.")))
-        page.sections.append(figure_html(_draw(
-            out, "brackets.png", plots.brackets, table, title="Where the boundary lies",
-            caption="Each cell's betas tried (a boundary search places them adaptively) and their fractions of units "
-                    "in use; "
-                    "the shaded band is the bracket around the critical beta, where half the units are gone.")))
+        if not table.empty:
+            page.sections.append("<h3>Cells, with links to their trial pages</h3>" + cells_html(table, final, pages))
+        if info.get("config", {}).get("search") == "boundary":
+            page.sections.append(figure_html(_draw(
+                out, "brackets.png", plots.brackets, table, title="Where the boundary lies",
+                caption="Each cell's betas tried (placed adaptively by the boundary search) and their fractions of "
+                        "units in use; the shaded band is the bracket around the critical beta, where half the "
+                        "units are gone.")))
+        else:
+            page.sections.append(figure_html(_draw(
+                out, "boundary.png", plots.fraction_curves, table, title="Where the boundary lies",
+                caption="Fraction of units in use against beta, one panel per learning rate and a line per latent "
+                        "size; dotted lines mark each latent size's critical beta, where the line crosses one "
+                        "half.")))
         page.sections.append(figure_html(_draw(
             out, "rate-distortion.png", plots.rate_distortion, final, title="Rate and distortion",
             caption="Each trial's test KL (rate) against reconstruction (distortion); collapsed trials (x) sit at "
@@ -259,6 +375,8 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
     if len(trials) > len(pages):
         page.sections.append(f"<p>Pages were drawn for the {len(pages)} best trials; draw any other with "
                              "<code>python -m jobs.report ROOT --trial TRIAL_ID</code>.</p>")
+    if len(trials) > 1 and not table.empty:
+        page.sections.insert(summary_at, summary_html(table, info))
     index = os.path.join(out, "index.html")
     with open(index, "w", encoding="utf-8") as fh:
         fh.write(page.html())
