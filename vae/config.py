@@ -232,7 +232,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # argparse quotes the raw arguments: escape control characters (a stray \x1e would break the line)
+        # and cut what could be unbounded
+        message = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+        self.exit(2, f"{self.prog}: error: {message[:300]}\n")
 
 
 def number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
