@@ -124,3 +124,21 @@ def test_a_fixed_budget_run_says_whether_it_had_settled(tmp_path):
     last = train_loop(cfg, LocalSession())
     assert last["epoch"] == 2 and not last["settled"]  # two epochs cannot show a count that held for five
     assert "not settled" in last["end_reason"]
+
+
+def test_settled_linear_vae_trials_agree_with_mnists_spectrum_exactly(data_dir, tmp_path):
+    """The self-check on real data: MNIST (10,000 images), latent 5, decoder variance 1, betas away from the
+    eigenvalues; every trial settles and keeps exactly the units theory keeps (5, 5, 1, 0)."""
+    from vae import collapse
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.session import LocalSession
+
+    for beta in (0.5, 2.0, 4.4, 6.0):
+        cfg = TrainConfig(dataset="mnist", data_dir=data_dir, subset=10_000, model="linear", decoder_var="1",
+                          latent_dim=5, beta=beta, lr=3e-3, epochs=10, until_settled=True, max_epochs=60,
+                          storage=str(tmp_path), name="m", trial_id=f"b{beta}", iw_samples=0)
+        assert train_loop(cfg, LocalSession())["settled"]
+    table = collapse.build(str(tmp_path / "m"), collapse.Thresholds())
+    assert table.theory_units.tolist() == [5.0, 5.0, 1.0, 0.0] == table.units_in_use_mean.tolist()
+    assert collapse.theory_agreement(table) == {"cells": 4, "match": 4, "off": 0, "too_close": 0}
