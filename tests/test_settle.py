@@ -42,7 +42,7 @@ def test_a_unit_decaying_through_the_threshold_is_not_settled_before_or_after_it
 def test_a_fixed_budget_that_ends_mid_decay_is_not_called_settled():
     slow = lambda e: (0.5 * 0.7 ** e, 0.5 * 0.7 ** e)  # noqa: E731  5.9x above at epoch 6, across by 11
     s = settle_state(*history(steady_used, slow, epochs=6), TH, epochs_left=0)
-    assert not s.settled and s.moving == 1 and "still crossing" in s.reason
+    assert not s.settled and s.moving == 1 and "still drifting or crossing" in s.reason
 
 
 def test_a_unit_jittering_around_the_threshold_is_undecided():
@@ -66,6 +66,14 @@ def test_a_collapsed_unit_whose_tiny_kl_wanders_without_a_trend_is_settled():
     wandering = lambda e: (0.002 * noise[e], 0.0015 * noise[e])  # noqa: E731  below a third, no trend
     s = settle_state(*history(steady_used, wandering), TH, epochs_left=100)
     assert s.settled and s.units_in_use == 1 and s.moving == 0
+
+
+def test_units_in_use_still_drifting_are_not_settled_even_with_a_steady_count():
+    rising = lambda e: (0.1 * 1.1 ** e, 0.2 * 1.1 ** e)  # noqa: E731  every unit still gaining 10% an epoch
+    s = settle_state(*history(rising, rising, steady_used, epochs=5), TH, epochs_left=0)
+    assert not s.settled and s.moving == 2 and s.units_in_use == 3 and "drifting" in s.reason
+    slow = lambda e: (1.0 * 1.01 ** e, 0.5)  # noqa: E731  1% an epoch: within the drift tolerance
+    assert settle_state(*history(slow, steady_used, epochs=8), TH, epochs_left=0).settled
 
 
 def test_too_few_epochs_are_never_settled():

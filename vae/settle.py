@@ -11,7 +11,11 @@ A count of units in use is a claim about where training ends up, so a trial is *
    unit reviving. The horizon is the epochs left in the budget, but never less than the epochs trained so
    far ("would it cross if we trained as long again?"), so the last epoch of a fixed budget is not called
    settled merely because no epochs are left;
-3. the count of units in use has not changed over the last `WINDOW` epochs.
+3. no unit in use is still drifting: a clear trend (as in 2) in its KL or activity of more than `DRIFT`
+   (2%) per epoch, up or down. Early in training every unit is still busy finding its share of the KL; a
+   count taken then says nothing about where it ends (MNIST, latent 50: all 50 in use after 400 steps,
+   every unit's KL still rising by 5-25% an epoch; 24 in use from epoch 25 on);
+4. the count of units in use has not changed over the last `WINDOW` epochs.
 
 The undecided units are the count's uncertainty: the true count lies in [in use - undecided in use,
 in use + undecided not in use].
@@ -28,6 +32,7 @@ from .collapse import Thresholds, in_use
 
 MARGIN = 3.0  # "clearly": this factor away from a threshold
 WINDOW = 5  # epochs: the count must hold this long, and trends are fitted over it
+DRIFT = 0.02  # per epoch: a unit in use whose KL or activity still trends by more than 2% an epoch is moving
 
 
 @dataclass(frozen=True)
@@ -46,25 +51,31 @@ def unit_sides(kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds, mar
     return np.where(clearly_used, 1, np.where(clearly_unused, -1, 0))
 
 
+def clear_slope(series: np.ndarray) -> float:
+    """The log-linear slope of `series` per epoch when it is clear (beyond two standard errors), else 0."""
+    y = np.log(np.maximum(np.asarray(series, float), 1e-30))
+    if len(y) < 3:
+        return 0.0
+    t = np.arange(len(y), dtype=float)
+    slope, intercept = np.polyfit(t, y, 1)
+    resid = y - (slope * t + intercept)
+    se = math.sqrt(float(resid @ resid) / (len(y) - 2) / float(((t - t.mean()) ** 2).sum()))
+    return float(slope) if abs(slope) > 2 * se else 0.0
+
+
 def epochs_to_cross(series: np.ndarray, threshold: float) -> float:
     """Epochs until the log-linear trend of `series` (one value per epoch) reaches `threshold`; inf when
     it moves away from it or has no clear trend (a slope within two standard errors of zero: the noise of
     a collapsed unit's tiny KL wanders in log space without going anywhere)."""
-    y = np.log(np.maximum(np.asarray(series, float), 1e-30))
-    t = np.arange(len(y), dtype=float)
-    gap = math.log(threshold) - y[-1]
-    if len(y) < 3:
-        return math.inf
-    slope, intercept = np.polyfit(t, y, 1)
-    resid = y - (slope * t + intercept)
-    se = math.sqrt(float(resid @ resid) / (len(y) - 2) / float(((t - t.mean()) ** 2).sum()))
-    if abs(slope) <= 2 * se or gap == 0 or (gap > 0) != (slope > 0):
+    slope = clear_slope(series)
+    gap = math.log(threshold) - math.log(max(float(np.asarray(series, float)[-1]), 1e-30))
+    if slope == 0 or gap == 0 or (gap > 0) != (slope > 0):
         return 0.0 if gap == 0 else math.inf
     return gap / slope
 
 
 def settle_state(kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds, epochs_left: int,
-                 window: int = WINDOW, margin: float = MARGIN) -> SettleState:
+                 window: int = WINDOW, margin: float = MARGIN, drift: float = DRIFT) -> SettleState:
     """kl, activity: [epochs, units] of one trial, oldest first (epoch 0, before training, excluded)."""
     kl, activity = np.atleast_2d(np.asarray(kl, float)), np.atleast_2d(np.asarray(activity, float))
     used_now = int(in_use(kl[-1], activity[-1], thresholds).sum())
@@ -76,9 +87,10 @@ def settle_state(kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds, e
     recent_kl, recent_act = kl[-window:], activity[-window:]
     moving = 0
     for j, side in enumerate(sides):
-        if side > 0:  # in use: does either quantity fall to its threshold?
-            cross = min(epochs_to_cross(recent_kl[:, j], thresholds.kl),
-                        epochs_to_cross(recent_act[:, j], thresholds.active))
+        if side > 0:  # in use: still drifting, or falling to a threshold within the horizon?
+            drifting = max(abs(clear_slope(recent_kl[:, j])), abs(clear_slope(recent_act[:, j]))) > drift
+            cross = 0.0 if drifting else min(epochs_to_cross(recent_kl[:, j], thresholds.kl),
+                                             epochs_to_cross(recent_act[:, j], thresholds.active))
         elif side < 0:  # unused: do the quantities below their thresholds all rise to them?
             below = [(recent_kl[:, j], thresholds.kl)] * bool(kl[-1, j] < thresholds.kl) + \
                     [(recent_act[:, j], thresholds.active)] * bool(activity[-1, j] <= thresholds.active)
@@ -89,6 +101,6 @@ def settle_state(kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds, e
     counts = in_use(recent_kl, recent_act, thresholds).sum(axis=1)
     steady = bool((counts == counts[-1]).all())
     reasons = [f"{undecided} unit(s) near a threshold"] * bool(undecided) + \
-              [f"{moving} unit(s) still crossing"] * bool(moving) + \
+              [f"{moving} unit(s) still drifting or crossing"] * bool(moving) + \
               [f"the count changed within {window} epochs"] * (not steady)
     return SettleState(not reasons, used_now, undecided, moving, "; ".join(reasons))
