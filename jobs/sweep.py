@@ -2,7 +2,8 @@
 
 parse -> validate -> check data -> identity and lock -> start or join Ray -> Tune (or restore) -> settle
 trials -> collapse map -> summary (`tune.api.run_sweep`, the same function `tune.api.sweep` runs).
-Exit codes: 0 done, 1 some trials errored, 2 bad input or a refused start (nothing started).
+Exit codes: 0 done, 1 some trials errored, 2 bad input or a refused start (nothing started), 130 / 143
+ended by SIGINT / SIGTERM with its state saved (finish it with --resume).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     given = [f.name for f in dataclasses.fields(SweepConfig) if f.name in vars(args)]
     code, line = run_sweep(sweep, list(sys.argv[1:] if argv is None else argv), args.resume, args.retry_errored,
                            args.verbose, given, emit=lambda text: print(text, flush=True))
-    print(f"{PROG}: {line}", file=sys.stderr if code == 2 else sys.stdout, flush=True)
+    print(f"{PROG}: {line}", file=sys.stderr if code in (2, 130, 143) else sys.stdout, flush=True)
     return code
 
 

@@ -199,3 +199,26 @@ def test_names_with_whitespace_or_control_characters_are_refused(name):
 
     with pytest.raises(ConfigError, match="--name"):
         TrainConfig(name=name)
+
+
+def test_a_signal_ends_a_sweep_with_its_state_saved_and_its_trials_marked(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "jobs.sweep", *TOY, "--latent-dims", "2", "--lrs", "0.01", "--betas", "0.3,3",
+           "--epochs", "400", "--storage", str(tmp_path), "--name", "sw"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    res = Results(str(tmp_path / "sw"))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(res.read("epochs")) < 6:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"finish it with: python -m jobs.sweep --resume --name sw --storage {tmp_path}" in err
+    trials = res.read("trials")
+    assert len(trials) and (trials.status == "interrupted").all()
+    assert trials.end_reason.str.contains("--resume continues it").all()
+    from ray import tune
+
+    assert tune.Tuner.can_restore(str(tmp_path / "sw"))
+    assert not (tmp_path / "sw" / ".lock").exists()

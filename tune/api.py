@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -65,6 +67,35 @@ def run_sweep(sweep: SweepConfig, argv: list[str], resume: bool = False, retry_e
         lock.release()
 
 
+EXIT_FOR = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _graceful_signals(emit: Callable[[str], None]) -> dict:
+    """SIGINT and SIGTERM end the sweep the way Ray Tune's own Ctrl-C does (its experiment state saved for
+    --resume; Tune takes SIGUSR1 for that), and a second signal stops at once. Returns a record that gets
+    'first' (the signal) and holds the handlers to restore ('previous')."""
+    import threading
+
+    received: dict = {"previous": {}}
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return received
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours, so a SIGTERM is handled the same way
+
+    def on_signal(signum, frame) -> None:
+        if "first" in received:
+            emit(f"{PROG}: stopping now")
+            from vae import launch
+
+            launch.shutdown_quietly()
+            os._exit(EXIT_FOR.get(signum, 130))
+        received["first"] = signum
+        emit(f"{PROG}: {signal.Signals(signum).name}: ending the sweep and saving its state (again to stop at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    received["previous"] = {s: signal.signal(s, on_signal) for s in EXIT_FOR}
+    return received
+
+
 def sweep(config: SweepConfig | Mapping[str, Any] | None = None, *, resume: bool = False,
           retry_errored: bool = False, verbose: bool = False, quiet: bool = False, **flags: Any) -> RunResults:
     """Run a sweep (a local Ray instance unless one is running) and return its results. Raises
@@ -116,8 +147,19 @@ def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, 
           + (f"until settled ({sweep.epochs} to {sweep.trial_config().budget} epochs each)" if sweep.until_settled
              else f"{sweep.epochs} epochs each") + f"; results in {root}")
     started = time.time()
-    grid = tuner(sweep, resume=resume, retry_errored=retry_errored, emit=emit, cluster_cpus=cpus).fit()
-    settle_trials(sweep, grid)
+    received = _graceful_signals(emit)
+    try:
+        grid = tuner(sweep, resume=resume, retry_errored=retry_errored, emit=emit, cluster_cpus=cpus).fit()
+    finally:
+        for sig, handler in received.pop("previous").items():
+            signal.signal(sig, handler)
+    interrupted = signal.Signals(received["first"]).name if "first" in received else ""
+    settle_trials(sweep, grid, interrupted)
+    if interrupted:
+        launch.shutdown_quietly()
+        return EXIT_FOR[received["first"]], (f"interrupted ({interrupted}): {sweep.name} stopped, its state saved; "
+                                             f"finish it with: python -m {PROG} --resume --name {sweep.name}"
+                                             + (f" --storage {sweep.storage}" if "--storage" in " ".join(argv) else ""))
     table = collapse.build(root, collapse.Thresholds(sweep.active_threshold, sweep.kl_threshold))
     trials = Results(root).read("trials")
     counts = trials.status.value_counts().to_dict()

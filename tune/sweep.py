@@ -197,8 +197,9 @@ def set_restored_callbacks(restored: tune.Tuner, callbacks: list) -> None:
     restored._local_tuner._run_config.callbacks = callbacks
 
 
-def settle_trials(sweep: SweepConfig, grid) -> None:
-    """Make `trials/` say how every trial ended: errored ones 'failed' with the error, stopped ones 'stopped'."""
+def settle_trials(sweep: SweepConfig, grid, interrupted: str = "") -> None:
+    """Make `trials/` say how every trial ended: errored ones 'failed' with the error, stopped ones 'stopped'
+    (by the scheduler) or, when the sweep was `interrupted` by a signal, 'interrupted'."""
     res = Results(run_root(sweep.storage, sweep.name))
     table = res.read("trials").set_index("trial_id")
     epochs = res.read("epochs")
@@ -210,14 +211,17 @@ def settle_trials(sweep: SweepConfig, grid) -> None:
         known = table.loc[tid] if tid in table.index else None
         if result.error is None and (known is None or known.status != "running"):
             continue
-        status = "failed" if result.error is not None else "stopped"
+        status = "failed" if result.error is not None else "interrupted" if interrupted else "stopped"
         error = error_line(result.error)[:500] if result.error else "stopped early by the scheduler"
         mine = epochs[epochs.trial_id == tid]
         done = int(mine.epoch.max()) if len(mine) else 0
         last = mine[mine.epoch == done]
         final = last.iloc[0].to_dict() if len(last) else {}
         final.pop("iw_nll", None)
-        if result.error is None:
+        if result.error is None and interrupted:
+            final["end_reason"] = f"interrupted after epoch {done} ({interrupted}); --resume continues it"
+            error = ""
+        elif result.error is None:
             settled = bool(final.get("settled"))
             final["end_reason"] = f"stopped by the scheduler at epoch {done}" + (" (settled)" if settled else "")
             error = "" if settled else error
