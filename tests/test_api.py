@@ -71,3 +71,34 @@ def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # figures drawn inline
     table = next(o["data"]["text/plain"] for o in outputs if "theory_units" in o.get("data", {}).get("text/plain", ""))
     assert "0.3" in table and "TrainedVAE(linear" in str(outputs)
+
+
+def test_tensorboard_tracking_holds_the_parquet_rows(tmp_path):
+    """--tracker tensorboard: event files beside the tables whose scalars equal the epochs table."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.results import Results
+    from vae.session import LocalSession
+
+    train_loop(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=3, iw_samples=0,
+                           tracker="tensorboard", storage=str(tmp_path), name="tb"), LocalSession())
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard" / "tb"))
+    events.Reload()
+    rows = Results(str(tmp_path / "tb")).read("epochs").set_index("epoch").sort_index()
+    for key in ("test_loss", "units_in_use", "mutual_info", "lr_now"):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert sorted(logged) == [0, 1, 2, 3]
+        assert logged == pytest.approx(rows[key].astype(float).to_dict(), rel=1e-6)
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3]  # epoch 0 has no training
+
+
+def test_a_tracker_that_cannot_work_is_refused_in_one_line(monkeypatch):
+    from vae.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--tracker: must be used with a local --storage"):
+        vae.api.train_config(dataset="gaussian2d", tracker="tensorboard", storage="s3://bucket/prefix")
+    with pytest.raises(ConfigError, match="--tracker: must be one of none, tensorboard"):
+        TrainConfig(tracker="wandb")

@@ -18,7 +18,7 @@ SCHEDULERS = ("none", "asha", "settled")
 # are TrainConfig's), and the defaults a sweep changes: a cheaper final IW NLL per trial.
 PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "decoder_var", "num_mc", "epochs", "until_settled",
                   "max_epochs", "lr_schedule", "batch_size", "seed", "active_threshold", "kl_threshold",
-                  "iw_samples", "iw_subset")
+                  "iw_samples", "iw_subset", "tracker")
 SWEEP_DEFAULTS = {"iw_samples": 100, "iw_subset": 500}
 
 

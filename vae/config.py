@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 DATASETS = ("mnist", "gaussian2d")
 MODELS = ("mlp", "gaussian-mlp", "linear")
-LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")  # auto: cosine with --until-settled, else constant
+LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")
+TRACKERS = ("none", "tensorboard")  # auto: cosine with --until-settled, else constant
 DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
 DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE and the 2-D Gaussian toy
 DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
@@ -68,6 +69,7 @@ class TrainConfig:
     use_gpu: bool | None = None
     cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out by the job
     max_failures: int = 0
+    tracker: str = "none"  # tensorboard: event files beside the tables, one folder per trial
     # where results go
     storage: str = ""  # "" -> $VAE_STORAGE or ./results
     name: str = ""  # "" -> derived from the time and the config
@@ -186,6 +188,12 @@ def validate(c: TrainConfig) -> None:
     check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
     check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
     check_int("max_failures", c.max_failures, -1, 1_000_000)
+    check_choice("tracker", c.tracker, TRACKERS)
+    if c.tracker == "tensorboard":
+        import importlib.util
+
+        check(importlib.util.find_spec("tensorboard") is not None, "tracker",
+              "installed to be used: pip install 'vae-collapse[trackers]' (tensorboard)", c.tracker)
     check(c.batch_size >= c.num_workers, "batch_size",
            f"at least --num-workers ({c.num_workers}), as it is the global batch", c.batch_size)
     check_storage(c.storage)
@@ -200,8 +208,11 @@ def resolve(c: TrainConfig) -> TrainConfig:
     hidden_dim = c.hidden_dim or DEFAULT_HIDDEN[c.dataset]
     data_dir = os.path.abspath(c.data_dir) if c.data_dir else default_data_dir()
     name = c.name or f"{c.dataset}-{model}-z{latent_dim}-b{c.beta:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = absolute_storage(c.storage)
+    check(c.tracker != "tensorboard" or "://" not in storage, "tracker",
+          "used with a local --storage (TensorBoard writes its event files locally)", c.tracker)
     return c.replace(model=model, latent_dim=latent_dim, hidden_dim=hidden_dim, data_dir=data_dir, name=name,
-                     storage=absolute_storage(c.storage))
+                     storage=storage)
 
 
 def default_data_dir() -> str:
@@ -287,6 +298,8 @@ HELP = {
     "use_gpu": "true/false (default: GPU when the cluster has one)",
     "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",
     "max_failures": "worker-group restarts from the latest checkpoint (-1: unlimited)",
+    "tracker": "none, or tensorboard: per-epoch metrics as TensorBoard event files in <run>/tensorboard/<trial> "
+               "(pip install 'vae-collapse[trackers]')",
     "storage": "local path or pyarrow.fs URI (s3://bucket/prefix) for tables and checkpoints "
                "(default: $VAE_STORAGE or ./results)",
     "name": "run name; rerunning a name resumes it (default: dataset-model-z-b-time)",

@@ -28,6 +28,8 @@ from .models import VAE, build_model
 from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
 
 MI_SUBSET = 2000
+TRACKED = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "active_units",
+           "units_in_use", "units_undecided", "mutual_info", "kl_weight", "lr_now", "samples_per_second")
 IW_BATCH = 250
 # Fault injection for the reliability tests: SIGKILL this worker half-way through epoch K,
 # once (the marker file records that it happened, so the restarted worker goes on).
@@ -112,10 +114,28 @@ class _Trainer:
         self.kernels = self._choose_kernels()
         self.snapshot_epochs = snapshots.snapshot_epochs(cfg.budget)
         self.thresholds = Thresholds(cfg.active_threshold, cfg.kl_threshold)
+        self.tracker = self._tracker() if self.rank == 0 else None
         self.history: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (KL, activity) per unit
         self.settle_epoch = -1  # the first epoch of the current settled run of epochs
         self.started = time.time()
         self.last_metrics: dict[str, Any] = {}
+
+    def _tracker(self):
+        """A TensorBoard writer for this trial's per-epoch metrics (`--tracker tensorboard`), or None."""
+        if self.cfg.tracker != "tensorboard":
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=f"{run_root(self.cfg.storage, self.cfg.name)}/tensorboard/{self.trial_id}")
+
+    def _track(self, row: dict[str, Any]) -> None:
+        if self.tracker is None:
+            return
+        for key in TRACKED:
+            value = row.get(key)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.tracker.add_scalar(key, float(value), global_step=int(row["epoch"]))
+        self.tracker.flush()
 
     def _lr_scheduler(self):
         """The learning-rate schedule, stepped once per epoch (`cfg.schedule`)."""
@@ -356,6 +376,7 @@ class _Trainer:
                         self.kernels["summary"], lr_now, state.undecided if state else 0,
                         bool(state and state.settled))
         self.results.write("epochs", [row], file_key(self.trial_id, epoch))
+        self._track(row)
         return row
 
     def _finish(self, last: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ BUDGET_FIELDS = ("epochs", "max_epochs")  # a rerun may change these: it extends
 # Settings that change where or how fast a run goes, not its results.
 PLUMBING = ("storage", "name", "data_dir", "num_workers", "use_gpu", "cpus_per_worker", "max_failures",
             "iw_samples", "iw_subset", "trial_id", "workers_per_trial", "cpus_per_trial", "gpus_per_trial",
-            "max_concurrent", "scheduler", "num_samples")
+            "max_concurrent", "scheduler", "num_samples", "tracker")
 
 
 class RunError(RuntimeError):
