@@ -292,8 +292,9 @@ def collapse_heatmaps(table: pd.DataFrame, path: str | None = None, ax=None) -> 
             used = t.groupby(["latent_dim", "beta"]).units_in_use_mean.mean()
             for (z, b), u in used.items():  # each cell says its count: no guessing from the colour
                 if not math.isnan(u):
+                    dark = not 0.25 < u / z < 0.8  # RdYlGn is dark at both ends
                     ax.text(betas.index(b), dims.index(z) + 0.18, f"{u:.3g}/{z}", ha="center", va="center",
-                            fontsize=8)
+                            fontsize=9, fontweight="bold", color="white" if dark else "black")
             unsettled = t.groupby(["latent_dim", "beta"]).frac_settled.mean()
             for (z, b), f in unsettled.items():  # hatched: some trial of the cell had not settled
                 if f < 1:
