@@ -222,3 +222,46 @@ def test_a_signal_ends_a_sweep_with_its_state_saved_and_its_trials_marked(tmp_pa
 
     assert tune.Tuner.can_restore(str(tmp_path / "sw"))
     assert not (tmp_path / "sw" / ".lock").exists()
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    import contextlib
+    import shutil
+
+    from vae.config import TrainConfig, resolve
+    from vae.loop import _Trainer, train_loop
+    from vae.session import LocalSession
+
+    cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=2, iw_samples=0,
+                      storage=str(tmp_path), name="ck")
+    train_loop(cfg, LocalSession(str(tmp_path / "ck" / "checkpoint_a")))
+    shutil.copytree(tmp_path / "ck" / "checkpoint_a", tmp_path / "ck" / "checkpoint_b")
+    damaged = tmp_path / "ck" / "checkpoint_b" / "state.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # the newer one is cut short
+
+    class Latest(LocalSession):
+        @contextlib.contextmanager
+        def latest_checkpoint(self):
+            yield str(tmp_path / "ck" / "checkpoint_b")
+
+    Results(str(tmp_path / "ck")).write_json("run.json", {"kind": "train", "config": resolve(cfg).to_dict()})
+    trainer = _Trainer(resolve(cfg.replace(epochs=3)), Latest())
+    assert trainer._restore() == 2
+    note = Results(str(tmp_path / "ck")).read_json("run.json")["restored_from"]
+    assert "checkpoint_b could not be read" in note and "checkpoint_a (epoch 2)" in note
+
+
+def test_a_run_waiting_for_an_autoscaling_cluster_says_so_every_so_often(tmp_path, monkeypatch):
+    from vae import launch
+    from vae.config import TrainConfig
+
+    monkeypatch.setattr(launch, "PENDING_EVERY_S", 0.05)
+    lines = []
+    follower = launch.EpochFollower(TrainConfig(dataset="gaussian2d", storage=str(tmp_path), name="w"),
+                                    emit=lines.append, every=0.02)
+    follower.pending = "the run needs 8 GPUs, the cluster has 0 now"
+    follower.start()
+    time.sleep(0.4)
+    follower.stop()
+    waiting = [line for line in lines if line.startswith("still waiting after")]
+    assert len(waiting) >= 2 and all("needs 8 GPUs" in line for line in waiting)

@@ -81,13 +81,14 @@ def _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes) -> tu
     launch.connect(verbose=verbose)
     cfg = launch.settle_scaling(cfg)
     try:
-        launch.check_resources(cfg, emit=emit)
+        pending = launch.check_resources(cfg, emit=emit)
     except RunError as e:
         return 2, f"error: {e}"
     launch.record_run(root, "train", argv, cfg.to_dict())
     emit(f"{cfg.name}: {cfg.dataset}/{cfg.model} z={cfg.latent_dim} beta={cfg.beta:g} lr={cfg.lr:g} "
          f"on {cfg.num_workers} worker(s), {'GPU' if cfg.use_gpu else 'CPU'}; results in {root}")
     follower = launch.EpochFollower(cfg, emit=emit)
+    follower.pending = pending
     last = follower.resumed_after()
     if last is not None:
         emit(f"resuming {cfg.name}: epochs up to {last} are done")

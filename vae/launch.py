@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
@@ -69,12 +70,15 @@ def settle_scaling(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
 
 
+PENDING_EVERY_S = 60.0  # while a run waits for an autoscaling cluster, say so this often
+
+
 def attached() -> bool:
     """Whether we joined a cluster started elsewhere (it may autoscale) rather than starting a local one."""
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> None:
+def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> str:
     """Refuse (RunError) a request the cluster can never meet: a local instance cannot grow. On a cluster
     we attached to, which may autoscale, say what is pending instead and let Ray wait for it."""
     from .runs import RunError
@@ -85,13 +89,14 @@ def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> No
     short = [f"{need} {kind} ({cfg.num_workers} worker(s) x {need // cfg.num_workers})"
              for need, have, kind in ((need_cpu, cpus, "CPUs"), (need_gpu, gpus, "GPUs")) if need > have]
     if not short:
-        return
+        return ""
     have = f"the cluster has {cpus} CPUs and {gpus} GPUs"
     if not attached():
         raise RunError(f"--num-workers: the run needs {' and '.join(short)} but {have} and a local Ray "
                        "instance cannot grow; ask for fewer workers or --cpus-per-worker")
     emit(f"waiting for the cluster to grow: the run needs {' and '.join(short)}, {have} now (the autoscaler "
          "adds nodes up to its max_workers; Ctrl-C to give up)")
+    return f"the run needs {' and '.join(short)}, {have} when it started"
 
 
 def check_trial_resources(cpus_per_trial: float, gpus_per_trial: float, workers_per_trial: int) -> None:
@@ -172,6 +177,8 @@ class EpochFollower(threading.Thread):
         self.results = Results(run_root(cfg.storage, cfg.name))
         self.seen: set[int] = set()
         self.shown = False  # the first line printed also says which CPU kernels the run chose
+        self.pending = ""  # what the cluster must still provide (an autoscaling cluster): said every so often
+        self.pending_said = 1
         self.stop_event = threading.Event()
 
     def _rows(self):
@@ -199,8 +206,13 @@ class EpochFollower(threading.Thread):
                           + (f"  kernels {row['kernels']}" if first and row.get("kernels") else ""))
 
     def run(self) -> None:
+        started = time.monotonic()
         while not self.stop_event.wait(self.every):
             self.poll()
+            waited = time.monotonic() - started
+            if self.pending and not self.shown and waited > PENDING_EVERY_S * self.pending_said:
+                self.pending_said += 1
+                self.emit(f"still waiting after {waited:.0f}s: {self.pending}")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -211,11 +223,9 @@ class EpochFollower(threading.Thread):
 def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) -> None:
     """`run.json` beside the tables: the command, config, start time and versions, for the report."""
     import platform
-    import time
 
     import ray
     import torch
-
     import yaml
 
     res = Results(root)

@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from typing import Any, Mapping
@@ -225,7 +226,10 @@ class _Trainer:
         with self.session.latest_checkpoint() as folder:
             if folder is None:
                 return 0
-            state = checkpoint.load(folder, self.trial_id)
+            try:
+                state = checkpoint.load(folder, self.trial_id)
+            except checkpoint.CheckpointError as damaged:
+                state = self._older_checkpoint(folder, damaged)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state["extra"]:
@@ -234,6 +238,29 @@ class _Trainer:
         self.started -= float(state["extra"].get("wall_seconds", 0.0))
         self.last_metrics = dict(state["extra"].get("metrics", {}))
         return int(state["epoch"])
+
+    def _older_checkpoint(self, folder: str, damaged: Exception) -> dict[str, Any]:
+        """The latest readable checkpoint beside an unreadable one (Ray keeps the latest two): the run
+        goes on from there, redoing the epochs after it, and says so (stderr, and run.json for a run)."""
+        import glob
+
+        parent = os.path.dirname(os.path.abspath(folder))
+        candidates = sorted((p for p in glob.glob(os.path.join(parent, "checkpoint_*", checkpoint.FILENAME))
+                             if os.path.dirname(p) != os.path.abspath(folder)), key=os.path.getmtime, reverse=True)
+        for path in candidates:
+            try:
+                state = checkpoint.load(os.path.dirname(path), self.trial_id)
+            except checkpoint.CheckpointError:
+                continue
+            note = (f"checkpoint {folder} could not be read ({damaged}); resumed from {os.path.dirname(path)} "
+                    f"(epoch {state['epoch']}) instead")
+            print(note, file=sys.stderr, flush=True)
+            if self.rank == 0 and self.cfg.run_id == self.cfg.name:
+                info = self.results.read_json("run.json")
+                if info is not None:
+                    self.results.write_json("run.json", {**info, "restored_from": note})
+            return state
+        raise damaged
 
     def _report(self, epoch: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
