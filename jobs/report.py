@@ -5,6 +5,7 @@ Needs no Ray and no model: copy a results folder off a cluster and draw it anywh
 
 from __future__ import annotations
 
+import os
 import sys
 
 from vae.config import OneLineParser
@@ -53,7 +54,8 @@ def _report(args) -> int:
               f"(the run recorded {recorded.active:g} and {recorded.kl:g})")
     try:
         page = build_report(args.root, args.out, args.trial, thresholds,
-                            progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+                            progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True),
+                            processes=os.cpu_count() or 1)
     except KeyError:
         print(f"{PROG}: error: --trial: no trial {args.trial!r} in {args.root}", file=sys.stderr)
         return 2

@@ -118,7 +118,7 @@ class Progress(tune.Callback):
                 f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
                 f"{len(self.errored)} errored | best test loss -")
         line += f" | collapsed {n_collapsed}, diverged {diverged}"
-        counts = (len(self.done), len(self.running), len(self.errored))
+        counts = (len(self.done), len(self.errored))  # a trial starting alone does not make a new line
         now = time.time()
         if counts != self.counts or (line != self.line and now - self.said_at >= 10):  # at most every 10 s
             self.line, self.counts, self.said_at = line, counts, now

@@ -173,13 +173,15 @@ def _page_job(args: tuple) -> tuple[str, str, list[Figure]]:
 
 
 def trial_pages(root: str, trials: pd.DataFrame, out: str, thresholds: Thresholds, tsne: bool,
-                progress: Callable[[str], None] | None = None) -> tuple[dict[str, str], list[Figure]]:
-    """Every trial page, drawn in parallel processes (one per CPU) when there are several; a progress line
-    per page. Returns {trial_id: page} and the figures of the last page (a single run shows them inline)."""
+                progress: Callable[[str], None] | None = None, processes: int = 1) -> tuple[dict[str, str], list[Figure]]:
+    """Every trial page, drawn in up to `processes` spawned processes; a progress line per page. Returns
+    {trial_id: page} and the figures of the last page (a single run shows them inline). Spawned processes
+    re-import the caller's main module, so a script calling this with processes > 1 needs the usual
+    `if __name__ == "__main__":` guard (`jobs.report` has it and uses one process per CPU)."""
     jobs = [(root, trial, out, thresholds, tsne) for _, trial in trials.iterrows()]
     pages: dict[str, str] = {}
     figures: list[Figure] = []
-    workers = min(len(jobs), os.cpu_count() or 1)
+    workers = min(len(jobs), max(1, processes))
     if workers > 1:
         import concurrent.futures as cf
         import multiprocessing
@@ -262,7 +264,8 @@ def cells_html(table: pd.DataFrame, final: pd.DataFrame, pages: dict[str, str]) 
 
 
 def build_report(root: str, out: str | None = None, trial_id: str | None = None,
-                 thresholds: Thresholds | None = None, progress: Callable[[str], None] | None = None) -> str:
+                 thresholds: Thresholds | None = None, progress: Callable[[str], None] | None = None,
+                 processes: int = 1) -> str:
     """Write the report for `root` (a run or a sweep); returns the page written.
 
     Units in use are counted with the thresholds the run recorded, unless `thresholds` overrides them
@@ -301,7 +304,7 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
     final = final_rows(trials, epochs, dims, thresholds) if not epochs.empty else pd.DataFrame()
     ranked = trials.sort_values("test_loss") if not trials.empty else trials
     pages, figures = trial_pages(root, ranked.head(AUTO_TRIAL_PAGES), out, thresholds, tsne=len(trials) == 1,
-                                 progress=progress)
+                                 progress=progress, processes=processes)
 
     table = pd.DataFrame()
     if len(trials) > 1:
