@@ -17,12 +17,7 @@ PROG = "jobs.sweep"
 
 
 def main(argv: list[str] | None = None) -> int:
-    sweep, args = parse_sweep_args(argv)  # exits 2 on bad input; torch and Ray are not loaded yet
-    if args.print_config:
-        from vae.config import config_yaml
-
-        print(config_yaml(sweep), end="")
-        return 0
+    sweep, args = parse_sweep_args(argv)  # exits 2 on bad input (0 after --print-config); no torch, no Ray yet
     from tune.api import run_sweep
 
     given = [f.name for f in dataclasses.fields(SweepConfig) if f.name in vars(args)]

@@ -16,12 +16,7 @@ PROG = "jobs.train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_train_args(argv)  # exits 2 on bad input; torch and Ray are not loaded yet
-    if args.print_config:
-        from vae.config import config_yaml
-
-        print(config_yaml(cfg), end="")
-        return 0
+    cfg, args = parse_train_args(argv)  # exits 2 on bad input (0 after --print-config); no torch, no Ray yet
     from vae.api import run_training
 
     code, line = run_training(cfg, list(sys.argv[1:] if argv is None else argv), args.verbose,

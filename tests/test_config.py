@@ -88,3 +88,20 @@ def test_the_readmes_example_yaml_is_a_valid_config():
     path = Path(__file__).resolve().parents[1] / "examples" / "run.yaml"
     cfg, _ = parse_train_args(["--config", str(path), "--num-workers", "2", "--kl-warmup-epochs", "5"])
     assert (cfg.dataset, cfg.model, cfg.decoder_var, cfg.num_workers) == ("gaussian2d", "linear", "1", 2)
+
+
+@pytest.mark.parametrize("prog", ["jobs.train", "jobs.sweep"])
+def test_print_config_gives_yaml_that_config_takes_back_as_is(prog, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flags = ["--dataset", "gaussian2d", "--epochs", "7", "--name", "p", "--storage", str(tmp_path)]
+    first = subprocess.run([sys.executable, "-m", prog, *flags, "--print-config"], cwd=root, capture_output=True,
+                           text=True, timeout=60)
+    assert first.returncode == 0 and first.stderr == "" and "epochs: 7" in first.stdout
+    (tmp_path / "config.yaml").write_text(first.stdout)
+    again = subprocess.run([sys.executable, "-m", prog, "--config", str(tmp_path / "config.yaml"), "--print-config"],
+                           cwd=root, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout == first.stdout  # the same run, reproduced from its file

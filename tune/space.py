@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from vae.axes import AXES
 from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig, add_config_flags, check,
-                        check_choice, check_float, check_int, check_name, check_storage, parse_args, resolve)
+                        check_choice, check_float, check_int, check_name, check_storage, finish, parse_args, resolve)
 
 SEARCHES = ("grid", "random", "boundary")
 SCHEDULERS = ("none", "asha", "settled")
@@ -206,6 +206,6 @@ def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, ar
     if args.retry_errored and not args.resume:
         parser.exit(2, "jobs.sweep: error: --retry-errored: only with --resume\n")
     try:
-        return finish_parse(cfg), args
+        return finish(parser, finish_parse(cfg), args)
     except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
         parser.exit(2, f"jobs.sweep: error: {e}\n")

@@ -435,10 +435,18 @@ def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
     return parser
 
 
+def finish(parser: argparse.ArgumentParser, config: Any, args: argparse.Namespace) -> tuple[Any, argparse.Namespace]:
+    """The resolved config, or with --print-config: it printed as YAML and exit 0."""
+    if getattr(args, "print_config", False):
+        print(config_yaml(config), end="", flush=True)  # stdout: pipe it into a file
+        parser.exit(0)
+    return config, args
+
+
 def parse_train_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = train_parser()
     config, args = parse_args(parser, TrainConfig, argv)
     try:
-        return resolve(config), args
+        return finish(parser, resolve(config), args)
     except ConfigError as e:  # a bad $VAE_STORAGE or $VAE_DATA_DIR
         parser.exit(2, f"{parser.prog}: error: {e}\n")
