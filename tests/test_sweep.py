@@ -145,3 +145,14 @@ def test_the_private_tune_hook_for_restored_callbacks_still_exists():
     marker = tune.Callback()
     set_restored_callbacks(tuner, [marker])
     assert tuner._local_tuner.get_run_config().callbacks == [marker]
+
+
+def test_the_settled_scheduler_stops_a_trial_once_settled_never_before():
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.sweep import StopWhenSettled
+
+    s = StopWhenSettled(min_epochs=5)
+    assert s.on_trial_result(None, None, {"epoch": 3, "settled": True}) == TrialScheduler.CONTINUE  # the minimum
+    assert s.on_trial_result(None, None, {"epoch": 8, "settled": False}) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, None, {"epoch": 8, "settled": True}) == TrialScheduler.STOP

@@ -214,11 +214,13 @@ class _Trainer:
 
         choice = kernels.choose(step)
         choice["summary"] = kernels.describe(choice)
-        if self.rank == 0 and cfg.run_id == cfg.name:  # a run of its own (a sweep's trials log it per epoch)
-            info = self.results.read_json("run.json")
-            if info is not None:
-                self.results.write_json("run.json", {**info, "kernels": choice})
+        self._note_in_run_json(kernels=choice)
         return choice
+
+    def _note_in_run_json(self, **fields: Any) -> None:
+        """Rank 0 of a run of its own adds to its run.json (a sweep's trials say it in their rows instead)."""
+        if self.rank == 0 and self.cfg.run_id == self.cfg.name:
+            self.results.update_json("run.json", **fields)
 
     # ------------------------------------------------------------- checkpoints
     def _restore(self) -> int:
@@ -255,10 +257,7 @@ class _Trainer:
             note = (f"checkpoint {folder} could not be read ({damaged}); resumed from {os.path.dirname(path)} "
                     f"(epoch {state['epoch']}) instead")
             print(note, file=sys.stderr, flush=True)
-            if self.rank == 0 and self.cfg.run_id == self.cfg.name:
-                info = self.results.read_json("run.json")
-                if info is not None:
-                    self.results.write_json("run.json", {**info, "restored_from": note})
+            self._note_in_run_json(restored_from=note)
             return state
         raise damaged
 
@@ -307,12 +306,13 @@ class _Trainer:
                 return metrics
             metrics = self._evaluate_and_write(epoch, train, seconds) if self.rank == 0 else {"epoch": epoch}
             self._step_schedule(train["loss"])
-            stop = self._agree(self.rank == 0 and not metrics.get("final") and self.results.stop_requested() is not None)
+            asked = self.results.stop_requested() if self.rank == 0 and not metrics.get("final") else None
+            final, stop = self._agree(bool(metrics.get("final")), asked is not None)
             if stop and self.rank == 0:  # a signal to the job: this epoch is whole (tables and checkpoint agree)
-                reason = f"interrupted after epoch {epoch} ({self.results.stop_requested()})"
+                reason = f"interrupted after epoch {epoch} ({asked})"
                 metrics.update(status="interrupted", end_reason=reason)
                 self._write_trial("interrupted", "", epoch, {**metrics, "end_reason": reason})
-            final = self._agree(bool(metrics.get("final", False))) or stop
+            final = final or stop
             metrics.update(rank=self.rank, shard_digest=train["shard_digest"], param_checksum=self._param_checksum(),
                            final=final)
             if final and not stop and self.rank == 0:
@@ -322,13 +322,13 @@ class _Trainer:
                 break
         return metrics
 
-    def _agree(self, flag: bool) -> bool:
-        """Rank 0's decision, on every rank (whether training stops after this epoch)."""
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Rank 0's decisions, on every rank, in one broadcast (whether training stops after this epoch)."""
         if self.world > 1 and dist.is_initialized():
-            t = torch.tensor([float(flag)], device=self.device)
+            t = torch.tensor([float(f) for f in flags], device=self.device)
             dist.broadcast(t, src=0)
-            return bool(t.item())
-        return flag
+            return tuple(bool(v) for v in t.tolist())
+        return flags
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, model, opt = self.cfg, self.model, self.optimizer
@@ -373,8 +373,8 @@ class _Trainer:
         mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps))
         activity = diagnostics.unit_activity(ev.mu)
         active = diagnostics.active_units(activity, cfg.active_threshold)
-        used = units_in_use(ev.kl_per_dim, activity, self.thresholds)
         state = self._settle(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float))
+        used = state.units_in_use  # counted by vae.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
         row = self._write_epoch_row(epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
         self.results.write("kl_per_dim", kl_rows(self.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist()),

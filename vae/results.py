@@ -206,6 +206,12 @@ class Results:
     def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
         self.write_text(name, json.dumps(payload, indent=2, default=str))
 
+    def update_json(self, name: str, **fields: Any) -> None:
+        """Add fields to an existing JSON file beside the tables (nothing when it does not exist)."""
+        payload = self.read_json(name)
+        if payload is not None:
+            self.write_json(name, {**payload, **fields})
+
     def write_text(self, name: str, text: str) -> None:
         """`<root>/<name>`, written under a temporary name and renamed into place."""
         final = f"{self.path}/{name}"
