@@ -199,9 +199,12 @@ class _Trainer:
         import copy
 
         cfg = self.cfg
-        if self.device.type != "cpu" or self.train_x.dtype != torch.float32:
-            choice = kernels.choose(lambda: None, applicable=False)
-            return {**choice, "summary": kernels.describe(choice)}
+        if self.device.type != "cpu" or self.train_x.dtype != torch.float32 or kernels.requested() != "auto":
+            applicable = self.device.type == "cpu" and self.train_x.dtype == torch.float32
+            choice = kernels.choose(lambda: None, applicable)  # nothing to time: forced, or not CPU float32
+            choice["summary"] = kernels.describe(choice)
+            self._note_in_run_json(kernels=choice)
+            return choice
         scratch = copy.deepcopy(self.model)
         opt = torch.optim.Adam(scratch.parameters(), lr=cfg.lr, fused=True)
         batch = max(1, cfg.batch_size // self.world)
