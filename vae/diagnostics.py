@@ -33,21 +33,30 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) -> Evaluation:
     """Test-set ELBO terms with fixed noise eps [S, N, L] (the same every epoch)."""
-    recon_sum = x.new_zeros(())
-    kl_dims_sum = x.new_zeros(model.latent_dim)
+    return evaluate_members(model, x, eps, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_members(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) -> list[Evaluation]:
+    """`evaluate` for every member of a pack at once (vae/pack.py): x [K, N, D], eps [S, K, N, L]; a plain
+    model takes x [N, D], eps [S, N, L] and gives a list of one."""
+    recon_sum, kl_dims_sum = 0.0, 0.0
     mus, logvars = [], []
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size]
+    n = x.shape[-2]
+    for start in range(0, n, batch_size):
+        xb = x[..., start:start + batch_size, :]
         mu, logvar = model.encode(xb)
-        z = losses.reparameterize(mu, logvar, eps[:, start:start + batch_size])
-        recon_sum += model.recon_nll(xb, model.decode(z)).mean(0).sum()
-        kl_dims_sum += losses.kl_per_dim(mu, logvar).sum(0)
+        z = losses.reparameterize(mu, logvar, eps[..., start:start + batch_size, :])
+        recon_sum = recon_sum + model.recon_nll(xb, model.decode(z)).mean(0).sum(-1)
+        kl_dims_sum = kl_dims_sum + losses.kl_per_dim(mu, logvar).sum(-2)
         mus.append(mu)
         logvars.append(logvar)
-    n = len(x)
-    kl_per_dim = (kl_dims_sum / n).cpu()
-    return Evaluation(recon=float(recon_sum) / n, kl=float(kl_per_dim.sum()), kl_per_dim=kl_per_dim,
-                      mu=torch.cat(mus).cpu(), logvar=torch.cat(logvars).cpu())
+    recon = (recon_sum / n).reshape(-1).cpu()
+    kl_per_dim = (kl_dims_sum / n).cpu().reshape(len(recon), -1)
+    mu, logvar = torch.cat(mus, -2).cpu(), torch.cat(logvars, -2).cpu()
+    mu, logvar = mu.reshape(len(recon), n, -1), logvar.reshape(len(recon), n, -1)
+    return [Evaluation(recon=float(recon[k]), kl=float(kl_per_dim[k].sum()), kl_per_dim=kl_per_dim[k],
+                       mu=mu[k], logvar=logvar[k]) for k in range(len(recon))]
 
 
 def covariance_spectrum(x: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,15 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str = "none") -> torch.Tensor:
-    """activation(x @ weight.T + bias) for x [..., in], weight [out, in]."""
+    """activation(x @ weight.T + bias) for x [..., in], weight [out, in].
+
+    A packed layer (vae/pack.py: weight [K, out, in], bias [K, out]) takes x [..., K, B, in]: one batched
+    product per call, `baddbmm` for x [K, B, in], a broadcast `matmul` for leading sample axes."""
+    if weight.dim() == 3:
+        if x.dim() == 3 and bias is not None:
+            return _activate(torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)), activation)
+        y = torch.matmul(x, weight.transpose(1, 2))
+        return _activate(y if bias is None else y + bias.unsqueeze(-2), activation)
     if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and fast_enabled():
         return _Linear.apply(x, weight, bias, activation)
     return _activate(F.linear(x, weight, bias), activation)

@@ -14,14 +14,15 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 import numpy as np
 
-from . import checkpoint, diagnostics, kernels, losses, settle, snapshots, streams
+from . import checkpoint, diagnostics, kernels, losses, pack, settle, snapshots, streams
 from .collapse import Thresholds, units_in_use
 from .config import TrainConfig, resolve
 from .data import Data, load, shard_indices
@@ -32,6 +33,8 @@ MI_SUBSET = 2000
 TRACKED = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "active_units",
            "units_in_use", "units_undecided", "mutual_info", "kl_weight", "lr_now", "samples_per_second")
 IW_BATCH = 250
+# What a pack reports per member each epoch (the sweep's progress line and boundary search read these).
+MEMBER_KEYS = ("epoch", "test_loss", "units_in_use", "active_units", "settled", "final", "end_reason")
 # Fault injection for the reliability tests: SIGKILL this worker half-way through epoch K,
 # once (the marker file records that it happened, so the restarted worker goes on).
 FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "VAE_FAULT_KILL_EPOCH", "VAE_FAULT_MARKER"
@@ -61,13 +64,24 @@ def shard_digest(idx: torch.Tensor) -> str:
 
 
 def train_loop(config: TrainConfig | Mapping[str, Any], session=None) -> dict[str, Any]:
-    """Train one VAE as `config` says; returns the last epoch's metrics."""
-    cfg = resolve(config if isinstance(config, TrainConfig) else TrainConfig(**config))
+    """Train one VAE as `config` says; returns the last epoch's metrics.
+
+    `config` may also be {"members": [config, ...]}: a pack (vae/pack.py), trained as one model."""
+    if isinstance(config, Mapping) and "members" in config:
+        return train_pack(list(config["members"]), session)
+    return train_pack([config], session)
+
+
+def train_pack(configs: Sequence[TrainConfig | Mapping[str, Any]], session=None) -> dict[str, Any]:
+    """Train K configurations of one shape as one packed model (a pack of one: one plain model).
+
+    Every member writes the rows its own run would, under its own trial id; returns the last report."""
+    cfgs = [resolve(c if isinstance(c, TrainConfig) else TrainConfig(**c)) for c in configs]
     if session is None:
         from .session import RayTrainSession
 
         session = RayTrainSession()
-    return _Trainer(cfg, session).run()
+    return _Trainer(cfgs, session).run()
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -75,107 +89,154 @@ def train_func(config: dict[str, Any]) -> None:
     train_loop(config)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, eps: torch.Tensor,
-               weight: float, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on the negative ELBO; returns the batch's (recon NLL [B], KL per dim [B, L])."""
+def train_step(model: torch.nn.Module, opt, xb: torch.Tensor, eps: torch.Tensor, weight: float | torch.Tensor,
+               free_bits: float | torch.Tensor, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the negative ELBO; returns the batch's (recon NLL [B], KL per dim [B, L]).
+
+    A pack: x [K, B, D], eps [S, K, B, L]; the members' objectives are summed (their gradients stay
+    separable) and a member that is not `live` contributes nothing (`PackAdam` also leaves it alone)."""
     recon, kl_dims = model(xb, eps)
-    loss = losses.negative_elbo(recon, kl_dims, weight, free_bits)
+    objective = losses.negative_elbo(recon, kl_dims, weight, free_bits)
+    loss = objective if live is None else torch.where(live, objective, 0.0).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return recon, kl_dims
 
 
+LIVE = "training"  # a member still training; else finished | diverged | interrupted
+
+
+@dataclass
+class _Member:
+    """One configuration of a pack: its config, its own settle history and where it stands."""
+
+    k: int
+    cfg: TrainConfig
+    status: str = LIVE
+    settle_epoch: int = -1  # the first epoch of the current settled run of epochs
+    history: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # epoch -> (KL, activity)
+    last: dict[str, Any] = field(default_factory=dict)  # the last metrics it reported
+
+    @property
+    def trial_id(self) -> str:
+        return self.cfg.run_id
+
+
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, session):
-        self.cfg, self.session = cfg, session
+    def __init__(self, cfgs: TrainConfig | Sequence[TrainConfig], session):
+        cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
+        pack.check_members(cfgs)
+        self.cfg, self.session = cfgs[0], session  # cfg: what the members share (vae.pack.SHAPE_KEYS)
+        self.members = [_Member(k, c) for k, c in enumerate(cfgs)]
+        self.k = len(cfgs)
+        self.pack_id = pack.pack_id([m.trial_id for m in self.members])
+        cfg = self.cfg
         self.rank, self.world = session.rank, session.world_size
         self.device = torch.device(session.device)
         if cfg.cpus_per_worker:
             torch.set_num_threads(cfg.cpus_per_worker)
         if self.device.type == "cpu":
             kernels.tune_allocator()
-        self.trial_id = cfg.run_id
         self.results = Results(run_root(cfg.storage, cfg.name)) if self.rank == 0 else None
-        self.data: Data = load(cfg.dataset, cfg.data_dir, cfg.seed, cfg.subset)
-        self.train_x = self.data.train.x.to(self.device)  # whole split on the device, batched by index
-        self.test_x = self.data.test.x.to(self.device)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, self.train_x.shape[1], cfg.latent_dim, cfg.hidden_dim,
-                            cfg.fixed_decoder_var)
-        self.model = model.to(self.device)
-        # fused Adam: one kernel for every parameter (measured: 0.45 ms a step instead of 1.3 ms on 2 CPU cores)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
-        self.scheduler = self._lr_scheduler()
-        # Fixed test noise (as the 2-D Gaussian toy's tutorial does): the same eps every epoch, so test losses compare across epochs.
-        n_test = len(self.test_x)
-        self.test_eps = torch.randn(cfg.num_mc, n_test, cfg.latent_dim,
-                                    generator=streams.test_noise(cfg.seed)).to(self.device)
-        self.mi_eps = torch.randn(min(MI_SUBSET, n_test), cfg.latent_dim, generator=streams.mi_noise(cfg.seed))
+        self._load_data()
+        models = []
+        for m in self.members:
+            torch.manual_seed(m.cfg.seed)  # the same initial weights on every rank, and as its own run would
+            models.append(self._build(m.cfg))
+        self.model = (models[0] if self.k == 1 else pack.stack_models(models)).to(self.device)
+        if self.k == 1:
+            # fused Adam: one kernel for every parameter (measured: 0.45 ms a step instead of 1.3 ms on 2 CPU cores)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
+        else:
+            self.optimizer = pack.PackAdam(self.model.parameters(), [m.cfg.lr for m in self.members])
+        self.schedules = pack.MemberSchedules([m.cfg.lr for m in self.members], cfg.schedule, cfg.budget)
+        # Fixed test noise (as the 2-D Gaussian toy's tutorial does): the same eps every epoch, so test losses
+        # compare across epochs; each member draws its own, as its own run would.
+        n_test = self.test_x.shape[-2]
+        eps = [torch.randn(cfg.num_mc, n_test, cfg.latent_dim, generator=streams.test_noise(m.cfg.seed))
+               for m in self.members]
+        self.test_eps = (eps[0] if self.k == 1 else torch.stack(eps, 1)).to(self.device)
+        self.mi_eps = [torch.randn(min(MI_SUBSET, n_test), cfg.latent_dim, generator=streams.mi_noise(m.cfg.seed))
+                       for m in self.members]
         self.kernels = self._choose_kernels()
         self.snapshot_epochs = snapshots.snapshot_epochs(cfg.budget)
         self.thresholds = Thresholds(cfg.active_threshold, cfg.kl_threshold)
-        self.tracker = self._tracker() if self.rank == 0 else None
-        self.history: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (KL, activity) per unit
-        self.settle_epoch = -1  # the first epoch of the current settled run of epochs
+        self.trackers: dict[str, Any] = {}
         self.started = time.time()
-        self.last_metrics: dict[str, Any] = {}
+        self.last_report: dict[str, Any] = {}
 
-    def _tracker(self):
-        """A TensorBoard writer for this trial's per-epoch metrics (`--tracker tensorboard`), or None."""
-        if self.cfg.tracker != "tensorboard":
-            return None
-        from torch.utils.tensorboard import SummaryWriter
+    def _build(self, cfg: TrainConfig) -> VAE:
+        return build_model(cfg.model, self.train_x.shape[1], cfg.latent_dim, cfg.hidden_dim, cfg.fixed_decoder_var)
 
-        return SummaryWriter(log_dir=f"{run_root(self.cfg.storage, self.cfg.name)}/tensorboard/{self.trial_id}")
+    def _load_data(self) -> None:
+        """Each member's splits (the 2-D toy's depend on the seed; MNIST is one): the distinct training
+        splits side by side in one tensor on the device, batched by index with each member's offset."""
+        cfg = self.cfg
+        sets: dict[tuple, int] = {}
+        self.datas: list[Data] = []
+        self.data_of: list[int] = []
+        for m in self.members:
+            key = (m.cfg.dataset, m.cfg.seed if m.cfg.dataset == "gaussian2d" else 0, m.cfg.subset)
+            if key not in sets:
+                sets[key] = len(self.datas)
+                self.datas.append(load(m.cfg.dataset, m.cfg.data_dir, m.cfg.seed, m.cfg.subset))
+            self.data_of.append(sets[key])
+        self.data = self.datas[0]
+        self.n_train = len(self.data.train)
+        train = [d.train.x for d in self.datas]
+        self.train_x = (train[0] if len(train) == 1 else torch.cat(train)).to(self.device)  # whole splits on the device
+        self.offsets = torch.tensor([u * self.n_train for u in self.data_of])[:, None]
+        test = self.data.test.x.to(self.device)
+        if self.k > 1:  # [K, N, D]: a view when the members share the data
+            test = (test.expand(self.k, *test.shape) if len(self.datas) == 1 else
+                    torch.stack([self.datas[u].test.x for u in self.data_of]).to(self.device))
+        self.test_x = test
+        del cfg
 
-    def _track(self, row: dict[str, Any]) -> None:
-        if self.tracker is None:
+    # ------------------------------------------------------------- trackers
+    def _track(self, member: _Member, row: dict[str, Any]) -> None:
+        """Per-epoch metrics to TensorBoard (`--tracker tensorboard`): one writer per trial."""
+        if member.cfg.tracker != "tensorboard":
             return
+        writer = self.trackers.get(member.trial_id)
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = self.trackers[member.trial_id] = SummaryWriter(
+                log_dir=f"{run_root(member.cfg.storage, member.cfg.name)}/tensorboard/{member.trial_id}")
         for key in TRACKED:
             value = row.get(key)
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.tracker.add_scalar(key, float(value), global_step=int(row["epoch"]))
-        self.tracker.flush()
+                writer.add_scalar(key, float(value), global_step=int(row["epoch"]))
+        writer.flush()
 
-    def _lr_scheduler(self):
-        """The learning-rate schedule, stepped once per epoch (`cfg.schedule`)."""
-        sched = torch.optim.lr_scheduler
-        if self.cfg.schedule == "cosine":  # to zero at the end of the budget: lowers the optimiser's noise floor
-            return sched.CosineAnnealingLR(self.optimizer, T_max=self.cfg.budget)
-        if self.cfg.schedule == "plateau":  # on the training loss, which every rank knows
-            return sched.ReduceLROnPlateau(self.optimizer, factor=0.5, patience=3, threshold=1e-3)
-        return None
-
-    def _step_schedule(self, train_loss: float) -> None:
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(train_loss)
-        elif self.scheduler is not None:
-            self.scheduler.step()
-
-    def _settle(self, epoch: int, kl: np.ndarray, activity: np.ndarray) -> settle.SettleState:
-        """Whether the collapse state has settled after `epoch` (rank 0; from this trial's own history)."""
-        self.history[epoch] = (kl, activity)
-        trained = sorted(e for e in self.history if e >= 1)
+    # ------------------------------------------------------------- settle state
+    def _settle(self, member: _Member, epoch: int, kl: np.ndarray, activity: np.ndarray) -> settle.SettleState:
+        """Whether a member's collapse state has settled after `epoch` (rank 0; from its own history)."""
+        member.history[epoch] = (kl, activity)
+        trained = sorted(e for e in member.history if e >= 1)
         if not trained:
             return settle.SettleState(False, int(units_in_use(kl, activity, self.thresholds)), 0, 0, "not trained")
-        state = settle.settle_state(np.stack([self.history[e][0] for e in trained]),
-                                    np.stack([self.history[e][1] for e in trained]), self.thresholds,
+        state = settle.settle_state(np.stack([member.history[e][0] for e in trained]),
+                                    np.stack([member.history[e][1] for e in trained]), self.thresholds,
                                     epochs_left=self.cfg.budget - epoch)
         if not state.settled:
-            self.settle_epoch = -1
-        elif self.settle_epoch < 0:
-            self.settle_epoch = epoch
+            member.settle_epoch = -1
+        elif member.settle_epoch < 0:
+            member.settle_epoch = epoch
         return state
 
     def _load_history(self, done: int) -> None:
-        """A resumed trial's per-unit history, from its own `kl_per_dim/` rows (rank 0)."""
+        """A resumed pack's per-unit histories, from its members' own `kl_per_dim/` rows (rank 0)."""
         import pyarrow.dataset as ds
 
-        rows = self.results.read("kl_per_dim", ds.field("trial_id") == self.trial_id)
-        for epoch, part in rows[rows.epoch <= done].groupby("epoch"):
+        ids = [m.trial_id for m in self.members]
+        rows = self.results.read("kl_per_dim", ds.field("trial_id").isin(ids))
+        by_id = {m.trial_id: m for m in self.members}
+        for (tid, epoch), part in rows[rows.epoch <= done].groupby(["trial_id", "epoch"]):
             part = part.sort_values("dim")
-            self.history[int(epoch)] = (part.kl.to_numpy(), part.activity.to_numpy())
+            by_id[tid].history[int(epoch)] = (part.kl.to_numpy(), part.activity.to_numpy())
 
     def _write_spectrum(self) -> None:
         """For the linear VAE with a fixed decoder variance: the training split's covariance spectrum,
@@ -195,13 +256,16 @@ class _Trainer:
 
     def _choose_kernels(self) -> dict[str, Any]:
         """Time this model's training step under each CPU kernel path (on scratch copies) and keep the
-        fastest (`vae.kernels.choose`); rank 0 records the choice in run.json."""
+        fastest (`vae.kernels.choose`); rank 0 records the choice in run.json. A pack's stacked layers
+        are batched products on every path, so there is nothing to choose."""
         import copy
 
         cfg = self.cfg
-        if self.device.type != "cpu" or self.train_x.dtype != torch.float32 or kernels.requested() != "auto":
-            applicable = self.device.type == "cpu" and self.train_x.dtype == torch.float32
-            choice = kernels.choose(lambda: None, applicable)  # nothing to time: forced, or not CPU float32
+        cpu_f32 = self.device.type == "cpu" and self.train_x.dtype == torch.float32
+        if not cpu_f32 or self.k > 1 or kernels.requested() != "auto":
+            choice = kernels.choose(lambda: None, cpu_f32 and self.k == 1)  # forced, or nothing to time
+            if self.k > 1:
+                choice["reason"] = f"a pack of {self.k}: batched products (vae/pack.py)"
             choice["summary"] = kernels.describe(choice)
             self._note_in_run_json(kernels=choice)
             return choice
@@ -222,7 +286,7 @@ class _Trainer:
 
     def _note_in_run_json(self, **fields: Any) -> None:
         """Rank 0 of a run of its own adds to its run.json (a sweep's trials say it in their rows instead)."""
-        if self.rank == 0 and self.cfg.run_id == self.cfg.name:
+        if self.rank == 0 and self.k == 1 and self.cfg.run_id == self.cfg.name:
             self.results.update_json("run.json", **fields)
 
     # ------------------------------------------------------------- checkpoints
@@ -232,17 +296,34 @@ class _Trainer:
             if folder is None:
                 return 0
             try:
-                state = checkpoint.load(folder, self.trial_id)
+                state = checkpoint.load(folder, self.pack_id)
             except checkpoint.CheckpointError as damaged:
                 state = self._older_checkpoint(folder, damaged)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and "scheduler" in state["extra"]:
-            self.scheduler.load_state_dict(state["extra"]["scheduler"])
-        self.settle_epoch = int(state["extra"].get("settle_epoch", -1))
-        self.started -= float(state["extra"].get("wall_seconds", 0.0))
-        self.last_metrics = dict(state["extra"].get("metrics", {}))
-        return int(state["epoch"])
+        extra = state["extra"]
+        if "schedules" in extra:
+            self.schedules.load_state_dict(extra["schedules"])
+        elif "scheduler" in extra and self.schedules.schedulers:  # a checkpoint from before packs
+            self.schedules.schedulers[0].load_state_dict(extra["scheduler"])
+            self.schedules.holders[0].param_groups[0]["lr"] = float(state["optimizer"]["param_groups"][0]["lr"])
+        self.started -= float(extra.get("wall_seconds", 0.0))
+        done = int(state["epoch"])
+        saved = extra.get("members") or [{"status": None, "settle_epoch": extra.get("settle_epoch", -1),
+                                          "metrics": extra.get("metrics", {})}]
+        for m, s in zip(self.members, saved):
+            m.settle_epoch, m.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
+            # diverged stays so; finished is judged again (a rerun may raise the budget); interrupted goes on
+            m.status = "diverged" if s.get("status") == "diverged" else self._ended(m, done)
+            if m.status != LIVE:
+                self._freeze(m)
+        return done
+
+    def _ended(self, m: _Member, done: int) -> str:
+        """A restored member is finished when its budget was spent or it had settled under --until-settled
+        after the minimum epochs; else it trains on."""
+        settled = m.cfg.until_settled and done >= m.cfg.epochs and bool(m.last.get("settled"))
+        return "finished" if done >= m.cfg.budget or settled else LIVE
 
     def _older_checkpoint(self, folder: str, damaged: Exception) -> dict[str, Any]:
         """The latest readable checkpoint beside an unreadable one (Ray keeps the latest two): the run
@@ -254,7 +335,7 @@ class _Trainer:
                              if os.path.dirname(p) != os.path.abspath(folder)), key=os.path.getmtime, reverse=True)
         for path in candidates:
             try:
-                state = checkpoint.load(os.path.dirname(path), self.trial_id)
+                state = checkpoint.load(os.path.dirname(path), self.pack_id)
             except checkpoint.CheckpointError:
                 continue
             note = (f"checkpoint {folder} could not be read ({damaged}); resumed from {os.path.dirname(path)} "
@@ -268,62 +349,112 @@ class _Trainer:
         if self.rank != 0:
             self.session.report(metrics, None)
             return
+        one = self.members[0]
         with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as folder:
             checkpoint.save(folder, model_state=_unwrap(self.model).state_dict(),
-                            optimizer_state=self.optimizer.state_dict(), epoch=epoch, trial_id=self.trial_id,
-                            extra={"wall_seconds": time.time() - self.started, "metrics": metrics,
-                                   "settle_epoch": self.settle_epoch,
-                                   **({"scheduler": self.scheduler.state_dict()} if self.scheduler else {})})
+                            optimizer_state=self.optimizer.state_dict(), epoch=epoch, trial_id=self.pack_id,
+                            extra={"wall_seconds": time.time() - self.started, "metrics": one.last,
+                                   "settle_epoch": one.settle_epoch, "schedules": self.schedules.state_dict(),
+                                   "members": [{"trial_id": m.trial_id, "status": m.status,
+                                                "settle_epoch": m.settle_epoch, "metrics": m.last}
+                                               for m in self.members]})
             self.session.report(metrics, folder)
 
     # ------------------------------------------------------------- the loop
+    def live(self) -> list[_Member]:
+        return [m for m in self.members if m.status == LIVE]
+
+    def _freeze(self, m: _Member) -> None:
+        if self.k > 1:
+            self.optimizer.freeze(m.k)
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         done = self._restore()
         self.model = self.session.prepare(self.model)
-        metrics: dict[str, Any] = {}
-        settled_before = cfg.until_settled and done >= cfg.epochs and bool(self.last_metrics.get("settled"))
-        if done >= cfg.budget or settled_before:  # finished before a restart: say so again, so Tune and
-            metrics = self.last_metrics if self.rank == 0 else {"epoch": done}  # Train see the result
+        if not self.live():  # finished before a restart: say so again, so Tune and Train see the result
+            metrics = self._pack_metrics(done) if self.rank == 0 else {"epoch": done}
             self.session.report(metrics, None)
             return metrics
         if self.rank == 0:
             self._write_spectrum()
             self._load_history(done)
+        metrics: dict[str, Any] = {}
         if done == 0 and self.rank == 0:
-            self._write_trial("running", "", 0, {})
-            metrics = self._evaluate_and_write(0, train=None, seconds=0.0)
+            for m in self.members:
+                self._write_trial(m, "running", "", 0, {})
+            evs = diagnostics.evaluate_members(_unwrap(self.model), self.test_x, self.test_eps)
+            for m in self.members:
+                self._evaluate_and_write(m, evs[m.k], 0, train=None, seconds=0.0)
         for epoch in range(done + 1, cfg.budget + 1):
             t0 = time.perf_counter()
-            train = self._train_epoch(epoch)
+            trains = self._train_epoch(epoch)
             seconds = time.perf_counter() - t0
-            if not (math.isfinite(train["loss"]) and math.isfinite(train["kl"])):
-                reason = f"train loss became {train['loss']} in epoch {epoch}"
-                if self.rank == 0:
-                    self._write_epoch_row(epoch, train, None, seconds)
-                    self._write_trial("diverged", reason, epoch, {"train_loss": train["loss"],
-                                                                  "end_reason": f"diverged in epoch {epoch}"})
-                metrics = {"epoch": epoch, "status": "diverged", "error": reason, "train_loss": float("nan"),
-                           "test_loss": float("nan"), "active_units": 0, "units_in_use": 0}
-                self.session.report(metrics, None)
-                return metrics
-            metrics = self._evaluate_and_write(epoch, train, seconds) if self.rank == 0 else {"epoch": epoch}
-            self._step_schedule(train["loss"])
-            asked = self.results.stop_requested() if self.rank == 0 and not metrics.get("final") else None
-            final, stop = self._agree(bool(metrics.get("final")), asked is not None)
+            self._diverged(epoch, trains, seconds)
+            if self.rank == 0 and self.live():
+                evs = diagnostics.evaluate_members(_unwrap(self.model), self.test_x, self.test_eps)
+                for m in self.live():
+                    self._evaluate_and_write(m, evs[m.k], epoch, trains[m.k], seconds)
+            live_before = [m.status == LIVE for m in self.members]
+            self.schedules.step([t["loss"] for t in trains], live_before)
+            asked = self.results.stop_requested() if self.rank == 0 and self.live() else None
+            stop, *ending = self._agree(asked is not None, *[m.status == LIVE and bool(m.last.get("final"))
+                                                             for m in self.members])
             if stop and self.rank == 0:  # a signal to the job: this epoch is whole (tables and checkpoint agree)
                 reason = f"interrupted after epoch {epoch} ({asked})"
-                metrics.update(status="interrupted", end_reason=reason)
-                self._write_trial("interrupted", "", epoch, {**metrics, "end_reason": reason})
-            final = final or stop
-            metrics.update(rank=self.rank, shard_digest=train["shard_digest"], param_checksum=self._param_checksum(),
-                           final=final)
-            if final and not stop and self.rank == 0:
-                self._finish(metrics)
+                for m in self.live():
+                    m.last.update(status="interrupted", end_reason=reason)
+                    self._write_trial(m, "interrupted", "", epoch, m.last)
+            for m, ends in zip(self.members, ending):
+                if m.status != LIVE:
+                    continue
+                if stop:
+                    m.status = "interrupted"
+                elif ends:
+                    if self.rank == 0:
+                        self._finish(m)
+                    m.status = "finished"
+                if m.status != LIVE:
+                    self._freeze(m)
+            metrics = self._pack_metrics(epoch) if self.rank == 0 else {"epoch": epoch}
+            metrics.update(rank=self.rank, shard_digest=trains[0]["shard_digest"],
+                           param_checksum=self._param_checksum(), final=not self.live())
             self._report(epoch, metrics)
-            if final:
+            if not self.live():
                 break
         return metrics
+
+    def _diverged(self, epoch: int, trains: list[dict[str, float]], seconds: float) -> None:
+        """A member whose training loss turned NaN/inf is recorded `diverged` at this epoch and frozen;
+        the others go on, unchanged by it (every rank sees the same all-reduced losses)."""
+        for m in self.live():
+            train = trains[m.k]
+            if math.isfinite(train["loss"]) and math.isfinite(train["kl"]):
+                continue
+            reason = f"train loss became {train['loss']} in epoch {epoch}"
+            m.status = "diverged"
+            m.last = {"epoch": epoch, "status": "diverged", "error": reason, "train_loss": float("nan"),
+                      "test_loss": float("nan"), "active_units": 0, "units_in_use": 0, "final": True,
+                      "end_reason": f"diverged in epoch {epoch}"}
+            if self.rank == 0:
+                self._write_epoch_row(m, epoch, train, None, seconds)
+                self._write_trial(m, "diverged", reason, epoch, {"train_loss": train["loss"],
+                                                                 "end_reason": m.last["end_reason"]})
+            self._freeze(m)
+
+    def _pack_metrics(self, epoch: int) -> dict[str, Any]:
+        """What the session hears after an epoch: a pack of one, its trial's metrics (as ever); a pack,
+        every member's under `members`, and the pack's own summary for Tune's schedulers and progress."""
+        if self.k == 1:
+            return dict(self.members[0].last) or {"epoch": epoch}
+        members = {m.trial_id: {k: m.last.get(k) for k in MEMBER_KEYS} | {"status": m.status}
+                   for m in self.members}
+        losses_ = [m.last.get("test_loss") for m in self.members]
+        finite = [v for v in losses_ if isinstance(v, float) and math.isfinite(v)]
+        return {"epoch": epoch, "pack_id": self.pack_id, "members": members,
+                "test_loss": min(finite) if finite else float("nan"),
+                "settled": all(bool(m.last.get("settled")) for m in self.members),
+                "status": "running" if self.live() else "finished"}
 
     def _agree(self, *flags: bool) -> tuple[bool, ...]:
         """Rank 0's decisions, on every rank, in one broadcast (whether training stops after this epoch)."""
@@ -333,33 +464,63 @@ class _Trainer:
             return tuple(bool(v) for v in t.tolist())
         return flags
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, model, opt = self.cfg, self.model, self.optimizer
+    def _train_epoch(self, epoch: int) -> list[dict[str, float]]:
+        """One epoch for every live member: each with its own shuffle and noise stream, as its own run."""
+        cfg, model, opt, k = self.cfg, self.model, self.optimizer, self.k
         model.train()
-        idx = shard_indices(len(self.train_x), self.rank, self.world, epoch, cfg.seed).to(self.device)
+        lrs = self.schedules.lrs()
+        if k == 1:
+            opt.param_groups[0]["lr"] = lrs[0]
+        else:
+            opt.set_lrs(lrs)
+        idx = torch.stack([shard_indices(self.n_train, self.rank, self.world, epoch, m.cfg.seed)
+                           for m in self.members])  # [K, n]
+        flat = (idx + self.offsets).to(self.device)
+        n = idx.shape[1]
         batch = cfg.batch_size // self.world
-        steps = -(-len(idx) // batch)
-        gen = streams.train_noise(cfg.seed, epoch, self.rank, self.device)  # per epoch: resume replays exactly
-        recon_sum = torch.zeros((), device=self.device)
-        kl_sum = torch.zeros((), device=self.device)
+        steps = -(-n // batch)
+        gens = [streams.train_noise(m.cfg.seed, epoch, self.rank, self.device) for m in self.members]  # per epoch: resume replays exactly
+        live = None if k == 1 else torch.tensor([m.status == LIVE for m in self.members], device=self.device)
+        free_bits = cfg.free_bits if k == 1 else torch.tensor(
+            [m.cfg.free_bits for m in self.members], device=self.device).view(k, 1, 1)
+        warm = any(m.cfg.kl_warmup_epochs > 0 for m in self.members)
+        weight = self._kl_weights(epoch - 1) if not warm else None
+        recon_sum = torch.zeros(k, device=self.device)
+        kl_sum = torch.zeros(k, device=self.device)
         fault_at = _fault_step(epoch, steps, self.rank)
+        dim = self.train_x.shape[1]
         for step in range(steps):
             if step == fault_at:
                 _inject_fault()
-            xb = torch.index_select(self.train_x, 0, idx[step * batch:(step + 1) * batch])  # 3x x[idx]
-            eps = torch.randn(cfg.num_mc, len(xb), cfg.latent_dim, generator=gen, device=self.device)
-            weight = losses.kl_weight(cfg.beta, epoch - 1 + step / steps, cfg.kl_warmup_epochs)
-            recon, kl_dims = train_step(model, opt, xb, eps, weight, cfg.free_bits)
-            recon_sum += recon.detach().sum()  # stays on the device: one host sync per epoch
-            kl_sum += kl_dims.detach().sum()
-        sums = torch.stack([recon_sum, kl_sum, torch.tensor(float(len(idx)), device=self.device)])
+            rows = flat[:, step * batch:(step + 1) * batch]
+            xb = torch.index_select(self.train_x, 0, rows.reshape(-1))  # 3x x[idx]
+            size = rows.shape[1]
+            if k == 1:
+                eps = torch.randn(cfg.num_mc, size, cfg.latent_dim, generator=gens[0], device=self.device)
+            else:
+                xb = xb.view(k, size, dim)
+                eps = torch.stack([torch.randn(cfg.num_mc, size, cfg.latent_dim, generator=g, device=self.device)
+                                   for g in gens], 1)
+            if warm:
+                weight = self._kl_weights(epoch - 1 + step / steps)
+            recon, kl_dims = train_step(model, opt, xb, eps, weight, free_bits, live)
+            recon_sum += recon.detach().sum(-1).reshape(k)  # stays on the device: one host sync per epoch
+            kl_sum += kl_dims.detach().sum((-2, -1)).reshape(k)
+        sums = torch.stack([recon_sum, kl_sum])
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(sums)
-        recon_mean, kl_mean, n = sums.tolist()
-        return {"loss": (recon_mean + kl_mean) / n, "recon": recon_mean / n, "kl": kl_mean / n,
-                "kl_weight": losses.kl_weight(cfg.beta, epoch, cfg.kl_warmup_epochs), "samples": n,
-                "lr": float(opt.param_groups[0]["lr"]),
-                "shard_digest": shard_digest(idx)}
+        n_all = float(n * self.world)
+        out = []
+        for m, (r, kl) in zip(self.members, sums.T.tolist()):
+            out.append({"loss": (r + kl) / n_all, "recon": r / n_all, "kl": kl / n_all,
+                        "kl_weight": losses.kl_weight(m.cfg.beta, epoch, m.cfg.kl_warmup_epochs), "samples": n_all,
+                        "lr": lrs[m.k], "shard_digest": shard_digest(idx[m.k])})
+        return out
+
+    def _kl_weights(self, progress: float) -> float | torch.Tensor:
+        """Each member's KL weight at `progress` epochs (a float for a pack of one, else [K, 1])."""
+        weights = [losses.kl_weight(m.cfg.beta, progress, m.cfg.kl_warmup_epochs) for m in self.members]
+        return weights[0] if self.k == 1 else torch.tensor(weights, device=self.device).view(self.k, 1)
 
     def _param_checksum(self) -> float:
         """Sum of all weights: equal on every rank when DDP keeps the replicas in step."""
@@ -367,61 +528,73 @@ class _Trainer:
             return float(sum(p.double().sum() for p in self.model.parameters()))
 
     # ------------------------------------------------------------- rank 0: results
-    def _evaluate_and_write(self, epoch: int, train: dict[str, float] | None, seconds: float) -> dict[str, Any]:
-        cfg, model = self.cfg, _unwrap(self.model)
-        model.eval()
-        ev = diagnostics.evaluate(model, self.test_x, self.test_eps)
-        n_mi = len(self.mi_eps)
+    def _member_model(self, m: _Member) -> VAE:
+        """Member m as a plain model (the pack's weights for it), for snapshots and the final IW NLL."""
+        model = _unwrap(self.model)
+        if self.k == 1:
+            return model
+        plain = pack.member_model(model, self._build(m.cfg), m.k)
+        plain.eval()
+        return plain
+
+    def _evaluate_and_write(self, m: _Member, ev: diagnostics.Evaluation, epoch: int,
+                            train: dict[str, float] | None, seconds: float) -> None:
+        cfg = m.cfg
+        _unwrap(self.model).eval()
+        n_mi = len(self.mi_eps[m.k])
         mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
-        mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps))
+        mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k]))
         activity = diagnostics.unit_activity(ev.mu)
         active = diagnostics.active_units(activity, cfg.active_threshold)
-        state = self._settle(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float))
+        state = self._settle(m, epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float))
         used = state.units_in_use  # counted by vae.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
-        row = self._write_epoch_row(epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
-        self.results.write("kl_per_dim", kl_rows(self.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist()),
-                           file_key(self.trial_id, epoch))
+        row = self._write_epoch_row(m, epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
+        self.results.write("kl_per_dim", kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist()),
+                           file_key(m.trial_id, epoch))
         if epoch in self.snapshot_epochs or final:
-            self.results.write("images", snapshots.image_rows(model, self.data, self.trial_id, epoch, cfg.seed),
-                               file_key(self.trial_id, epoch))
-            self.results.write("latents", snapshots.latent_rows(ev.mu, self.data.test.y, self.trial_id, epoch),
-                               file_key(self.trial_id))
+            model, data = self._member_model(m), self.datas[self.data_of[m.k]]
+            self.results.write("images", snapshots.image_rows(model, data, m.trial_id, epoch, cfg.seed),
+                               file_key(m.trial_id, epoch))
+            self.results.write("latents", snapshots.latent_rows(ev.mu, data.test.y, m.trial_id, epoch),
+                               file_key(m.trial_id))
         status = "finished" if final else "running"
-        end = ("" if not final else f"settled at epoch {self.settle_epoch}" if state.settled and cfg.until_settled
+        end = ("" if not final else f"settled at epoch {m.settle_epoch}" if state.settled and cfg.until_settled
                else f"epoch budget ({cfg.budget}) reached" + ("" if state.settled else f", not settled: {state.reason}"))
-        return {"status": status, "final": final, "settled": state.settled, "settle_epoch": self.settle_epoch,
-                "units_undecided": state.undecided, "end_reason": end,
-                "kl_per_dim": ev.kl_per_dim.tolist(), "activity": activity.tolist(),
-                **{k: row[k] for k in ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
-                                    "test_kl", "active_units", "units_in_use", "mutual_info", "samples_per_second")}}
+        m.last = {"status": status, "final": final, "settled": state.settled, "settle_epoch": m.settle_epoch,
+                  "units_undecided": state.undecided, "end_reason": end,
+                  "kl_per_dim": ev.kl_per_dim.tolist(), "activity": activity.tolist(),
+                  **{k: row[k] for k in ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
+                                      "test_kl", "active_units", "units_in_use", "mutual_info", "samples_per_second")}}
 
-    def _write_epoch_row(self, epoch, train, ev, seconds, active=0, used=0, mi=float("nan"),
+    def _write_epoch_row(self, m: _Member, epoch, train, ev, seconds, active=0, used=0, mi=float("nan"),
                          state: settle.SettleState | None = None) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg = m.cfg
         weight = train["kl_weight"] if train else losses.kl_weight(cfg.beta, 0, cfg.kl_warmup_epochs)
         test = {"loss": ev.loss, "recon": ev.recon, "kl": ev.kl} if ev else None
         lr_now = train["lr"] if train else cfg.lr
-        row = epoch_row(cfg, self.trial_id, epoch, weight, train, test, active, used, mi, seconds,
+        row = epoch_row(cfg, m.trial_id, epoch, weight, train, test, active, used, mi, seconds,
                         self.kernels["summary"], lr_now, state.undecided if state else 0,
                         bool(state and state.settled))
-        self.results.write("epochs", [row], file_key(self.trial_id, epoch))
-        self._track(row)
+        self.results.write("epochs", [row], file_key(m.trial_id, epoch))
+        self._track(m, row)
         return row
 
-    def _finish(self, last: dict[str, Any]) -> None:
-        cfg = self.cfg
+    def _finish(self, m: _Member) -> None:
+        cfg = m.cfg
         iw = float("nan")
         if cfg.iw_samples:
-            model = _unwrap(self.model)
-            x = self.test_x[:cfg.iw_subset]
+            model = self._member_model(m)
+            x = self.test_x[m.k] if self.k > 1 else self.test_x
+            x = x[:cfg.iw_subset]
             gen = streams.iw_noise(cfg.seed)
             parts = [diagnostics.iw_nll(model, x[s:s + IW_BATCH], cfg.iw_samples, gen) * len(x[s:s + IW_BATCH])
                      for s in range(0, len(x), IW_BATCH)]
             iw = sum(parts) / len(x)
-        last["iw_nll"] = iw
-        self._write_trial("finished", "", int(last["epoch"]), {**last, "iw_nll": iw})
+        m.last["iw_nll"] = iw
+        self._write_trial(m, "finished", "", int(m.last["epoch"]), m.last)
 
-    def _write_trial(self, status: str, error: str, epochs_done: int, final: dict[str, Any]) -> None:
-        row = trial_row(self.cfg, self.trial_id, status, error, epochs_done, final, time.time() - self.started)
-        self.results.write("trials", [row], file_key(self.trial_id))
+    def _write_trial(self, m: _Member, status: str, error: str, epochs_done: int, final: dict[str, Any]) -> None:
+        row = trial_row(m.cfg, m.trial_id, status, error, epochs_done, final, time.time() - self.started,
+                        pack_id=self.pack_id)
+        self.results.write("trials", [row], file_key(m.trial_id))

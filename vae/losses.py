@@ -55,23 +55,30 @@ def kl_weight(beta: float, epochs_done: float, warmup_epochs: float) -> float:
     return beta * min(1.0, max(0.0, epochs_done) / warmup_epochs)
 
 
-def free_bits_kl(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:
+def free_bits_kl(kl_dims: torch.Tensor, free_bits: float | torch.Tensor) -> torch.Tensor:
     """Total KL for the objective with a per-dimension floor (Kingma et al. 2016).
 
-    kl_dims: [B, L]. The floor applies to each dimension's batch-mean KL, so a
+    kl_dims: [..., B, L]. The floor applies to each dimension's batch-mean KL, so a
     dimension below `free_bits` nats gets no push towards the prior. Returns
-    the per-example total [B] whose batch mean equals sum_j max(mean_b kl_bj, lambda).
+    the per-example total [..., B] whose batch mean equals sum_j max(mean_b kl_bj, lambda).
+    A pack (vae/pack.py) passes one floor per member as a tensor [K, 1, 1]; a floor <= 0 is no floor.
     """
-    if free_bits <= 0:
-        return kl_dims.sum(-1)
-    mean_dims = kl_dims.mean(0)
-    floored = torch.clamp(mean_dims, min=free_bits)
+    if not torch.is_tensor(free_bits):
+        if free_bits <= 0:
+            return kl_dims.sum(-1)
+        free_bits = torch.tensor(free_bits, dtype=kl_dims.dtype, device=kl_dims.device)
+    floor = torch.where(free_bits > 0, free_bits, -math.inf)
+    mean_dims = kl_dims.mean(-2, keepdim=True)
+    floored = torch.maximum(mean_dims, floor)
     # Per example: its own KL where the floor is inactive, the constant floor share where it is.
-    per_example = torch.where(mean_dims >= free_bits, kl_dims, floored.detach().expand_as(kl_dims))
+    per_example = torch.where(mean_dims >= floor, kl_dims, floored.detach().expand_as(kl_dims))
     return per_example.sum(-1)
 
 
-def negative_elbo(recon_nll: torch.Tensor, kl_dims: torch.Tensor, weight: float,
-                  free_bits: float = 0.0) -> torch.Tensor:
-    """The training objective, averaged over the batch: mean(recon + weight * KL)."""
-    return (recon_nll + weight * free_bits_kl(kl_dims, free_bits)).mean()
+def negative_elbo(recon_nll: torch.Tensor, kl_dims: torch.Tensor, weight: float | torch.Tensor,
+                  free_bits: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """The training objective, averaged over the batch: mean(recon + weight * KL).
+
+    recon_nll [..., B], kl_dims [..., B, L]; a pack's leading member axis is kept ([K]: one objective per
+    member, with `weight` [K, 1] and `free_bits` [K, 1, 1])."""
+    return (recon_nll + weight * free_bits_kl(kl_dims, free_bits)).mean(-1)

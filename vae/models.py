@@ -124,7 +124,9 @@ class GaussianMLPVAE(VAE):
         self.latent_dim = cfg.latent_dim
         self.encoder = GaussianMLP(cfg.input_dim, cfg.hidden_dim, cfg.latent_dim)
         self.decoder = GaussianMLP(cfg.latent_dim, cfg.hidden_dim, cfg.input_dim)
-        self.fixed_logvar = None if cfg.decoder_var is None else math.log(cfg.decoder_var)
+        # a buffer (not saved: the config says it), so that packs (vae/pack.py) stack it; None: learned
+        self.register_buffer("fixed_logvar", None if cfg.decoder_var is None
+                             else torch.tensor(math.log(cfg.decoder_var)), persistent=False)
 
     def encode(self, x):
         return self.encoder(x)
@@ -132,7 +134,7 @@ class GaussianMLPVAE(VAE):
     def decode(self, z):
         mean, logvar = self.decoder(z)
         if self.fixed_logvar is not None:
-            logvar = torch.full_like(mean, self.fixed_logvar)
+            logvar = self.fixed_logvar.expand_as(mean)
         return mean, logvar
 
 

@@ -64,6 +64,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         # vae/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
         ("settled", pa.bool_()), ("settle_epoch", pa.int64()), ("units_undecided", pa.int64()),
         ("end_reason", pa.string()),  # why training stopped: budget, settled at epoch N, diverged, ...
+        ("pack_id", pa.string()),  # the packed trial that trained it (vae/pack.py); its own id when alone
     ]),
     # test-set encoder means (latest epoch) with labels, for latent-space plots
     "latents": pa.schema(KEY + [("epoch", pa.int64()), ("index", pa.int64()), ("label", pa.int64()),
@@ -153,9 +154,9 @@ def kl_rows(trial_id: str, epoch: int, kl: Iterable[float], activity: Iterable[f
 
 
 def trial_row(config: Any, trial_id: str, status: str, error: str, epochs_done: int,
-              final: Mapping[str, Any], wall_seconds: float) -> dict[str, Any]:
+              final: Mapping[str, Any], wall_seconds: float, pack_id: str = "") -> dict[str, Any]:
     """The row of `trials/`: where the trial stopped and its final metrics (NaN / 0 where it has none)."""
-    row = {"trial_id": trial_id, **config_row(config), "status": status, "error": error,
+    row = {"trial_id": trial_id, **config_row(config), "status": status, "error": error, "pack_id": pack_id or trial_id,
            "epochs_done": int(epochs_done), "wall_seconds": float(wall_seconds),
            "settled": bool(final.get("settled", False)), "settle_epoch": int(final.get("settle_epoch", -1)),
            "units_undecided": int(final.get("units_undecided", 0)), "end_reason": str(final.get("end_reason", ""))}

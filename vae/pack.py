@@ -1,0 +1,234 @@
+"""Packed trials: K models of one shape trained as one model with a leading member axis.
+
+`stack_models` turns K models of the same class and shape into one module of that class whose parameters
+are stacked: an `nn.Linear`'s weight becomes [K, out, in] and its bias [K, out] (`vae.kernels.linear`
+then runs batched products, `baddbmm`/`matmul`), any other parameter or buffer [K, 1, *shape] (a scalar
+[K, 1, 1]) so that it broadcasts against activations [..., K, B, F]. The model's own `encode`, `decode`
+and `forward` run unchanged on x [K, B, D] and noise [S, K, B, L]; every loss and KL keeps the member
+axis, so members never mix (their gradients are separable: member k's loss depends on member k's slices
+alone). A pack of one is not stacked: it is today's model, and the loop treats it as a pack of size 1.
+
+`PackAdam` is Adam over the stacked parameters with a learning rate, a step count and a freeze mask per
+member (tested against `torch.optim.Adam` run member by member). `groups` cuts a sweep's points into
+packs of members that share a shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+# What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
+# variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
+SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "batch_size", "num_mc", "epochs",
+              "until_settled", "max_epochs", "lr_schedule", "num_workers", "active_threshold", "kl_threshold",
+              "iw_samples", "iw_subset")
+MAX_AUTO = 64  # --pack auto: at most this many members a pack
+
+
+def shape_key(point: dict[str, Any], shared: dict[str, Any] | None = None) -> tuple:
+    """The values a point must share with its pack-mates (`shared` fills the keys the point lacks)."""
+    merged = {**(shared or {}), **point}
+    learned = merged.get("decoder_var") in (None, "learned", "")
+    return tuple(merged.get(k) for k in SHAPE_KEYS) + (learned,)
+
+
+def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:
+    """The points cut into packs of at most `size` members with one shape each, in first-seen order."""
+    by_shape: dict[tuple, list[dict]] = {}
+    for p in points:
+        by_shape.setdefault(shape_key(p, shared), []).append(p)
+    packs = []
+    for members in by_shape.values():
+        n = math.ceil(len(members) / size)  # as even as possible: 10 by 4 -> 4, 3, 3
+        packs += [members[i::n] for i in range(n)] if n else []
+    return packs
+
+
+def check_members(cfgs: Sequence[Any]) -> None:
+    """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        for key in SHAPE_KEYS + ("storage", "name", "data_dir", "tracker", "cpus_per_worker"):
+            if getattr(c, key) != getattr(first, key):
+                raise ValueError(f"a pack's members must share {key} ({getattr(first, key)!r} vs {getattr(c, key)!r})")
+        if (c.fixed_decoder_var is None) != (first.fixed_decoder_var is None):
+            raise ValueError("a pack's members must all learn the decoder variance or all fix it")
+    ids = [c.run_id for c in cfgs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a pack's members must have distinct trial ids (got {ids})")
+
+
+def pack_id(trial_ids: Iterable[str]) -> str:
+    """The id of a pack from its members' ids; a pack of one is its trial."""
+    ids = list(trial_ids)
+    if len(ids) == 1:
+        return ids[0]
+    return f"pack{len(ids)}-" + hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:10]
+
+
+# ------------------------------------------------------------------ stacked models
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+def stack_models(models: Sequence[nn.Module]) -> nn.Module:
+    """One module holding the K models' parameters and buffers stacked along a leading member axis."""
+    template = copy.deepcopy(models[0])
+    k = len(models)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, value in list(template.named_parameters()) + list(template.named_buffers()):
+        owner, leaf = _owner(template, name)
+        stacked = torch.stack([dict(m.named_parameters()).get(name, dict(m.named_buffers()).get(name)).detach()
+                               for m in models])
+        shapes[name] = tuple(value.shape)
+        if not isinstance(owner, nn.Linear):
+            stacked = stacked.reshape(k, 1, *(value.shape or (1,)))
+        if isinstance(value, nn.Parameter):
+            owner._parameters[leaf] = nn.Parameter(stacked.clone())
+        else:
+            owner._buffers[leaf] = stacked.clone()
+    template.pack_size = k
+    template.member_shapes = shapes
+    return template
+
+
+def pack_size(model: nn.Module) -> int:
+    return int(getattr(model, "pack_size", 1))
+
+
+def member_state(model: nn.Module, state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Member k's own state dict from a packed model's state dict (a plain model's, unchanged)."""
+    if pack_size(model) == 1:
+        return state
+    return {name: t[k].reshape(model.member_shapes[name]).clone() for name, t in state.items()}
+
+
+def member_model(packed: nn.Module, plain: nn.Module, k: int) -> nn.Module:
+    """`plain` (a freshly built model of the member's config) holding member k's weights."""
+    plain.load_state_dict(member_state(packed, packed.state_dict(), k))
+    return plain.to(next(packed.parameters()).device)
+
+
+# ------------------------------------------------------------------ the optimiser
+
+class PackAdam:
+    """Adam (Kingma & Ba; `torch.optim.Adam`'s update, no weight decay) over stacked parameters: each
+    member has its own learning rate, step count and moments, and a frozen member (`frozen[k]`) is not
+    updated at all (its gradient, even NaN, is ignored)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lrs: Sequence[float], betas=(0.9, 0.999), eps=1e-8):
+        self.params = [p for p in params]
+        self.k = len(lrs)
+        device = self.params[0].device
+        self.lr = torch.tensor(list(lrs), dtype=torch.float64)
+        self.betas, self.eps = betas, eps
+        self.steps = torch.zeros(self.k, dtype=torch.float64)
+        self.frozen = torch.zeros(self.k, dtype=torch.bool)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self._device = device
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Per-member factors as [K] tensors on the device (recomputed when lr, steps or frozen change)."""
+        self._live = (~self.frozen).to(self._device)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @staticmethod
+    def _shaped(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        live = ~self.frozen
+        self.steps += live.double()
+        steps = self.steps.clamp(min=1)
+        bc1 = 1 - b1 ** steps
+        bc2_sqrt = (1 - b2 ** steps).sqrt()
+        size = torch.where(live, self.lr / bc1, 0.0).to(self._device, torch.float32)
+        bc2_sqrt = bc2_sqrt.to(self._device, torch.float32)
+        mask = self._live
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            on = self._shaped(mask, p)
+            g = torch.where(on, p.grad, 0.0)
+            m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
+            v.copy_(torch.where(on, v * b2 + g * g * (1 - b2), v))
+            denom = (v.sqrt() / self._shaped(bc2_sqrt, p)).add_(self.eps)
+            p.sub_(torch.where(on, self._shaped(size, p) * m / denom, 0.0))
+
+    def freeze(self, k: int) -> None:
+        self.frozen[k] = True
+        self._refresh()
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        self.lr = torch.tensor(list(lrs), dtype=torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr.clone(), "steps": self.steps.clone(), "frozen": self.frozen.clone(),
+                "exp_avg": [t.detach().cpu().clone() for t in self.exp_avg],
+                "exp_avg_sq": [t.detach().cpu().clone() for t in self.exp_avg_sq]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.steps = state["lr"].clone(), state["steps"].clone()
+        self.frozen = state["frozen"].clone()
+        for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
+            dst.copy_(src.to(dst.device))
+        self._refresh()
+
+
+# ------------------------------------------------------------------ per-member schedules
+
+class MemberSchedules:
+    """Each member's learning rate under its schedule (`constant`, `cosine`, `plateau`): the standard
+    `torch.optim.lr_scheduler` classes, each driving a one-number holder optimiser, stepped once per epoch.
+    One path for any pack size: the loop copies `lrs()` into its optimiser before each epoch."""
+
+    def __init__(self, lrs: Sequence[float], schedule: str, budget: int):
+        sched = torch.optim.lr_scheduler
+        self.holders = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr) for lr in lrs]
+        if schedule == "cosine":  # to zero at the end of the budget: lowers the optimiser's noise floor
+            self.schedulers = [sched.CosineAnnealingLR(h, T_max=budget) for h in self.holders]
+        elif schedule == "plateau":  # on each member's own training loss
+            self.schedulers = [sched.ReduceLROnPlateau(h, factor=0.5, patience=3, threshold=1e-3)
+                               for h in self.holders]
+        else:
+            self.schedulers = []
+
+    def lrs(self) -> list[float]:
+        return [float(h.param_groups[0]["lr"]) for h in self.holders]
+
+    def step(self, train_losses: Sequence[float], live: Sequence[bool]) -> None:
+        for s, loss, on in zip(self.schedulers, train_losses, live):
+            if not on:
+                continue
+            s.optimizer.step()  # the holder has no gradient: a no-op that keeps the scheduler's order check quiet
+            if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                s.step(loss)
+            else:
+                s.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lrs": self.lrs(), "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for h, lr in zip(self.holders, state["lrs"]):
+            h.param_groups[0]["lr"] = float(lr)
+        for s, sd in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(sd)
