@@ -315,8 +315,7 @@ class _Trainer:
             m.settle_epoch, m.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
             # diverged stays so; finished is judged again (a rerun may raise the budget); interrupted goes on
             m.status = "diverged" if s.get("status") == "diverged" else self._ended(m, done)
-            if m.status != LIVE:
-                self._freeze(m)
+            self._freeze(m, m.status != LIVE)
         return done
 
     def _ended(self, m: _Member, done: int) -> str:
@@ -364,9 +363,9 @@ class _Trainer:
     def live(self) -> list[_Member]:
         return [m for m in self.members if m.status == LIVE]
 
-    def _freeze(self, m: _Member) -> None:
+    def _freeze(self, m: _Member, frozen: bool = True) -> None:
         if self.k > 1:
-            self.optimizer.freeze(m.k)
+            self.optimizer.freeze(m.k, frozen)
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg

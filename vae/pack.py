@@ -173,8 +173,8 @@ class PackAdam:
             denom = (v.sqrt() / self._shaped(bc2_sqrt, p)).add_(self.eps)
             p.sub_(torch.where(on, self._shaped(size, p) * m / denom, 0.0))
 
-    def freeze(self, k: int) -> None:
-        self.frozen[k] = True
+    def freeze(self, k: int, frozen: bool = True) -> None:
+        self.frozen[k] = frozen
         self._refresh()
 
     def set_lrs(self, lrs: Sequence[float]) -> None:

@@ -1,0 +1,155 @@
+"""Packed trials (vae/pack.py): the stacked optimiser against torch's, a pack's rows against its members run
+alone, and a diverging member's isolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vae import pack
+from vae.config import TrainConfig
+from vae.loop import train_loop, train_pack
+from vae.models import build_model
+from vae.results import Results
+from vae.session import LocalSession
+
+
+def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member_alone():
+    torch.manual_seed(0)
+    lrs = [1e-3, 3e-2, 0.5]
+    alone = [[torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)] for _ in lrs]
+    opts = [torch.optim.Adam(ps, lr=lr) for ps, lr in zip(alone, lrs)]
+    stacked = [torch.nn.Parameter(torch.stack([ps[i].detach().clone() for ps in alone])) for i in range(2)]
+    packed = pack.PackAdam(stacked, lrs)
+    frozen_at = 3
+    for step in range(6):
+        grads = [[torch.randn_like(p) for p in ps] for ps in alone]
+        if step == frozen_at:
+            packed.freeze(1)
+            before = [p[1].detach().clone() for p in stacked]
+        for k, (ps, opt) in enumerate(zip(alone, opts)):
+            if step >= frozen_at and k == 1:
+                continue
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.clone()
+            opt.step()
+        for i, p in enumerate(stacked):
+            g = torch.stack([grads[k][i] for k in range(len(lrs))])
+            if step >= frozen_at:
+                g[1] = float("nan")  # a frozen member's gradient is ignored, even NaN
+            p.grad = g
+        packed.step()
+    for k in range(len(lrs)):
+        for i, p in enumerate(stacked):
+            torch.testing.assert_close(p[k].detach(), alone[k][i].detach(), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p[1].detach(), b) for p, b in zip(stacked, before))
+    state = packed.state_dict()
+    again = pack.PackAdam(stacked, lrs)
+    again.load_state_dict(state)
+    assert again.frozen.tolist() == [False, True, False] and torch.equal(again.steps, packed.steps)
+
+
+@pytest.mark.parametrize("model", ["mlp", "gaussian-mlp", "linear"])
+def test_a_stacked_model_computes_each_members_terms(model):
+    dim = 784 if model == "mlp" else 2
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build_model(model, dim, 3, 16, None if model != "linear" else 1.0 + seed))
+    packed = pack.stack_models(models)
+    x = torch.rand(3, 5, dim)
+    eps = torch.randn(2, 3, 5, 3)
+    recon, kl = packed(x, eps)
+    for k, m in enumerate(models):
+        r, q = m(x[k], eps[:, k])
+        torch.testing.assert_close(recon[k], r)
+        torch.testing.assert_close(kl[k], q)
+        plain = pack.member_model(packed, build_model(model, dim, 3, 16, None if model != "linear" else 1.0 + k), k)
+        for (name, a), b in zip(plain.state_dict().items(), m.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def _rows(root: str, table: str) -> pd.DataFrame:
+    frame = Results(root).read(table)
+    keys = [c for c in ("trial_id", "epoch", "dim") if c in frame]
+    return frame.sort_values(keys).reset_index(drop=True)
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, columns: list[str]) -> None:
+    assert len(a) == len(b) and list(a.trial_id) == list(b.trial_id)
+    for c in columns:
+        if a[c].dtype.kind == "f":
+            np.testing.assert_allclose(b[c].to_numpy(), a[c].to_numpy(), rtol=1e-4, atol=1e-6, err_msg=c)
+        else:
+            assert list(a[c]) == list(b[c]), c
+
+
+POINTS = [dict(beta=0.5, lr=1e-3, seed=0), dict(beta=2.0, lr=3e-3, seed=1),
+          dict(beta=1.0, lr=1e-3, seed=2, free_bits=0.1, kl_warmup_epochs=2)]
+
+
+@pytest.mark.parametrize("model", ["mlp", "gaussian-mlp", "linear"])
+def test_a_packed_members_rows_equal_its_trial_run_alone(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_KERNELS", "torch")  # the same products in both runs
+    kw = dict(dataset="mnist" if model == "mlp" else "gaussian2d", model=model, epochs=3, iw_samples=20,
+              iw_subset=50, subset=600 if model == "mlp" else 1000, storage=str(tmp_path))
+    if model == "linear":
+        kw["decoder_var"] = "1"
+    points = POINTS + ([dict(beta=1.0, lr=1e-3, seed=3, decoder_var="0.5")] if model == "linear" else [])
+    for i, p in enumerate(points):
+        train_loop(TrainConfig(**{**kw, **p}, name="alone", trial_id=f"t{i}"), LocalSession())
+    session = LocalSession()
+    train_pack([TrainConfig(**{**kw, **p}, name="packed", trial_id=f"t{i}") for i, p in enumerate(points)], session)
+    alone, packed = str(tmp_path / "alone"), str(tmp_path / "packed")
+    _same(_rows(alone, "epochs"), _rows(packed, "epochs"),
+          ["epoch", "train_loss", "train_kl", "test_loss", "test_kl", "mutual_info", "active_units", "units_in_use",
+           "lr_now", "kl_weight", "beta", "seed"])
+    _same(_rows(alone, "kl_per_dim"), _rows(packed, "kl_per_dim"), ["kl", "activity"])
+    _same(_rows(alone, "trials"), _rows(packed, "trials"), ["status", "test_loss", "iw_nll", "units_in_use"])
+    _same(_rows(alone, "latents"), _rows(packed, "latents"), ["epoch", "index"])
+    assert len(_rows(packed, "images")) == len(_rows(alone, "images"))
+    trials = _rows(packed, "trials")
+    assert trials.pack_id.nunique() == 1 and trials.pack_id.iloc[0].startswith(f"pack{len(points)}-")
+    assert (_rows(alone, "trials").pack_id == _rows(alone, "trials").trial_id).all()  # alone: a pack of one
+    assert set(session.reports[-1]["members"]) == {f"t{i}" for i in range(len(points))}
+
+
+def test_a_diverging_member_is_recorded_and_frozen_and_the_others_do_not_notice(tmp_path):
+    kw = dict(dataset="gaussian2d", model="gaussian-mlp", epochs=3, iw_samples=0, subset=1000, storage=str(tmp_path))
+    good = [TrainConfig(**kw, name="two", trial_id="a", lr=1e-3, beta=0.5),
+            TrainConfig(**kw, name="two", trial_id="c", lr=3e-3, beta=2.0, seed=1)]
+    bad = TrainConfig(**kw, name="three", trial_id="b", lr=30.0, seed=2)  # Adam at lr 30: NaN in epoch 1
+    train_pack(good, LocalSession())
+    train_pack([good[0].replace(name="three"), bad, good[1].replace(name="three")], LocalSession())
+    two, three = str(tmp_path / "two"), str(tmp_path / "three")
+    trials = _rows(three, "trials").set_index("trial_id")
+    assert trials.status.to_dict() == {"a": "finished", "b": "diverged", "c": "finished"}
+    assert trials.loc["b", "epochs_done"] == 1 and "diverged in epoch 1" in trials.loc["b", "end_reason"]
+    epochs = _rows(three, "epochs")
+    assert epochs[epochs.trial_id == "b"].epoch.tolist() == [0, 1]  # no rows after it diverged
+    _same(_rows(two, "epochs"), epochs[epochs.trial_id != "b"].reset_index(drop=True),
+          ["train_loss", "test_loss", "units_in_use"])
+
+
+def test_a_resumed_pack_continues_every_member(tmp_path):
+    kw = dict(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0, subset=1000, storage=str(tmp_path))
+    members = [dict(trial_id="a", beta=0.5), dict(trial_id="b", beta=3.0, lr=3e-3, seed=1)]
+    ck = str(tmp_path / "ck")
+    train_pack([TrainConfig(**kw, name="r", epochs=2, **m) for m in members], LocalSession(ck))
+    second = LocalSession(ck)
+    train_pack([TrainConfig(**kw, name="r", epochs=4, **m) for m in members], second)
+    assert [r["epoch"] for r in second.reports] == [3, 4]
+    train_pack([TrainConfig(**kw, name="once", epochs=4, **m) for m in members], LocalSession())
+    _same(_rows(str(tmp_path / "once"), "epochs"), _rows(str(tmp_path / "r"), "epochs"), ["epoch", "train_loss"])
+
+
+def test_groups_cut_points_by_shape_as_evenly_as_possible():
+    points = [dict(latent_dim=2, lr=lr, beta=b) for lr in (1e-3, 1e-2) for b in (0.5, 1, 2, 4, 8)] + \
+             [dict(latent_dim=5, lr=1e-3, beta=1)]
+    packs = pack.groups(points, 4)
+    assert sorted(len(p) for p in packs) == [1, 3, 3, 4]
+    assert all(len({p["latent_dim"] for p in members}) == 1 for members in packs)
+    assert sorted(map(str, sum(packs, []))) == sorted(map(str, points))
+    assert pack.pack_id(["x"]) == "x"
