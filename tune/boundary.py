@@ -34,16 +34,17 @@ def log_points(lo: float, hi: float, k: int) -> list[float]:
 class BoundarySearcher(Searcher):
     def __init__(self, cells: list[tuple[int, float]], beta_range: tuple[float, float], tolerance: float,
                  repeats: int = 1, seed: int = 0, constants: dict[str, Any] | None = None,
-                 max_concurrent: int = 1):
+                 max_concurrent: int = 1, pack: int = 1):
         super().__init__(metric=None, mode=None)
         self.beta_range, self.tolerance = tuple(beta_range), tolerance
         self.repeats, self.seed = repeats, seed
         self.constants = constants or {}
         self.max_concurrent = max(1, max_concurrent)
+        self.pack = max(1, pack)  # points of one cell trained as one packed trial (vae/pack.py)
         self.cells = [{"latent_dim": int(z), "lr": float(lr), "outcomes": {}, "pending": 0, "done": False}
                       for z, lr in cells]
         self.queue: list[tuple[int, float, int]] = []  # (cell index, beta, seed)
-        self.live: dict[str, tuple[int, float, int]] = {}  # trial_id -> what it runs
+        self.live: dict[str, list[tuple[int, float, int]]] = {}  # trial_id -> what it runs (a pack: several)
 
     # ------------------------------------------------------------ the algorithm
     def fractions(self, cell: dict) -> dict[float, float]:
@@ -105,27 +106,37 @@ class BoundarySearcher(Searcher):
             self._refill()
         if not self.queue:
             return Searcher.FINISHED if all(c["done"] for c in self.cells) and not self.live else None
-        index, beta, seed = self.queue.pop(0)
-        self.live[trial_id] = (index, beta, seed)
+        taken = [self.queue.pop(0)]  # a pack: the next points of the same cell, up to its size
+        while self.pack > 1 and self.queue and len(taken) < self.pack and self.queue[0][0] == taken[0][0]:
+            taken.append(self.queue.pop(0))
+        self.live[trial_id] = taken
+        points = [self.point(*t) for t in taken]
+        return {**self.constants, **points[0]} if self.pack == 1 else {**self.constants, "members": points}
+
+    def point(self, index: int, beta: float, seed: int) -> dict[str, Any]:
         cell = self.cells[index]
-        return {**self.constants, "latent_dim": cell["latent_dim"], "lr": cell["lr"], "beta": beta, "seed": seed}
+        return {"latent_dim": cell["latent_dim"], "lr": cell["lr"], "beta": beta, "seed": seed}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
             return
-        index, beta, _ = self.live.pop(trial_id)
-        cell = self.cells[index]
-        fraction = float("nan")
-        if result and not error and result.get("status") != "diverged":
-            used = reported_units_in_use(result)  # counted by the trial with the sweep's thresholds
-            if used is not None:
-                fraction = used / cell["latent_dim"]
-        cell["outcomes"].setdefault(repr(beta), []).append(fraction)
-        cell["pending"] -= 1
+        from .sweep import trial_key
+
+        for index, beta, seed in self.live.pop(trial_id):
+            cell = self.cells[index]
+            mine = (result or {}).get("members", {}).get(trial_key(self.point(index, beta, seed)), {}) \
+                if self.pack > 1 else result
+            fraction = float("nan")
+            if mine and not error and mine.get("status") != "diverged":
+                used = reported_units_in_use(mine)  # counted by the trial with the sweep's thresholds
+                if used is not None:
+                    fraction = used / cell["latent_dim"]
+            cell["outcomes"].setdefault(repr(beta), []).append(fraction)
+            cell["pending"] -= 1
 
     # ------------------------------------------------------------ state, as plain JSON
     def get_state(self) -> dict[str, Any]:
-        return {"beta_range": self.beta_range, "tolerance": self.tolerance, "repeats": self.repeats,
+        return {"beta_range": self.beta_range, "tolerance": self.tolerance, "repeats": self.repeats, "pack": self.pack,
                 "seed": self.seed, "constants": self.constants, "max_concurrent": self.max_concurrent, "cells": self.cells,
                 "queue": self.queue, "live": self.live}
 
@@ -134,7 +145,9 @@ class BoundarySearcher(Searcher):
         self.repeats, self.seed, self.constants = state["repeats"], state["seed"], state["constants"]
         self.max_concurrent, self.cells = state["max_concurrent"], state["cells"]
         self.queue = [tuple(q) for q in state["queue"]]
-        self.live = {k: tuple(v) for k, v in state["live"].items()}
+        self.pack = int(state.get("pack", 1))
+        # a state saved before packs holds one (index, beta, seed) per trial
+        self.live = {k: [tuple(e) for e in (v if isinstance(v[0], list) else [v])] for k, v in state["live"].items()}
 
     def save(self, checkpoint_path: str) -> None:
         tmp = checkpoint_path + ".tmp"

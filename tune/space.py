@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import time
 from typing import Any, Sequence
@@ -53,6 +54,13 @@ class _Sweep:
         check_int("max_concurrent", self.max_concurrent, 0, 100_000)
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_int("max_failures", self.max_failures, -1, 1000)
+        check(self.pack == "auto" or (self.pack.isdigit() and 1 <= int(self.pack) <= 1024), "pack",
+              "a whole number from 1 to 1024, or auto", self.pack)
+        if self.pack != "1":
+            check(self.scheduler != "asha", "scheduler", "none or settled with --pack (ASHA stops whole trials; "
+                  "a pack's members stop on their own with --until-settled)", self.scheduler)
+            check(self.workers_per_trial == 1, "workers_per_trial", "1 with --pack (a pack trains in its trial's "
+                  "process; packs are for models too small to spread)", self.workers_per_trial)
         check_storage(self.storage)
         check_name("name", self.name)
         self.trial_config()  # every per-trial setting through TrainConfig's own checks
@@ -75,10 +83,48 @@ class _Sweep:
             values["latent_dim"] = (self.axis("latent_dims") or [0])[0]
         return resolve(TrainConfig(**values))
 
-    def param_space(self) -> dict[str, Any]:
-        """Tune's param_space: grid_search per axis, or distributions for random search."""
+    def points(self) -> list[dict[str, Any]]:
+        """Every configuration of a grid or random search, as the points a pack holds (random: drawn here,
+        from --seed, lr and beta log-uniform as Tune would draw them), times the seeds of --repeats."""
+        import random
+
+        rng = random.Random(self.seed)
+        draws = []
+        if self.search == "grid":
+            axes = [(a.key, self.axis(a.flag)) for a in AXES if self.axis(a.flag)]
+            draws = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+        else:
+            for _ in range(self.num_samples):
+                draw = {}
+                for a in AXES:
+                    values = self.axis(a.flag)
+                    if values and a.log and len(values) > 1:
+                        lo, hi = math.log(min(values)), math.log(max(values))
+                        draw[a.key] = math.exp(rng.uniform(lo, hi))
+                    elif values:
+                        draw[a.key] = rng.choice(values)
+                draws.append(draw)
+        return [{**d, "seed": self.seed + r} for d in draws for r in range(self.repeats)]
+
+    def pack_size(self, slots: int = 1) -> int:
+        """Members a pack holds: --pack, or for auto as many as spread the configurations over the `slots`
+        trials the cluster runs at once, at most vae.pack.MAX_AUTO."""
+        if self.pack != "auto":
+            return int(self.pack)
+        from vae.pack import MAX_AUTO
+
+        return max(1, min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots))))
+
+    def param_space(self, pack: int = 1) -> dict[str, Any]:
+        """Tune's param_space: grid_search per axis, or distributions for random search; with packs, one
+        grid_search over the packs (each a list of points, cut by vae.pack.groups)."""
         from ray import tune
 
+        if pack > 1:
+            from vae.pack import groups
+
+            shared = self.trial_config().to_dict()
+            return {"members": tune.grid_search(groups(self.points(), pack, shared))}
         space: dict[str, Any] = {}
         for a in AXES:
             values = self.axis(a.flag)
@@ -128,6 +174,7 @@ SweepConfig = dataclasses.make_dataclass(
         ("max_concurrent", "int", dataclasses.field(default=0)),  # 0: as many as the cluster fits
         ("scheduler", "str", dataclasses.field(default="none")),
         ("max_failures", "int", dataclasses.field(default=1)),  # retries of an errored trial
+        ("pack", "str", dataclasses.field(default="1")),  # configurations per trial (vae/pack.py), or auto
         # where results go
         ("storage", "str", dataclasses.field(default="")),  # "" -> $VAE_STORAGE or ./results
         ("name", "str", dataclasses.field(default="")),
@@ -173,6 +220,8 @@ SWEEP_HELP = {
     "scheduler": "none; asha: stop trials with a hopeless test loss early (never for collapsing); settled: stop "
                  "a trial once its collapse state has settled, never before",
     "max_failures": "retries of a trial that errored (from its last checkpoint)",
+    "pack": "configurations of one shape trained as one vectorised model per trial (1: a trial each); auto: "
+            "spread them over the trials the cluster runs at once, at most 64 a pack",
     "iw_samples": "importance samples for each trial's final IW NLL (0: skip)",
     "name": "sweep name; --resume --name N finishes it (default: sweep-dataset-model-time)",
 }

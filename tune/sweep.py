@@ -38,20 +38,37 @@ def trial_key(config: dict[str, Any]) -> str:
     return SAFE_KEY.sub("", name) + "-" + digest
 
 
+def members(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The points a Tune trial trains: a pack's `members` (vae/pack.py), else the trial's own point."""
+    if "members" in config:
+        return [dict(p) for p in config["members"]]
+    return [point(config)] if "latent_dim" in config else []
+
+
+def member_results(config: dict[str, Any], result: dict[str, Any] | None) -> list[tuple[dict, dict]]:
+    """(point, its latest report) for every member of a trial: a pack reports each under `members`."""
+    result = result or {}
+    if "members" not in config:
+        return [(p, result) for p in members(config)]
+    reported = result.get("members") or {}
+    return [(p, reported.get(trial_key(p), {})) for p in members(config)]
+
+
 def trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: the sweep's settings plus this trial's point in the space."""
+    """Tune function trainable: the sweep's settings plus this trial's point in the space (or a pack's)."""
     sweep = SweepConfig(**config["sweep"])  # resolved once, by the driver
-    trial_id = trial_key(config)
-    cfg = sweep.trial_config(trial_id=trial_id, **point(config))
+    points = members(config)
     if sweep.workers_per_trial == 1:
         import torch
 
-        from vae.loop import train_loop
+        from vae.loop import train_pack
         from vae.session import TuneSession
 
         device = "cuda" if sweep.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-        train_loop(cfg, TuneSession(device))
+        train_pack([sweep.trial_config(trial_id=trial_key(p), **p) for p in points], TuneSession(device))
     else:
+        trial_id = trial_key(config)
+        cfg = sweep.trial_config(trial_id=trial_id, **point(config))
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from vae import launch
@@ -97,7 +114,8 @@ class Progress(tune.Callback):
     def __init__(self, total: int | str, emit=print):
         self.total, self.emit = total, emit
         self.started = time.time()
-        self.last: dict[str, dict] = {}
+        self.last: dict[str, list[tuple[dict, dict]]] = {}  # Tune trial -> (point, latest report) per member
+        self.size: dict[str, int] = {}  # Tune trial -> configurations it trains
         self.running: set[str] = set()
         self.done: set[str] = set()
         self.errored: set[str] = set()
@@ -106,19 +124,20 @@ class Progress(tune.Callback):
         self.said_at = 0.0
 
     def _say(self) -> None:
-        finals = [self.last[t] for t in self.done if t in self.last]
-        losses = [r["test_loss"] for r in self.last.values()
+        """Counts are of configurations (a pack's members each count once), not of Tune trials."""
+        finals = [r for t in self.done for _, r in self.last.get(t, [])]
+        losses = [r["test_loss"] for rs in self.last.values() for _, r in rs
                   if isinstance(r.get("test_loss"), float) and math.isfinite(r["test_loss"])]
         n_collapsed = sum(1 for r in finals if collapsed(r))
         diverged = sum(1 for r in finals if r.get("status") == "diverged")
+        done, running, errored = (sum(self.size.get(t, 1) for t in group)
+                                  for group in (self.done, self.running, self.errored))
         total = int(str(self.total).lstrip("~"))
-        pending = max(0, total - len(self.done) - len(self.errored) - len(self.running))
-        line = (f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
-                f"{len(self.errored)} errored | best test loss {min(losses):.2f}" if losses else
-                f"trials {len(self.done)}/{self.total} done, {len(self.running)} running, {pending} pending, "
-                f"{len(self.errored)} errored | best test loss -")
+        pending = max(0, total - done - errored - running)
+        line = (f"trials {done}/{self.total} done, {running} running, {pending} pending, "
+                f"{errored} errored | best test loss " + (f"{min(losses):.2f}" if losses else "-"))
         line += f" | collapsed {n_collapsed}, diverged {diverged}"
-        counts = (len(self.done), len(self.errored))  # a trial starting alone does not make a new line
+        counts = (done, errored)  # a trial starting alone does not make a new line
         now = time.time()
         if counts != self.counts or (line != self.line and now - self.said_at >= 10):  # at most every 10 s
             self.line, self.counts, self.said_at = line, counts, now
@@ -126,10 +145,11 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
+        self.size[trial.trial_id] = max(1, len(members(trial.config or {})))
         self._say()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.last[trial.trial_id] = result
+        self.last[trial.trial_id] = member_results(trial.config or {}, result)
         self._say()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -164,19 +184,24 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
         max_concurrent = max(1, int(cluster_cpus // (sweep.workers_per_trial * sweep.cpus_per_trial)))
     constants = {"sweep": sweep.to_dict()}
     search_alg = None
+    slots = max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial))
+    pack = sweep.pack_size(slots)
+    if pack > 1:
+        emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/pack.py)")
     if sweep.search == "boundary":
         from .boundary import BoundarySearcher
 
         cells = [(z, lr) for z in sweep.axis("latent_dims") for lr in sweep.axis("lrs")]
         lo, hi = sweep.axis("beta_range")
+        # with packs, a round's points for a cell are trained together: the round may be as wide as a pack
         search_alg = BoundarySearcher(cells, (lo, hi), sweep.beta_tolerance, sweep.repeats, sweep.seed, constants,
-                                      max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial)))
+                                      slots * pack, pack=pack)
     scheduler = {"asha": lambda: CollapseKeepingASHA(max_t=sweep.trial_config().budget, reduction_factor=3,
                                                      grace_period=max(1, sweep.epochs // 4)),
                  "settled": lambda: StopWhenSettled(sweep.epochs)}.get(sweep.scheduler, lambda: None)()
     return tune.Tuner(
         trainable(sweep),
-        param_space=constants if search_alg else {**constants, **sweep.param_space()},
+        param_space=constants if search_alg else {**constants, **sweep.param_space(pack)},
         # Reusing trial processes saves a Python start, the torch import and the data load per trial.
         tune_config=tune.TuneConfig(reuse_actors=sweep.workers_per_trial == 1, num_samples={"random": sweep.num_samples, "boundary": -1}.get(sweep.search, 1),
                                     search_alg=search_alg,
@@ -204,27 +229,31 @@ def settle_trials(sweep: SweepConfig, grid, interrupted: str = "") -> None:
     table = res.read("trials").set_index("trial_id")
     epochs = res.read("epochs")
     for result in grid:
-        cfg_values = result.config or {}
-        if "latent_dim" not in cfg_values:
-            continue
-        tid = trial_key(cfg_values)
-        known = table.loc[tid] if tid in table.index else None
-        if result.error is None and (known is None or known.status != "running"):
-            continue
-        status = "failed" if result.error is not None else "interrupted" if interrupted else "stopped"
-        error = error_line(result.error)[:500] if result.error else "stopped early by the scheduler"
-        mine = epochs[epochs.trial_id == tid]
-        done = int(mine.epoch.max()) if len(mine) else 0
-        last = mine[mine.epoch == done]
-        final = last.iloc[0].to_dict() if len(last) else {}
-        final.pop("iw_nll", None)
-        if result.error is None and interrupted:
-            final["end_reason"] = f"interrupted after epoch {done} ({interrupted}); --resume continues it"
-            error = ""
-        elif result.error is None:
-            settled = bool(final.get("settled"))
-            final["end_reason"] = f"stopped by the scheduler at epoch {done}" + (" (settled)" if settled else "")
-            error = "" if settled else error
-        wall = float(known.wall_seconds) if known is not None else float("nan")
-        cfg = sweep.trial_config(trial_id=tid, **point(cfg_values))
-        res.write("trials", [trial_row(cfg, tid, status, error, done, final, wall)], file_key(tid))
+        for where in members(result.config or {}):
+            _settle_one(sweep, res, table, epochs, where, result.error, interrupted)
+
+
+def _settle_one(sweep, res, table, epochs, where: dict[str, Any], failure, interrupted: str) -> None:
+    """`settle_trials` for one configuration (a trial, or one member of a pack)."""
+    tid = trial_key(where)
+    known = table.loc[tid] if tid in table.index else None
+    if failure is None and (known is None or known.status != "running"):
+        return
+    status = "failed" if failure is not None else "interrupted" if interrupted else "stopped"
+    error = error_line(failure)[:500] if failure else "stopped early by the scheduler"
+    mine = epochs[epochs.trial_id == tid]
+    done = int(mine.epoch.max()) if len(mine) else 0
+    last = mine[mine.epoch == done]
+    final = last.iloc[0].to_dict() if len(last) else {}
+    final.pop("iw_nll", None)
+    if failure is None and interrupted:
+        final["end_reason"] = f"interrupted after epoch {done} ({interrupted}); --resume continues it"
+        error = ""
+    elif failure is None:
+        settled = bool(final.get("settled"))
+        final["end_reason"] = f"stopped by the scheduler at epoch {done}" + (" (settled)" if settled else "")
+        error = "" if settled else error
+    wall = float(known.wall_seconds) if known is not None else float("nan")
+    cfg = sweep.trial_config(trial_id=tid, **where)
+    pack = str(known.pack_id) if known is not None and isinstance(known.pack_id, str) else tid
+    res.write("trials", [trial_row(cfg, tid, status, error, done, final, wall, pack_id=pack)], file_key(tid))
