@@ -183,3 +183,25 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
     assert (a.critical_beta_lower.iloc[0], a.critical_beta_upper.iloc[0]) == \
         (b.critical_beta_lower.iloc[0], b.critical_beta_upper.iloc[0])
     assert not res.read("epochs").duplicated(["trial_id", "epoch"]).any()
+
+
+def test_packed_rounds_train_a_cells_points_together_and_read_each_members_outcome():
+    from tune.sweep import trial_key
+
+    threshold = 1.5
+    s = BoundarySearcher([(4, 1e-3), (4, 1e-2)], (LO, HI), TOL, max_concurrent=8, pack=4)
+
+    def packed(c):  # a pack's report: each member's outcome under its trial id
+        return {"members": {trial_key(m): fake_result(1.0 if m["beta"] < threshold else 0.0) for m in c["members"]}}
+
+    proposed = drive(s, packed)
+    assert all(1 <= len(c["members"]) <= 4 for c in proposed)
+    assert all(len({(m["latent_dim"], m["lr"]) for m in c["members"]}) == 1 for c in proposed)  # one cell a pack
+    assert max(len(c["members"]) for c in proposed) == 4
+    for cell in (0, 1):
+        lower, upper = final_bracket(s, cell)[0][0]
+        assert lower <= threshold < upper and upper / lower <= TOL
+    state = json.loads(json.dumps(s.get_state()))
+    again = BoundarySearcher([(4, 1e-3)], (LO, HI), TOL)
+    again.set_state(state)
+    assert again.pack == 4

@@ -50,10 +50,33 @@ def test_linear_vae_loses_units_as_beta_rises_and_a_diverging_trial_is_kept(ray_
     assert table.loc[10.0, "frac_diverged"] == 1.0 and table.loc[10.0, "status"] == "diverged"
 
 
+def test_a_packed_sweep_writes_the_rows_of_the_unpacked_one_and_isolates_a_diverging_member(ray_cluster, tmp_path,
+                                                                                             monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("VAE_KERNELS", "torch")
+    args = ["--dataset", "gaussian2d", "--model", "gaussian-mlp", "--latent-dims", "2", "--lrs", "1e-3,10",
+            "--betas", "0.5,2", "--repeats", "2", "--epochs", "2", "--subset", "1000", "--iw-samples", "5",
+            "--storage", str(tmp_path)]
+    assert sweep_job.main(args + ["--name", "alone"]) == 0
+    assert sweep_job.main(args + ["--name", "packed", "--pack", "4"]) == 0
+    alone, packed = (Results(f"{tmp_path}/{n}").read("trials").sort_values("trial_id").reset_index(drop=True)
+                     for n in ("alone", "packed"))
+    assert list(alone.trial_id) == list(packed.trial_id) and len(packed) == 8
+    assert list(alone.status) == list(packed.status) and set(packed[packed.lr == 10].status) == {"diverged"}
+    assert packed.pack_id.nunique() == 2 and (alone.pack_id == alone.trial_id).all()
+    ok = packed.status == "finished"
+    np.testing.assert_allclose(packed[ok].test_loss, alone[ok].test_loss, rtol=1e-4)
+    np.testing.assert_allclose(packed[ok].iw_nll, alone[ok].iw_nll, rtol=1e-4)
+    maps = [Results(f"{tmp_path}/{n}").read("collapse_map").sort_values(["lr", "beta"]) for n in ("alone", "packed")]
+    assert maps[0].status.tolist() == maps[1].status.tolist()
+
+
 def test_bad_sweep_input_exits_2_before_ray(tmp_path):
     for args, needle in [(["--betas", ""], "--betas: must list"), (["--betas", "1,x"], "--betas: must be a comma"),
                          (["--latent-dims", "2.5"], "--latent-dims"), (["--scheduler", "hyperband"], "--scheduler"),
-                         (["--resume"], "--resume: needs --name"),
+                         (["--resume"], "--resume: needs --name"), (["--pack", "0"], "--pack"),
+                         (["--pack", "many"], "--pack"), (["--pack", "4", "--scheduler", "asha"], "--scheduler"),
                          (["--resume", "--name", "nope", "--storage", str(tmp_path)], "no sweep to finish")]:
         proc = subprocess.run([sys.executable, "-m", "jobs.sweep", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
