@@ -209,6 +209,27 @@ def peak_rss_mb(data_dir: str, storage: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+def gpu(data_dir: str) -> int:
+    """The GPU figures: the seed MLP on one GPU under Ray Train (NCCL, prepare_model), then bench.pack --gpu."""
+    if not torch.cuda.is_available():
+        print("bench.bench: --gpu: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    from bench import pack
+    from vae.results import Results
+
+    env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(data_dir)}
+    env.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in sorted({1, torch.cuda.device_count()}):
+            name = f"gpu{workers}"
+            run_job(["jobs.train", "--dataset", "mnist", "--epochs", "3", "--use-gpu", "--num-workers", str(workers),
+                     "--iw-samples", "100", "--storage", tmp, "--name", name], env)
+            e = Results(f"{tmp}/{name}").read("epochs")
+            print(f"jobs.train --use-gpu, {workers} worker(s): samples/s {e[e.epoch >= 2].samples_per_second.mean():,.0f}, "
+                  f"test loss {e.test_loss.iloc[-1]:.2f}", flush=True)
+    return pack.main(["--gpu", "--data-dir", data_dir])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "./data"))
@@ -217,8 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs for the same-test-loss check (0: skip it)")
     parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Train and sweep measurements")
     parser.add_argument("--out", default="bench-results.parquet")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU figures instead (bench.pack --gpu: packed against unpacked trials on one GPU, "
+                             "and jobs.train --use-gpu through NCCL); fails with one line without CUDA")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one train_loop run, for ours_in_process
     args = parser.parse_args(argv)
+    if args.gpu:
+        return gpu(args.data_dir)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return 0

@@ -93,3 +93,13 @@ def test_free_bits_stops_the_gradient_of_dimensions_under_the_floor():
 def test_negative_elbo_weights_the_kl():
     recon, kl = torch.tensor([10.0, 20.0]), torch.tensor([[1.0, 1.0], [3.0, 1.0]])
     assert losses.negative_elbo(recon, kl, 0.5).item() == pytest.approx(15.0 + 0.5 * 3.0)
+
+
+def test_gaussian_nll_with_one_variance_for_every_feature_equals_the_full_form():
+    x, mean = torch.randn(3, 5, 7), torch.randn(2, 3, 5, 7)
+    logvar = torch.randn(3, 1, 1)
+    shared = losses.gaussian_nll(x, mean, logvar.expand_as(mean))  # the unexpanded path
+    full = losses.gaussian_nll(x, mean, logvar.expand_as(mean).contiguous())
+    torch.testing.assert_close(shared, full)
+    ref = torch.distributions.Normal(mean, (0.5 * logvar).exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(shared, -ref)

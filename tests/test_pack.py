@@ -16,13 +16,14 @@ from vae.results import Results
 from vae.session import LocalSession
 
 
-def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member_alone():
+@pytest.mark.parametrize("per_member", [False, True])
+def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member_alone(per_member):
     torch.manual_seed(0)
     lrs = [1e-3, 3e-2, 0.5]
     alone = [[torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)] for _ in lrs]
     opts = [torch.optim.Adam(ps, lr=lr) for ps, lr in zip(alone, lrs)]
     stacked = [torch.nn.Parameter(torch.stack([ps[i].detach().clone() for ps in alone])) for i in range(2)]
-    packed = pack.PackAdam(stacked, lrs)
+    packed = pack.PackAdam(stacked, lrs, per_member=per_member)
     frozen_at = 3
     for step in range(6):
         grads = [[torch.randn_like(p) for p in ps] for ps in alone]

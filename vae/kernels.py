@@ -166,10 +166,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A packed layer (vae/pack.py: weight [K, out, in], bias [K, out]) takes x [..., K, B, in]: one batched
     product per call, `baddbmm` for x [K, B, in], a broadcast `matmul` for leading sample axes."""
     if weight.dim() == 3:
-        if x.dim() == 3 and bias is not None:
-            return _activate(torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)), activation)
-        y = torch.matmul(x, weight.transpose(1, 2))
-        return _activate(y if bias is None else y + bias.unsqueeze(-2), activation)
+        if x.dim() == 4:  # [S, K, B, in]: the samples joined to the batch, one product per member
+            s, k, b, _ = x.shape
+            flat = x[0] if s == 1 else x.transpose(0, 1).reshape(k, s * b, x.shape[-1])
+            y = linear(flat, weight, bias, activation)
+            return y.unsqueeze(0) if s == 1 else y.reshape(k, s, b, -1).transpose(0, 1)
+        if bias is None:
+            return _activate(torch.bmm(x, weight.transpose(1, 2)), activation)
+        return _activate(torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)), activation)
     if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and fast_enabled():
         return _Linear.apply(x, weight, bias, activation)
     return _activate(F.linear(x, weight, bias), activation)

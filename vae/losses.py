@@ -34,7 +34,13 @@ def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """-log N(x | mean, exp(logvar)) summed over features: [..., B]."""
+    """-log N(x | mean, exp(logvar)) summed over features: [..., B].
+
+    A variance shared by every feature (logvar expanded along them, as a fixed or single learned variance
+    is) is used unexpanded: sum_d (x_d - mean_d)^2 / var + D log var, three passes over x instead of seven."""
+    if logvar.dim() and logvar.stride(-1) == 0:
+        lv = logvar[..., 0]
+        return 0.5 * (x.shape[-1] * (LOG_2PI + lv) + (x - mean).pow(2).sum(-1) * torch.exp(-lv))
     return 0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar)).sum(-1)
 
 

@@ -127,9 +127,19 @@ class PackAdam:
     member has its own learning rate, step count and moments, and a frozen member (`frozen[k]`) is not
     updated at all (its gradient, even NaN, is ignored)."""
 
-    def __init__(self, params: Iterable[nn.Parameter], lrs: Sequence[float], betas=(0.9, 0.999), eps=1e-8):
+    # A member's Adam state above this many bytes no longer sits in the CPU's cache beside the others': the
+    # update then runs member by member through torch's fused Adam kernel (one pass over a member's
+    # tensors, in cache) instead of a few passes over the whole stack (measured on 2 Xeon cores, a pack of 24
+    # seed MLPs: 100 ms a step stacked, 11 ms member by member; the 2-D toy's pack of 48: the reverse).
+    PER_MEMBER_BYTES = 1 << 20
+
+    def __init__(self, params: Iterable[nn.Parameter], lrs: Sequence[float], betas=(0.9, 0.999), eps=1e-8,
+                 per_member: bool | None = None):
         self.params = [p for p in params]
         self.k = len(lrs)
+        member_bytes = 16 * sum(p[0].numel() for p in self.params)  # weights, gradients, two moments
+        self.per_member = member_bytes > self.PER_MEMBER_BYTES if per_member is None else per_member
+        self._step_tensors: list[list[torch.Tensor]] | None = None  # per member, per parameter (member by member)
         device = self.params[0].device
         self.lr = torch.tensor(list(lrs), dtype=torch.float64)
         self.betas, self.eps = betas, eps
@@ -138,11 +148,6 @@ class PackAdam:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self._device = device
-        self._refresh()
-
-    def _refresh(self) -> None:
-        """Per-member factors as [K] tensors on the device (recomputed when lr, steps or frozen change)."""
-        self._live = (~self.frozen).to(self._device)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -154,28 +159,52 @@ class PackAdam:
 
     @torch.no_grad()
     def step(self) -> None:
+        """torch.optim.Adam's update on every stacked tensor at once, in a few in-place passes (the update is
+        memory-bound: for a pack of 24 seed MLPs, each pass reads 60 MB). Frozen members are put back
+        afterwards, moments and weights, so their gradients (even NaN) never reach them."""
+        if self.per_member:
+            return self._step_member_by_member()
         b1, b2 = self.betas
         live = ~self.frozen
         self.steps += live.double()
         steps = self.steps.clamp(min=1)
-        bc1 = 1 - b1 ** steps
-        bc2_sqrt = (1 - b2 ** steps).sqrt()
-        size = torch.where(live, self.lr / bc1, 0.0).to(self._device, torch.float32)
-        bc2_sqrt = bc2_sqrt.to(self._device, torch.float32)
-        mask = self._live
+        size = (self.lr / (1 - b1 ** steps)).to(self._device, torch.float32)
+        bc2_sqrt = (1 - b2 ** steps).sqrt().to(self._device, torch.float32)
+        frozen = self.frozen.nonzero().flatten().to(self._device) if self.frozen.any() else None
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
-            on = self._shaped(mask, p)
-            g = torch.where(on, p.grad, 0.0)
-            m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
-            v.copy_(torch.where(on, v * b2 + g * g * (1 - b2), v))
-            denom = (v.sqrt() / self._shaped(bc2_sqrt, p)).add_(self.eps)
-            p.sub_(torch.where(on, self._shaped(size, p) * m / denom, 0.0))
+            g = p.grad
+            kept = None if frozen is None else [t.index_select(0, frozen) for t in (p, m, v)]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v.sqrt().div_(self._shaped(bc2_sqrt, p)).add_(self.eps)
+            p.addcdiv_(m * self._shaped(size, p), denom, value=-1.0)
+            if kept is not None:
+                for t, old in zip((p, m, v), kept):
+                    t.index_copy_(0, frozen, old)
+
+    def _step_member_by_member(self) -> None:
+        """torch's fused Adam kernel (what `torch.optim.Adam(fused=True)` runs) on member k's slices of every
+        stacked tensor, with member k's learning rate; each member keeps one step tensor per parameter,
+        counted here."""
+        b1, b2 = self.betas
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if self._step_tensors is None or len(self._step_tensors[0]) != len(with_grad):
+            self._step_tensors = [[torch.tensor(float(self.steps[k]), device=self._device) for _ in with_grad]
+                                  for k in range(self.k)]
+        for k in range(self.k):
+            if self.frozen[k]:
+                continue
+            self.steps[k] += 1
+            torch._foreach_add_(self._step_tensors[k], 1)  # as torch.optim.Adam does before the kernel
+            torch._fused_adam_([self.params[i].data[k] for i in with_grad], [self.params[i].grad[k] for i in with_grad],
+                               [self.exp_avg[i][k] for i in with_grad], [self.exp_avg_sq[i][k] for i in with_grad],
+                               [], self._step_tensors[k], lr=float(self.lr[k]), beta1=b1, beta2=b2,
+                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
 
     def freeze(self, k: int, frozen: bool = True) -> None:
         self.frozen[k] = frozen
-        self._refresh()
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), dtype=torch.float64)
@@ -187,10 +216,10 @@ class PackAdam:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr, self.steps = state["lr"].clone(), state["steps"].clone()
+        self._step_tensors = None  # rebuilt from `steps`
         self.frozen = state["frozen"].clone()
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src.to(dst.device))
-        self._refresh()
 
 
 # ------------------------------------------------------------------ per-member schedules
