@@ -163,6 +163,8 @@ class _Trainer:
         self.snapshot_epochs = snapshots.snapshot_epochs(cfg.budget)
         self.thresholds = Thresholds(cfg.active_threshold, cfg.kl_threshold)
         self.trackers: dict[str, Any] = {}
+        # an epoch's rows of every member, written as one file per table (`_flush`)
+        self.pending: dict[str, list[dict[str, Any]]] = {"epochs": [], "kl_per_dim": []}
         self.started = time.time()
         self.last_report: dict[str, Any] = {}
 
@@ -385,6 +387,7 @@ class _Trainer:
             evs = diagnostics.evaluate_members(_unwrap(self.model), self.test_x, self.test_eps)
             for m in self.members:
                 self._evaluate_and_write(m, evs[m.k], 0, train=None, seconds=0.0)
+            self._flush(0)
         for epoch in range(done + 1, cfg.budget + 1):
             t0 = time.perf_counter()
             trains = self._train_epoch(epoch)
@@ -394,6 +397,8 @@ class _Trainer:
                 evs = diagnostics.evaluate_members(_unwrap(self.model), self.test_x, self.test_eps)
                 for m in self.live():
                     self._evaluate_and_write(m, evs[m.k], epoch, trains[m.k], seconds)
+            if self.rank == 0:
+                self._flush(epoch)
             live_before = [m.status == LIVE for m in self.members]
             self.schedules.step([t["loss"] for t in trains], live_before)
             asked = self.results.stop_requested() if self.rank == 0 and self.live() else None
@@ -422,6 +427,14 @@ class _Trainer:
             if not self.live():
                 break
         return metrics
+
+    def _flush(self, epoch: int) -> None:
+        """The epoch's `epochs/` and `kl_per_dim/` rows of every member: one file per table, keyed by the pack
+        (a trial alone: by the trial, as ever), so a redone epoch replaces it."""
+        for table, rows in self.pending.items():
+            if rows:
+                self.results.write(table, rows, file_key(self.pack_id, epoch))
+            self.pending[table] = []
 
     def _diverged(self, epoch: int, trains: list[dict[str, float]], seconds: float) -> None:
         """A member whose training loss turned NaN/inf is recorded `diverged` at this epoch and frozen;
@@ -549,8 +562,7 @@ class _Trainer:
         used = state.units_in_use  # counted by vae.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
         row = self._write_epoch_row(m, epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
-        self.results.write("kl_per_dim", kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist()),
-                           file_key(m.trial_id, epoch))
+        self.pending["kl_per_dim"] += kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist())
         if epoch in self.snapshot_epochs or final:
             model, data = self._member_model(m), self.datas[self.data_of[m.k]]
             self.results.write("images", snapshots.image_rows(model, data, m.trial_id, epoch, cfg.seed),
@@ -575,7 +587,7 @@ class _Trainer:
         row = epoch_row(cfg, m.trial_id, epoch, weight, train, test, active, used, mi, seconds,
                         self.kernels["summary"], lr_now, state.undecided if state else 0,
                         bool(state and state.settled))
-        self.results.write("epochs", [row], file_key(m.trial_id, epoch))
+        self.pending["epochs"].append(row)
         self._track(m, row)
         return row
 
