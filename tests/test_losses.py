@@ -103,3 +103,12 @@ def test_gaussian_nll_with_one_variance_for_every_feature_equals_the_full_form()
     torch.testing.assert_close(shared, full)
     ref = torch.distributions.Normal(mean, (0.5 * logvar).exp()).log_prob(x).sum(-1)
     torch.testing.assert_close(shared, -ref)
+
+
+def test_the_squared_error_node_has_autograds_gradients():
+    from vae import kernels
+
+    x = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    mean = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # x broadcast over a sample axis
+    assert torch.autograd.gradcheck(kernels.squared_error, (x, mean))
+    torch.testing.assert_close(kernels.squared_error(x, mean), (x - mean).pow(2).sum(-1))

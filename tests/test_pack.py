@@ -145,6 +145,15 @@ def test_a_resumed_pack_continues_every_member(tmp_path):
     train_pack([TrainConfig(**kw, name="once", epochs=4, **m) for m in members], LocalSession())
     _same(_rows(str(tmp_path / "once"), "epochs"), _rows(str(tmp_path / "r"), "epochs"), ["epoch", "train_loss"])
 
+    from vae.api import load_model  # a member loaded back from its pack's checkpoint: its own weights
+
+    trained = load_model(str(tmp_path / "r"), trial_id="b")
+    assert trained.epoch == 4
+    alone = str(tmp_path / "alone")
+    train_loop(TrainConfig(**kw, name="alone", epochs=4, **members[1]), LocalSession(str(tmp_path / "alone" / "ck")))
+    for (name, a), b in zip(trained.model.state_dict().items(), load_model(alone).model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
 
 def test_groups_cut_points_by_shape_as_evenly_as_possible():
     points = [dict(latent_dim=2, lr=lr, beta=b) for lr in (1e-3, 1e-2) for b in (0.5, 1, 2, 4, 8)] + \
@@ -154,3 +163,15 @@ def test_groups_cut_points_by_shape_as_evenly_as_possible():
     assert all(len({p["latent_dim"] for p in members}) == 1 for members in packs)
     assert sorted(map(str, sum(packs, []))) == sorted(map(str, points))
     assert pack.pack_id(["x"]) == "x"
+
+
+def test_pack_auto_spreads_configurations_over_the_slots_within_memory():
+    from tune.space import SweepConfig
+
+    sweep = SweepConfig(dataset="gaussian2d", latent_dims="2", lrs="1e-3,1e-2", betas="0.5,1,2,4,8", pack="auto")
+    assert sweep.pack_size(slots=2) == 5 and sweep.pack_size(slots=1) == 10
+    big = SweepConfig(dataset="mnist", latent_dims="50", betas=",".join(str(b) for b in range(1, 200)), pack="auto")
+    assert big.pack_size(slots=1) == pack.MAX_AUTO
+    one = pack.member_bytes(big.trial_config(latent_dim=50), 784, 10_000)
+    assert big.pack_size(slots=1, trial_memory=2 * 10 * one) == 10  # half the memory, by the estimate
+    assert SweepConfig(dataset="gaussian2d", pack="7").pack_size(slots=64) == 7

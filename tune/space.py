@@ -106,14 +106,23 @@ class _Sweep:
                 draws.append(draw)
         return [{**d, "seed": self.seed + r} for d in draws for r in range(self.repeats)]
 
-    def pack_size(self, slots: int = 1) -> int:
+    def pack_size(self, slots: int = 1, trial_memory: float = 0.0) -> int:
         """Members a pack holds: --pack, or for auto as many as spread the configurations over the `slots`
-        trials the cluster runs at once, at most vae.pack.MAX_AUTO."""
+        trials the cluster runs at once, at most vae.pack.MAX_AUTO and at most what half of a trial's
+        device memory (`trial_memory` bytes, 0: unknown) holds by vae.pack.member_bytes' estimate."""
         if self.pack != "auto":
             return int(self.pack)
-        from vae.pack import MAX_AUTO
+        from vae.data import GAUSSIAN_MEAN, GAUSSIAN_TEST
+        from vae.pack import MAX_AUTO, member_bytes
 
-        return max(1, min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots))))
+        size = min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots)))
+        if trial_memory > 0:
+            cfg = self.trial_config(latent_dim=max(self.axis("latent_dims")),
+                                    **({"hidden_dim": max(self.axis("hidden_dims"))} if self.axis("hidden_dims") else {}))
+            mnist = cfg.dataset == "mnist"
+            one = member_bytes(cfg, 784 if mnist else len(GAUSSIAN_MEAN), 10_000 if mnist else GAUSSIAN_TEST)
+            size = min(size, int(0.5 * trial_memory // one))
+        return max(1, size)
 
     def param_space(self, pack: int = 1) -> dict[str, Any]:
         """Tune's param_space: grid_search per axis, or distributions for random search; with packs, one

@@ -163,6 +163,19 @@ class Progress(tune.Callback):
         self._say()
 
 
+def trial_memory(sweep: SweepConfig, slots: int) -> float:
+    """Bytes of device memory one trial may use: its share of a GPU (total memory as torch reports it here,
+    when this process sees the GPU), else its share of the cluster's memory resource (0: unknown)."""
+    import ray
+
+    if sweep.gpus_per_trial > 0:
+        import torch
+
+        return (torch.cuda.get_device_properties(0).total_memory * sweep.gpus_per_trial
+                if torch.cuda.is_available() else 0.0)
+    return float(ray.cluster_resources().get("memory", 0.0)) / max(1, slots)
+
+
 def trainable(sweep: SweepConfig):
     resources = ({"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial} if sweep.workers_per_trial == 1
                  else {"cpu": 0.01})  # the Train workers ask for their own CPUs and GPUs
@@ -185,7 +198,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     constants = {"sweep": sweep.to_dict()}
     search_alg = None
     slots = max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial))
-    pack = sweep.pack_size(slots)
+    pack = sweep.pack_size(slots, trial_memory(sweep, slots))
     if pack > 1:
         emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/pack.py)")
     if sweep.search == "boundary":

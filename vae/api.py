@@ -307,13 +307,14 @@ def load_model(path_or_uri: str, trial_id: str | None = None, epoch: int | None 
         raise KeyError(f"no trial {trial_id!r} in {path_or_uri}")
     row = match.iloc[0]
     found = []
+    pack_id = str(row.pack_id) if isinstance(row.get("pack_id"), str) and row.pack_id else trial_id
     for path in _checkpoints(res):
         with res.fs.open_input_file(path) as src:
             try:
                 payload = check_payload(torch.load(io.BytesIO(src.read()), map_location="cpu", weights_only=True),
-                                        path, trial_id)
+                                        path, pack_id)
             except CheckpointError:
-                continue  # another trial's, or not ours
+                continue  # another trial's (or pack's), or not ours
         found.append(payload)
     if epoch is not None:
         found = [p for p in found if int(p["epoch"]) == epoch]
@@ -324,7 +325,13 @@ def load_model(path_or_uri: str, trial_id: str | None = None, epoch: int | None 
     input_dim = 784 if row.dataset == "mnist" else len(GAUSSIAN_MEAN)
     decoder_var = None if row.decoder_var == "learned" else float(row.decoder_var)
     model = build_model(row.model, input_dim, int(row.latent_dim), int(row.hidden_dim), decoder_var)
-    model.load_state_dict(payload["model"])
+    members = [m.get("trial_id") for m in payload["extra"].get("members", [])]
+    if len(members) > 1:  # a packed trial's checkpoint holds its whole pack: this member's slice
+        from .pack import member_slice
+
+        model.load_state_dict(member_slice(payload["model"], members.index(trial_id), model.state_dict()))
+    else:
+        model.load_state_dict(payload["model"])
     return TrainedVAE(model.to(device), row.to_dict(), trial_id, int(payload["epoch"]))
 
 

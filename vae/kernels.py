@@ -217,6 +217,36 @@ def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return _BernoulliNLL.apply(logits, x)
 
 
+class _SquaredError(torch.autograd.Function):
+    """sum_d (mean_d - x_d)^2 over the last axis, x broadcast over mean's leading axes: one saved difference,
+    one pass back (autograd's sub, pow and sum take six passes over a batch of images)."""
+
+    @staticmethod
+    def forward(ctx, x, mean):
+        d = mean - x
+        ctx.save_for_backward(d)
+        ctx.x_shape = x.shape
+        return torch.linalg.vector_norm(d, 2, -1).square()  # one fused reduction (3.5x vecdot's time here)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        gd = d * (2.0 * grad).unsqueeze(-1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # x broadcast over the leading sample axes: sum them back
+            grad_x = -gd
+            while grad_x.dim() > len(ctx.x_shape):
+                grad_x = grad_x.sum(0)
+        return grad_x, gd if ctx.needs_input_grad[1] else None
+
+
+def squared_error(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of (x - mean)^2: [..., B]; plain ops where there is nothing to differentiate."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or mean.requires_grad)):
+        return torch.linalg.vector_norm(mean - x, 2, -1).square()
+    return _SquaredError.apply(x, mean)
+
+
 # ------------------------------------------------------------------ the pytorch/examples VAE's ELBO terms, fused
 class _MLPVAETerms(torch.autograd.Function):
     """MLPVAE.forward in one node: x [B, D], eps [S, B, L] -> (recon NLL averaged over S [B], KL per dim [B, L]).

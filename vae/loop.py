@@ -164,7 +164,7 @@ class _Trainer:
         self.thresholds = Thresholds(cfg.active_threshold, cfg.kl_threshold)
         self.trackers: dict[str, Any] = {}
         # an epoch's rows of every member, written as one file per table (`_flush`)
-        self.pending: dict[str, list[dict[str, Any]]] = {"epochs": [], "kl_per_dim": []}
+        self.pending: dict[str, list[dict[str, Any]]] = {"epochs": [], "kl_per_dim": [], "images": []}
         self.started = time.time()
         self.last_report: dict[str, Any] = {}
 
@@ -429,8 +429,9 @@ class _Trainer:
         return metrics
 
     def _flush(self, epoch: int) -> None:
-        """The epoch's `epochs/` and `kl_per_dim/` rows of every member: one file per table, keyed by the pack
-        (a trial alone: by the trial, as ever), so a redone epoch replaces it."""
+        """The epoch's `epochs/`, `kl_per_dim/` and `images/` rows of every member: one file per table, keyed by
+        the pack (a trial alone: by the trial, as ever), so a redone epoch replaces it. (`latents/` keeps one
+        file per trial: its latest snapshot, which a member that stopped early must keep.)"""
         for table, rows in self.pending.items():
             if rows:
                 self.results.write(table, rows, file_key(self.pack_id, epoch))
@@ -565,8 +566,7 @@ class _Trainer:
         self.pending["kl_per_dim"] += kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist())
         if epoch in self.snapshot_epochs or final:
             model, data = self._member_model(m), self.datas[self.data_of[m.k]]
-            self.results.write("images", snapshots.image_rows(model, data, m.trial_id, epoch, cfg.seed),
-                               file_key(m.trial_id, epoch))
+            self.pending["images"] += snapshots.image_rows(model, data, m.trial_id, epoch, cfg.seed)
             self.results.write("latents", snapshots.latent_rows(ev.mu, data.test.y, m.trial_id, epoch),
                                file_key(m.trial_id))
         status = "finished" if final else "running"

@@ -40,7 +40,7 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> t
     is) is used unexpanded: sum_d (x_d - mean_d)^2 / var + D log var, three passes over x instead of seven."""
     if logvar.dim() and logvar.stride(-1) == 0:
         lv = logvar[..., 0]
-        return 0.5 * (x.shape[-1] * (LOG_2PI + lv) + (x - mean).pow(2).sum(-1) * torch.exp(-lv))
+        return 0.5 * (x.shape[-1] * (LOG_2PI + lv) + kernels.squared_error(x, mean) * torch.exp(-lv))
     return 0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar)).sum(-1)
 
 

@@ -51,6 +51,21 @@ def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] |
     return packs
 
 
+def member_bytes(cfg: Any, input_dim: int, n_test: int) -> int:
+    """A generous estimate of the memory one member of a pack needs on its device: weights, gradients and
+    two Adam moments; a training step's activations and their gradients; the test set's fixed noise and
+    encoder outputs; one evaluation batch (2,048 examples)."""
+    from .models import build_model
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim,
+                                                    cfg.fixed_decoder_var).parameters())
+    per_example = cfg.num_mc * (3 * input_dim + 4 * cfg.hidden_dim + 6 * cfg.latent_dim) + input_dim
+    floats = (4 * params + 3 * cfg.batch_size * per_example + n_test * cfg.latent_dim * (cfg.num_mc + 3)
+              + 2048 * per_example)
+    return 4 * int(floats)
+
+
 def check_members(cfgs: Sequence[Any]) -> None:
     """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
     first = cfgs[0]
@@ -112,6 +127,11 @@ def member_state(model: nn.Module, state: dict[str, torch.Tensor], k: int) -> di
     if pack_size(model) == 1:
         return state
     return {name: t[k].reshape(model.member_shapes[name]).clone() for name, t in state.items()}
+
+
+def member_slice(stacked: dict[str, torch.Tensor], k: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Member k's state dict from a pack's saved one, shaped as `like` (a plain model's state dict)."""
+    return {name: stacked[name][k].reshape(t.shape).clone() for name, t in like.items()}
 
 
 def member_model(packed: nn.Module, plain: nn.Module, k: int) -> nn.Module:

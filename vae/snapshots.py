@@ -34,8 +34,9 @@ def snapshot_epochs(total: int) -> set[int]:
 
 
 def _rows(trial_id: str, epoch: int, kind: str, values: torch.Tensor, pair: int = -1) -> list[dict[str, Any]]:
-    return [{"trial_id": trial_id, "epoch": epoch, "kind": kind, "index": i, "pair": pair,
-             "values": v.tolist()} for i, v in enumerate(values.float().cpu())]
+    # rows of numpy arrays (pyarrow takes them as lists as they are): no Python float per value
+    return [{"trial_id": trial_id, "epoch": epoch, "kind": kind, "index": i, "pair": pair, "values": v}
+            for i, v in enumerate(values.float().cpu().numpy())]
 
 
 @torch.no_grad()
@@ -71,5 +72,5 @@ def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[
 
 def latent_rows(mu: torch.Tensor, labels: torch.Tensor, trial_id: str, epoch: int) -> list[dict[str, Any]]:
     n = min(N_LATENTS, len(mu))
-    return [{"trial_id": trial_id, "epoch": epoch, "index": i, "label": int(labels[i]),
-             "mu": mu[i].float().tolist()} for i in range(n)]
+    means, labels = mu[:n].float().cpu().numpy(), labels[:n].tolist()
+    return [{"trial_id": trial_id, "epoch": epoch, "index": i, "label": labels[i], "mu": means[i]} for i in range(n)]
