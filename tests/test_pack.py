@@ -137,7 +137,7 @@ def test_a_diverging_member_is_recorded_and_frozen_and_the_others_do_not_notice(
 def test_a_resumed_pack_continues_every_member(tmp_path):
     kw = dict(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0, subset=1000, storage=str(tmp_path))
     members = [dict(trial_id="a", beta=0.5), dict(trial_id="b", beta=3.0, lr=3e-3, seed=1)]
-    ck = str(tmp_path / "ck")
+    ck = str(tmp_path / "r" / "checkpoint_0")  # where load_model looks: under the run
     train_pack([TrainConfig(**kw, name="r", epochs=2, **m) for m in members], LocalSession(ck))
     second = LocalSession(ck)
     train_pack([TrainConfig(**kw, name="r", epochs=4, **m) for m in members], second)

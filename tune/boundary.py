@@ -120,7 +120,7 @@ class BoundarySearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
             return
-        from .sweep import trial_key
+        from .sweep import trial_key  # tune.sweep imports this module
 
         for index, beta, seed in self.live.pop(trial_id):
             cell = self.cells[index]

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+import random
 import time
 from typing import Any, Sequence
 
@@ -86,8 +87,6 @@ class _Sweep:
     def points(self) -> list[dict[str, Any]]:
         """Every configuration of a grid or random search, as the points a pack holds (random: drawn here,
         from --seed, lr and beta log-uniform as Tune would draw them), times the seeds of --repeats."""
-        import random
-
         rng = random.Random(self.seed)
         draws = []
         if self.search == "grid":
@@ -112,7 +111,7 @@ class _Sweep:
         device memory (`trial_memory` bytes, 0: unknown) holds by vae.pack.member_bytes' estimate."""
         if self.pack != "auto":
             return int(self.pack)
-        from vae.data import GAUSSIAN_MEAN, GAUSSIAN_TEST
+        from vae.data import GAUSSIAN_MEAN, GAUSSIAN_TEST  # torch stays out of argument parsing
         from vae.pack import MAX_AUTO, member_bytes
 
         size = min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots)))
@@ -130,7 +129,7 @@ class _Sweep:
         from ray import tune
 
         if pack > 1:
-            from vae.pack import groups
+            from vae.pack import groups  # torch stays out of argument parsing
 
             shared = self.trial_config().to_dict()
             return {"members": tune.grid_search(groups(self.points(), pack, shared))}

@@ -3,10 +3,16 @@
 Ray Train runs it on every worker (`train_func`), a Tune trial runs it in its
 own process, and tests call it directly with a `LocalSession`. Rank 0 alone
 evaluates and writes the results tables; every rank reports each epoch.
+
+The loop trains a pack of K configurations of one shape (`train_pack`, vae/pack.py): one stacked model,
+each member with its own seed, data order, noise, optimiser state, schedule, settle history and rows. A
+pack of one is a plain trial: the plain model, torch's fused Adam, the rows and reports as ever.
 """
 
 from __future__ import annotations
 
+import copy
+import glob
 import hashlib
 import math
 import os
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import numpy as np
+import pyarrow.dataset as ds
 
 from . import checkpoint, diagnostics, kernels, losses, pack, settle, snapshots, streams
 from .collapse import Thresholds, units_in_use
@@ -28,6 +35,7 @@ from .config import TrainConfig, resolve
 from .data import Data, load, shard_indices
 from .models import VAE, build_model
 from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
+from .session import RayTrainSession
 
 MI_SUBSET = 2000
 TRACKED = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "active_units",
@@ -78,8 +86,6 @@ def train_pack(configs: Sequence[TrainConfig | Mapping[str, Any]], session=None)
     Every member writes the rows its own run would, under its own trial id; returns the last report."""
     cfgs = [resolve(c if isinstance(c, TrainConfig) else TrainConfig(**c)) for c in configs]
     if session is None:
-        from .session import RayTrainSession
-
         session = RayTrainSession()
     return _Trainer(cfgs, session).run()
 
@@ -203,7 +209,7 @@ class _Trainer:
             return
         writer = self.trackers.get(member.trial_id)
         if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # an optional extra: imported only when asked for
 
             writer = self.trackers[member.trial_id] = SummaryWriter(
                 log_dir=f"{run_root(member.cfg.storage, member.cfg.name)}/tensorboard/{member.trial_id}")
@@ -231,8 +237,6 @@ class _Trainer:
 
     def _load_history(self, done: int) -> None:
         """A resumed pack's per-unit histories, from its members' own `kl_per_dim/` rows (rank 0)."""
-        import pyarrow.dataset as ds
-
         ids = [m.trial_id for m in self.members]
         rows = self.results.read("kl_per_dim", ds.field("trial_id").isin(ids))
         by_id = {m.trial_id: m for m in self.members}
@@ -247,8 +251,6 @@ class _Trainer:
         if cfg.model != "linear" or cfg.fixed_decoder_var is None:
             return
         key = f"{cfg.dataset}-{cfg.subset}.parquet"
-        import pyarrow.dataset as ds
-
         if not self.results.read("spectrum", (ds.field("dataset") == cfg.dataset)
                                  & (ds.field("subset") == cfg.subset)).empty:
             return
@@ -260,8 +262,6 @@ class _Trainer:
         """Time this model's training step under each CPU kernel path (on scratch copies) and keep the
         fastest (`vae.kernels.choose`); rank 0 records the choice in run.json. A pack's stacked layers
         are batched products on every path, so there is nothing to choose."""
-        import copy
-
         cfg = self.cfg
         cpu_f32 = self.device.type == "cpu" and self.train_x.dtype == torch.float32
         if not cpu_f32 or self.k > 1 or kernels.requested() != "auto":
@@ -329,8 +329,6 @@ class _Trainer:
     def _older_checkpoint(self, folder: str, damaged: Exception) -> dict[str, Any]:
         """The latest readable checkpoint beside an unreadable one (Ray keeps the latest two): the run
         goes on from there, redoing the epochs after it, and says so (stderr, and run.json for a run)."""
-        import glob
-
         parent = os.path.dirname(os.path.abspath(folder))
         candidates = sorted((p for p in glob.glob(os.path.join(parent, "checkpoint_*", checkpoint.FILENAME))
                              if os.path.dirname(p) != os.path.abspath(folder)), key=os.path.getmtime, reverse=True)

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .models import build_model
+
 # What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
 # variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
 SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "batch_size", "num_mc", "epochs",
@@ -55,8 +57,6 @@ def member_bytes(cfg: Any, input_dim: int, n_test: int) -> int:
     """A generous estimate of the memory one member of a pack needs on its device: weights, gradients and
     two Adam moments; a training step's activations and their gradients; the test set's fixed noise and
     encoder outputs; one evaluation batch (2,048 examples)."""
-    from .models import build_model
-
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim,
                                                     cfg.fixed_decoder_var).parameters())
@@ -158,7 +158,8 @@ class PackAdam:
         self.params = [p for p in params]
         self.k = len(lrs)
         member_bytes = 16 * sum(p[0].numel() for p in self.params)  # weights, gradients, two moments
-        self.per_member = member_bytes > self.PER_MEMBER_BYTES if per_member is None else per_member
+        on_cpu = self.params[0].device.type == "cpu"  # on a GPU, few large kernels beat K launches
+        self.per_member = on_cpu and member_bytes > self.PER_MEMBER_BYTES if per_member is None else per_member
         self._step_tensors: list[list[torch.Tensor]] | None = None  # per member, per parameter (member by member)
         device = self.params[0].device
         self.lr = torch.tensor(list(lrs), dtype=torch.float64)
