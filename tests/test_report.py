@@ -103,7 +103,7 @@ def test_missing_tables_are_skipped_not_crashed(tmp_path):
     res.write("kl_per_dim", dims, "a.parquet")
     trial = {c: 0 for c in SCHEMAS["trials"].names} | {"trial_id": "t1", "status": "finished", "error": "",
                                                        "dataset": "mnist", "model": "mlp", "decoder_var": "learned",
-                                                       "lr_schedule": "constant", "end_reason": ""}
+                                                       "lr_schedule": "constant", "end_reason": "", "pack_id": "t1"}
     res.write("trials", [trial], "t1.parquet")
     index = build_report(str(root))  # no images, no latents table
     page = open(index).read()
@@ -119,7 +119,7 @@ def test_report_escapes_strings_from_tables(tmp_path):
     evil = '<script>alert("x")</script>'
     trial = {c: 0 for c in SCHEMAS["trials"].names} | {"trial_id": "t<1>", "status": "failed", "error": evil,
                                                        "dataset": "mnist", "model": evil, "decoder_var": "learned",
-                                                       "lr_schedule": "constant", "end_reason": evil}
+                                                       "lr_schedule": "constant", "end_reason": evil, "pack_id": "t1"}
     res.write("trials", [trial], "t1.parquet")
     res.write_json("run.json", {"command": f"python -m jobs.train --name {evil}", "config": {"name": evil}})
     build_report(str(root))
