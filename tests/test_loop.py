@@ -99,3 +99,15 @@ def test_data_model_and_noise_move_to_the_sessions_device(tmp_path):
     assert trainer.train_x.device == meta and trainer.test_x.device == meta and trainer.test_eps.device == meta
     assert all(p.device == meta for p in trainer.model.parameters())
     assert trainer.kernels["path"] == "torch" and "not CPU float32" in trainer.kernels["reason"]
+
+
+def test_the_loop_flushes_denormal_floats_to_zero_on_cpu(tmp_path):
+    """Denormals (below 1.2e-38) build up in long runs and take the CPU's slow path: the loop flushes them."""
+    from vae.config import TrainConfig, resolve
+    from vae.loop import _Trainer
+    from vae.session import LocalSession
+
+    torch.set_flush_denormal(False)
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+    _Trainer(resolve(TrainConfig(dataset="gaussian2d", epochs=1, storage=str(tmp_path), name="d")), LocalSession())
+    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0

@@ -229,7 +229,8 @@ SWEEP_HELP = {
                  "a trial once its collapse state has settled, never before",
     "max_failures": "retries of a trial that errored (from its last checkpoint)",
     "pack": "configurations of one shape trained as one vectorised model per trial (1: a trial each); auto: "
-            "spread them over the trials the cluster runs at once, at most 64 a pack",
+            "spread them over the trials the cluster runs at once, at most 64 a pack and what half of a trial's "
+            "memory holds",
     "iw_samples": "importance samples for each trial's final IW NLL (0: skip)",
     "name": "sweep name; --resume --name N finishes it (default: sweep-dataset-model-time)",
 }

@@ -108,6 +108,9 @@ class StopWhenSettled(FIFOScheduler):
         return TrialScheduler.CONTINUE
 
 
+ENDED = ("finished", "diverged")  # a member's status in a pack's report once it trains no more
+
+
 class Progress(tune.Callback):
     """One concise line whenever the sweep's state changes (Tune's own table stays off)."""
 
@@ -132,6 +135,8 @@ class Progress(tune.Callback):
         diverged = sum(1 for r in finals if r.get("status") == "diverged")
         done, running, errored = (sum(self.size.get(t, 1) for t in group)
                                   for group in (self.done, self.running, self.errored))
+        ended = sum(1 for t in self.running for _, r in self.last.get(t, []) if r.get("status") in ENDED)
+        done, running = done + ended, running - ended  # a pack's members that stopped early (settled, diverged)
         total = int(str(self.total).lstrip("~"))
         pending = max(0, total - done - errored - running)
         line = (f"trials {done}/{self.total} done, {running} running, {pending} pending, "

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 DATASETS = ("mnist", "gaussian2d")
 MODELS = ("mlp", "gaussian-mlp", "linear")
 LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")
-TRACKERS = ("none", "tensorboard")  # auto: cosine with --until-settled, else constant
+TRACKERS = ("none", "tensorboard", "mlflow")  # vae/tracking.py
 DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
 DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE and the 2-D Gaussian toy
 DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
@@ -189,11 +189,11 @@ def validate(c: TrainConfig) -> None:
     check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
     check_int("max_failures", c.max_failures, -1, 1_000_000)
     check_choice("tracker", c.tracker, TRACKERS)
-    if c.tracker == "tensorboard":
-        import importlib.util
+    if c.tracker != "none":
+        import importlib.util  # only when a tracker is asked for
 
-        check(importlib.util.find_spec("tensorboard") is not None, "tracker",
-              "installed to be used: pip install 'vae-collapse[trackers]' (tensorboard)", c.tracker)
+        check(importlib.util.find_spec(c.tracker) is not None, "tracker",
+              f"installed to be used: pip install 'vae-collapse[trackers]' ({c.tracker})", c.tracker)
     check(c.batch_size >= c.num_workers, "batch_size",
            f"at least --num-workers ({c.num_workers}), as it is the global batch", c.batch_size)
     check_storage(c.storage)
@@ -211,6 +211,8 @@ def resolve(c: TrainConfig) -> TrainConfig:
     storage = absolute_storage(c.storage)
     check(c.tracker != "tensorboard" or "://" not in storage, "tracker",
           "used with a local --storage (TensorBoard writes its event files locally)", c.tracker)
+    check(c.tracker != "mlflow" or "://" not in storage or bool(os.environ.get("MLFLOW_TRACKING_URI")), "tracker",
+          "given MLFLOW_TRACKING_URI with a bucket --storage (its default store is <run>/mlruns, local)", c.tracker)
     return c.replace(model=model, latent_dim=latent_dim, hidden_dim=hidden_dim, data_dir=data_dir, name=name,
                      storage=storage)
 
@@ -298,7 +300,8 @@ HELP = {
     "use_gpu": "true/false (default: GPU when the cluster has one)",
     "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",
     "max_failures": "worker-group restarts from the latest checkpoint (-1: unlimited)",
-    "tracker": "none, or tensorboard: per-epoch metrics as TensorBoard event files in <run>/tensorboard/<trial> "
+    "tracker": "none; tensorboard: per-epoch metrics as TensorBoard event files in <run>/tensorboard/<trial>; "
+               "mlflow: one MLflow run per trial in $MLFLOW_TRACKING_URI or <run>/mlruns "
                "(pip install 'vae-collapse[trackers]')",
     "storage": "local path or pyarrow.fs URI (s3://bucket/prefix) for tables and checkpoints "
                "(default: $VAE_STORAGE or ./results)",

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import numpy as np
 import pyarrow.dataset as ds
 
-from . import checkpoint, diagnostics, kernels, losses, pack, settle, snapshots, streams
+from . import checkpoint, diagnostics, kernels, losses, pack, settle, snapshots, streams, tracking
 from .collapse import Thresholds, units_in_use
 from .config import TrainConfig, resolve
 from .data import Data, load, shard_indices
@@ -38,8 +38,6 @@ from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
 from .session import RayTrainSession
 
 MI_SUBSET = 2000
-TRACKED = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "active_units",
-           "units_in_use", "units_undecided", "mutual_info", "kl_weight", "lr_now", "samples_per_second")
 IW_BATCH = 250
 # What a pack reports per member each epoch (the sweep's progress line and boundary search read these).
 MEMBER_KEYS = ("epoch", "test_loss", "units_in_use", "active_units", "settled", "final", "end_reason")
@@ -144,6 +142,10 @@ class _Trainer:
             torch.set_num_threads(cfg.cpus_per_worker)
         if self.device.type == "cpu":
             kernels.tune_allocator()
+            # Denormal floats (below 1.2e-38) take the CPU's slow path, up to 100x per operation: they build up
+            # in long runs (the decoder weights and Adam moments of MNIST's always-black pixels decay towards
+            # zero), and a linear VAE's epoch went from 2 s to 14 s. Flushed to zero, as GPUs do by default.
+            torch.set_flush_denormal(True)
         self.results = Results(run_root(cfg.storage, cfg.name)) if self.rank == 0 else None
         self._load_data()
         models = []
@@ -204,20 +206,17 @@ class _Trainer:
 
     # ------------------------------------------------------------- trackers
     def _track(self, member: _Member, row: dict[str, Any]) -> None:
-        """Per-epoch metrics to TensorBoard (`--tracker tensorboard`): one writer per trial."""
-        if member.cfg.tracker != "tensorboard":
+        """Per-epoch metrics to the tracker `--tracker` asks for (vae/tracking.py): one per trial."""
+        if member.cfg.tracker == "none":
             return
-        writer = self.trackers.get(member.trial_id)
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # an optional extra: imported only when asked for
+        if member.trial_id not in self.trackers:
+            self.trackers[member.trial_id] = tracking.open_tracker(member.cfg, member.trial_id)
+        self.trackers[member.trial_id].log(row)
 
-            writer = self.trackers[member.trial_id] = SummaryWriter(
-                log_dir=f"{run_root(member.cfg.storage, member.cfg.name)}/tensorboard/{member.trial_id}")
-        for key in TRACKED:
-            value = row.get(key)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                writer.add_scalar(key, float(value), global_step=int(row["epoch"]))
-        writer.flush()
+    def _end_tracking(self, member: _Member) -> None:
+        tracker = self.trackers.pop(member.trial_id, None)
+        if tracker is not None:
+            tracker.close(member.status)
 
     # ------------------------------------------------------------- settle state
     def _settle(self, member: _Member, epoch: int, kl: np.ndarray, activity: np.ndarray) -> settle.SettleState:
@@ -418,6 +417,7 @@ class _Trainer:
                     m.status = "finished"
                 if m.status != LIVE:
                     self._freeze(m)
+                    self._end_tracking(m)
             metrics = self._pack_metrics(epoch) if self.rank == 0 else {"epoch": epoch}
             metrics.update(rank=self.rank, shard_digest=trains[0]["shard_digest"],
                            param_checksum=self._param_checksum(), final=not self.live())
@@ -452,6 +452,7 @@ class _Trainer:
                 self._write_trial(m, "diverged", reason, epoch, {"train_loss": train["loss"],
                                                                  "end_reason": m.last["end_reason"]})
             self._freeze(m)
+            self._end_tracking(m)
 
     def _pack_metrics(self, epoch: int) -> dict[str, Any]:
         """What the session hears after an epoch: a pack of one, its trial's metrics (as ever); a pack,
