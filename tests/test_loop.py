@@ -101,13 +101,22 @@ def test_data_model_and_noise_move_to_the_sessions_device(tmp_path):
     assert trainer.kernels["path"] == "torch" and "not CPU float32" in trainer.kernels["reason"]
 
 
-def test_the_loop_flushes_denormal_floats_to_zero_on_cpu(tmp_path):
-    """Denormals (below 1.2e-38) build up in long runs and take the CPU's slow path: the loop flushes them."""
-    from vae.config import TrainConfig, resolve
-    from vae.loop import _Trainer
+def test_the_loop_flushes_denormal_floats_while_it_runs_and_restores_the_callers_mode(tmp_path):
+    """Denormals (below 1.2e-38) build up in long runs and take the CPU's slow path: flushed while training,
+    cleared from weights and moments every epoch; the caller's floating-point mode comes back after."""
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
     from vae.session import LocalSession
 
+    seen = []
+
+    class Watch(LocalSession):
+        def report(self, metrics, checkpoint_dir):
+            seen.append((torch.tensor([1e-39]) * 1.0).item())
+            super().report(metrics, checkpoint_dir)
+
     torch.set_flush_denormal(False)
-    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
-    _Trainer(resolve(TrainConfig(dataset="gaussian2d", epochs=1, storage=str(tmp_path), name="d")), LocalSession())
-    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+    train_loop(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=2, iw_samples=0,
+                           storage=str(tmp_path), name="d"), Watch())
+    assert seen == [0.0, 0.0]  # flushed during training
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # and the caller's mode is back

@@ -39,6 +39,7 @@ from .session import RayTrainSession
 
 MI_SUBSET = 2000
 IW_BATCH = 250
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: below it, the CPU's slow path
 # What a pack reports per member each epoch (the sweep's progress line and boundary search read these).
 MEMBER_KEYS = ("epoch", "test_loss", "units_in_use", "active_units", "settled", "final", "end_reason")
 # Fault injection for the reliability tests: SIGKILL this worker half-way through epoch K,
@@ -142,10 +143,6 @@ class _Trainer:
             torch.set_num_threads(cfg.cpus_per_worker)
         if self.device.type == "cpu":
             kernels.tune_allocator()
-            # Denormal floats (below 1.2e-38) take the CPU's slow path, up to 100x per operation: they build up
-            # in long runs (the decoder weights and Adam moments of MNIST's always-black pixels decay towards
-            # zero), and a linear VAE's epoch went from 2 s to 14 s. Flushed to zero, as GPUs do by default.
-            torch.set_flush_denormal(True)
         self.results = Results(run_root(cfg.storage, cfg.name)) if self.rank == 0 else None
         self._load_data()
         models = []
@@ -367,6 +364,33 @@ class _Trainer:
             self.optimizer.freeze(m.k, frozen)
 
     def run(self) -> dict[str, Any]:
+        """Train every member to its end. On CPU, denormal floats (below 1.2e-38) take the slow path, up to
+        100x an operation: they build up in long runs (the decoder weights and Adam moments of MNIST's
+        always-black pixels decay towards zero; a linear VAE pack's epoch went from 2 s to 14 s). So while
+        the loop runs, this thread flushes them to zero (as GPUs do), and after every epoch the weights and
+        optimiser moments are cleared of them (that covers torch's other threads too); the caller's
+        floating-point mode is restored on the way out."""
+        flushing = self.device.type == "cpu" and (torch.tensor([1e-39]) * 1.0).item() != 0.0
+        if flushing:
+            torch.set_flush_denormal(True)
+        try:
+            return self._run()
+        finally:
+            if flushing:
+                torch.set_flush_denormal(False)
+
+    @torch.no_grad()
+    def _clear_denormals(self) -> None:
+        """Denormal weights and optimiser moments set to zero (CPU; a no-op when there are none)."""
+        if self.device.type != "cpu":
+            return
+        opt = self.optimizer
+        moments = (opt.exp_avg + opt.exp_avg_sq if isinstance(opt, pack.PackAdam) else
+                   [t for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")])
+        for t in list(self.model.parameters()) + moments:
+            t.masked_fill_(t.abs() < TINY, 0.0)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         done = self._restore()
         self.model = self.session.prepare(self.model)
@@ -388,6 +412,7 @@ class _Trainer:
         for epoch in range(done + 1, cfg.budget + 1):
             t0 = time.perf_counter()
             trains = self._train_epoch(epoch)
+            self._clear_denormals()
             seconds = time.perf_counter() - t0
             self._diverged(epoch, trains, seconds)
             if self.rank == 0 and self.live():
