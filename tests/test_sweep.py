@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from jobs import sweep as sweep_job
 from tests.conftest import ROOT
 from vae.results import Results
@@ -84,10 +86,12 @@ def test_bad_sweep_input_exits_2_before_ray(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
+@pytest.mark.parametrize("pack", ["1", "2"])
+def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path, pack):
+    betas = [0.1, 0.3, 1, 3] if pack == "1" else [0.1, 0.3, 1, 3, 5, 8]  # packed: 3 packs of 2 on 2 slots
     args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
-            "--latent-dims", "2", "--lrs", "1e-2", "--betas", "0.1,0.3,1,3", "--epochs", "4", "--iw-samples", "5",
-            "--storage", str(tmp_path), "--name", "killed"]
+            "--latent-dims", "2", "--lrs", "1e-2", "--betas", ",".join(map(str, betas)), "--epochs", "4",
+            "--iw-samples", "5", "--pack", pack, "--storage", str(tmp_path), "--name", "killed"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -101,14 +105,15 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert (res.read("trials").status == "finished").sum() < 4
+    assert (res.read("trials").status == "finished").sum() < len(betas)
     proc = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     trials = res.read("trials")
-    assert sorted(trials.beta) == [0.1, 0.3, 1, 3] and set(trials.status) == {"finished"}
+    assert sorted(trials.beta) == betas and set(trials.status) == {"finished"}
+    assert trials.pack_id.nunique() == len(betas) // int(pack)
     epochs = res.read("epochs")
-    assert len(epochs) == 4 * 5 and not epochs.duplicated(["trial_id", "epoch"]).any()
-    assert sorted(res.read("collapse_map").beta) == [0.1, 0.3, 1, 3]
+    assert len(epochs) == len(betas) * 5 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert sorted(res.read("collapse_map").beta) == betas
 
 
 def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
