@@ -95,14 +95,14 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def train_step(model: torch.nn.Module, opt, xb: torch.Tensor, eps: torch.Tensor, weight: float | torch.Tensor,
-               free_bits: float | torch.Tensor, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               free_bits: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on the negative ELBO; returns the batch's (recon NLL [B], KL per dim [B, L]).
 
-    A pack: x [K, B, D], eps [S, K, B, L]; the members' objectives are summed (their gradients stay
-    separable) and a member that is not `live` contributes nothing (`PackAdam` also leaves it alone)."""
+    A pack: x [K, B, D], eps [S, K, B, L]; the members' objectives are summed. Their gradients stay separable
+    (member k's depend on member k's slices alone, even when another's loss is NaN), and `PackAdam` leaves
+    a frozen member's weights alone, so nothing needs masking here."""
     recon, kl_dims = model(xb, eps)
-    objective = losses.negative_elbo(recon, kl_dims, weight, free_bits)
-    loss = objective if live is None else torch.where(live, objective, 0.0).sum()
+    loss = losses.negative_elbo(recon, kl_dims, weight, free_bits).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -179,7 +179,6 @@ class _Trainer:
     def _load_data(self) -> None:
         """Each member's splits (the 2-D toy's depend on the seed; MNIST is one): the distinct training
         splits side by side in one tensor on the device, batched by index with each member's offset."""
-        cfg = self.cfg
         sets: dict[tuple, int] = {}
         self.datas: list[Data] = []
         self.data_of: list[int] = []
@@ -199,7 +198,6 @@ class _Trainer:
             test = (test.expand(self.k, *test.shape) if len(self.datas) == 1 else
                     torch.stack([self.datas[u].test.x for u in self.data_of]).to(self.device))
         self.test_x = test
-        del cfg
 
     # ------------------------------------------------------------- trackers
     def _track(self, member: _Member, row: dict[str, Any]) -> None:
@@ -517,7 +515,6 @@ class _Trainer:
         batch = cfg.batch_size // self.world
         steps = -(-n // batch)
         gens = [streams.train_noise(m.cfg.seed, epoch, self.rank, self.device) for m in self.members]  # per epoch: resume replays exactly
-        live = None if k == 1 else torch.tensor([m.status == LIVE for m in self.members], device=self.device)
         free_bits = cfg.free_bits if k == 1 else torch.tensor(
             [m.cfg.free_bits for m in self.members], device=self.device).view(k, 1, 1)
         warm = any(m.cfg.kl_warmup_epochs > 0 for m in self.members)
@@ -540,7 +537,7 @@ class _Trainer:
                                    for g in gens], 1)
             if warm:
                 weight = self._kl_weights(epoch - 1 + step / steps)
-            recon, kl_dims = train_step(model, opt, xb, eps, weight, free_bits, live)
+            recon, kl_dims = train_step(model, opt, xb, eps, weight, free_bits)
             recon_sum += recon.detach().sum(-1).reshape(k)  # stays on the device: one host sync per epoch
             kl_sum += kl_dims.detach().sum((-2, -1)).reshape(k)
         sums = torch.stack([recon_sum, kl_sum])

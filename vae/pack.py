@@ -101,32 +101,17 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     """One module holding the K models' parameters and buffers stacked along a leading member axis."""
     template = copy.deepcopy(models[0])
     k = len(models)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, value in list(template.named_parameters()) + list(template.named_buffers()):
+    tensors = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in models]
+    for name, value in tensors[0].items():
         owner, leaf = _owner(template, name)
-        stacked = torch.stack([dict(m.named_parameters()).get(name, dict(m.named_buffers()).get(name)).detach()
-                               for m in models])
-        shapes[name] = tuple(value.shape)
+        stacked = torch.stack([t[name].detach() for t in tensors])
         if not isinstance(owner, nn.Linear):
             stacked = stacked.reshape(k, 1, *(value.shape or (1,)))
         if isinstance(value, nn.Parameter):
             owner._parameters[leaf] = nn.Parameter(stacked.clone())
         else:
             owner._buffers[leaf] = stacked.clone()
-    template.pack_size = k
-    template.member_shapes = shapes
     return template
-
-
-def pack_size(model: nn.Module) -> int:
-    return int(getattr(model, "pack_size", 1))
-
-
-def member_state(model: nn.Module, state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Member k's own state dict from a packed model's state dict (a plain model's, unchanged)."""
-    if pack_size(model) == 1:
-        return state
-    return {name: t[k].reshape(model.member_shapes[name]).clone() for name, t in state.items()}
 
 
 def member_slice(stacked: dict[str, torch.Tensor], k: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,7 +121,7 @@ def member_slice(stacked: dict[str, torch.Tensor], k: int, like: dict[str, torch
 
 def member_model(packed: nn.Module, plain: nn.Module, k: int) -> nn.Module:
     """`plain` (a freshly built model of the member's config) holding member k's weights."""
-    plain.load_state_dict(member_state(packed, packed.state_dict(), k))
+    plain.load_state_dict(member_slice(packed.state_dict(), k, plain.state_dict()))
     return plain.to(next(packed.parameters()).device)
 
 
