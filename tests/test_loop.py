@@ -120,3 +120,19 @@ def test_the_loop_flushes_denormal_floats_while_it_runs_and_restores_the_callers
                            storage=str(tmp_path), name="d"), Watch())
     assert seen == [0.0, 0.0]  # flushed during training
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # and the caller's mode is back
+
+
+def test_denormal_weights_and_moments_are_cleared_after_an_epoch(tmp_path):
+    from vae.config import TrainConfig, resolve
+    from vae.loop import _Trainer
+    from vae.session import LocalSession
+
+    trainer = _Trainer(resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=1,
+                                           storage=str(tmp_path), name="c")), LocalSession())
+    trainer._train_epoch(1)
+    weight = trainer.model.dec.weight
+    moment = trainer.optimizer.state[weight]["exp_avg"]
+    with torch.no_grad():
+        weight[0, 0], moment[0, 0], weight[1, 0] = 1e-39, -1e-40, 1e-3
+    trainer._clear_denormals()
+    assert weight[0, 0].item() == 0.0 and moment[0, 0].item() == 0.0 and weight[1, 0].item() == pytest.approx(1e-3)
