@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import ROOT
@@ -164,6 +165,62 @@ def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume
     assert exit_info.value.code == 2 and bad.name in capsys.readouterr().err
     assert res.set_aside_damaged() == [str(bad)]
     assert Path(str(bad) + ".damaged").exists() and len(res.read("epochs")) == 2
+
+
+def _damage(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:10])
+
+
+def test_a_resume_redoes_an_epoch_whose_rows_were_set_aside_from_the_checkpoint_before_it(tmp_path, capsys):
+    import contextlib
+    import shutil
+
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.session import LocalSession
+
+    cfg = TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="r")
+    root = tmp_path / "r"
+    train_loop(cfg, LocalSession(str(root / "checkpoint_a")))  # epochs 1-2: checkpoint_a holds epoch 2
+    shutil.copytree(root / "checkpoint_a", root / "checkpoint_b")
+    train_loop(cfg.replace(epochs=4), LocalSession(str(root / "checkpoint_b")))  # epochs 3-4: checkpoint_b
+    res = Results(str(root))
+    before = res.read("epochs").sort_values("epoch").reset_index(drop=True)
+
+    class Latest(LocalSession):
+        @contextlib.contextmanager
+        def latest_checkpoint(self):
+            yield str(root / "checkpoint_b")
+
+    _damage(sorted((root / "epochs").glob("*.parquet"))[3])  # epoch 3's rows
+    assert len(res.set_aside_damaged()) == 1
+    session = Latest(str(root / "checkpoint_b"))
+    train_loop(cfg.replace(epochs=4), session)
+    assert [r["epoch"] for r in session.reports] == [3, 4]  # from checkpoint_a (epoch 2), not from the start
+    after = res.read("epochs").sort_values("epoch").reset_index(drop=True)
+    assert list(after.epoch) == [0, 1, 2, 3, 4]
+    pd.testing.assert_series_equal(after.test_loss, before.test_loss)  # seeded: the redone epochs agree
+    assert "epoch 3 of r is missing from epochs/" in capsys.readouterr().err
+
+
+def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_the_start(tmp_path, capsys):
+    from vae.config import TrainConfig
+    from vae.loop import train_loop
+    from vae.session import LocalSession
+
+    cfg = TrainConfig(dataset="gaussian2d", epochs=3, iw_samples=0, storage=str(tmp_path), name="s")
+    root = tmp_path / "s"
+    train_loop(cfg, LocalSession(str(root / "ck")))
+    res = Results(str(root))
+    before = res.read("kl_per_dim").sort_values(["epoch", "dim"]).reset_index(drop=True)
+    _damage(sorted((root / "kl_per_dim").glob("*.parquet"))[1])  # epoch 1's rows; the checkpoint holds 3
+    res.set_aside_damaged()
+    session = LocalSession(str(root / "ck"))
+    train_loop(cfg, session)  # finished before: without the gap it would only report epoch 3 again
+    assert [r["epoch"] for r in session.reports] == [1, 2, 3]
+    after = res.read("kl_per_dim").sort_values(["epoch", "dim"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(after[["epoch", "dim", "kl"]], before[["epoch", "dim", "kl"]])
+    assert "epoch 1 of s is missing from kl_per_dim/" in capsys.readouterr().err
 
 
 def test_collapse_map_on_a_folder_without_results_exits_2_and_writes_nothing(tmp_path):

@@ -134,6 +134,9 @@ def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, 
 
     from .sweep import settle_trials, tuner
 
+    for path in Results(root).set_aside_damaged() if resume else []:
+        emit(f"{PROG}: {path} could not be read: moved aside to {os.path.basename(path)}.damaged (a trial that "
+             "resumes redoes that epoch; Tune does not rerun a finished trial, which keeps the gap)")
     launch.connect(verbose=verbose)
     cpus, _ = launch.cluster_resources()
     try:

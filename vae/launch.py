@@ -168,8 +168,12 @@ def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
             + (f"  {num(speed, ',.0f')} samples/s" if speed is not None and not math.isnan(speed) else ""))
 
 
+# What the loop notes in run.json when it resumed other than from the latest checkpoint (vae/loop.py)
+RESUME_NOTES = ("restored_from", "redone")
+
+
 class EpochFollower(threading.Thread):
-    """Prints each new `epochs/` row of one trial while the run goes on."""
+    """Prints each new `epochs/` row of one trial while the run goes on, and the loop's resume notes."""
 
     def __init__(self, cfg: TrainConfig, emit: Callable[[str], None] = print, every: float = 1.0):
         super().__init__(daemon=True)
@@ -180,6 +184,7 @@ class EpochFollower(threading.Thread):
         self.pending = ""  # what the cluster must still provide (an autoscaling cluster): said every so often
         self.pending_said = 1
         self.stop_event = threading.Event()
+        self.notes_said: set[str] = set()
 
     def _rows(self):
         import pyarrow.dataset as ds
@@ -195,8 +200,13 @@ class EpochFollower(threading.Thread):
     def poll(self) -> None:
         try:
             df = self._rows()
+            info = self.results.read_json("run.json") or {}
         except Exception:  # a file being renamed in place: try again on the next tick
             return
+        for key in RESUME_NOTES:  # how the worker resumed (an older checkpoint, epochs redone): said once
+            if info.get(key) and key not in self.notes_said:
+                self.notes_said.add(key)
+                self.emit(info[key])
         for row in df.sort_values("epoch").to_dict("records"):
             if int(row["epoch"]) not in self.seen:
                 first = not self.shown

@@ -128,6 +128,12 @@ class _Member:
         return self.cfg.run_id
 
 
+def _saved_members(extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each member's status, settle epoch and last metrics as a checkpoint holds them (one, before packs)."""
+    return extra.get("members") or [{"status": None, "settle_epoch": extra.get("settle_epoch", -1),
+                                     "metrics": extra.get("metrics", {})}]
+
+
 class _Trainer:
     def __init__(self, cfgs: TrainConfig | Sequence[TrainConfig], session):
         cfgs = [cfgs] if isinstance(cfgs, TrainConfig) else list(cfgs)
@@ -287,7 +293,11 @@ class _Trainer:
 
     # ------------------------------------------------------------- checkpoints
     def _restore(self) -> int:
-        """Load the latest checkpoint, if any; returns the last finished epoch (0: none)."""
+        """Load the latest checkpoint, if any; returns the last finished epoch (0: none).
+
+        When the tables lack a finished epoch's rows (a file that could not be read was set aside as
+        `<file>.damaged`), the run goes back to the latest kept checkpoint before that epoch, or else to the
+        start, and redoes the epochs from there (training is seeded: the same rows come out); it says so."""
         with self.session.latest_checkpoint() as folder:
             if folder is None:
                 return 0
@@ -295,6 +305,11 @@ class _Trainer:
                 state = checkpoint.load(folder, self.pack_id)
             except checkpoint.CheckpointError as damaged:
                 state = self._older_checkpoint(folder, damaged)
+            gap, lacking = self._first_gap(int(state["epoch"]), _saved_members(state["extra"]))
+            if gap >= 0:
+                state = self._checkpoint_before(folder, gap, lacking)
+                if state is None:
+                    return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         extra = state["extra"]
@@ -305,14 +320,63 @@ class _Trainer:
             self.schedules.holders[0].param_groups[0]["lr"] = float(state["optimizer"]["param_groups"][0]["lr"])
         self.started -= float(extra.get("wall_seconds", 0.0))
         done = int(state["epoch"])
-        saved = extra.get("members") or [{"status": None, "settle_epoch": extra.get("settle_epoch", -1),
-                                          "metrics": extra.get("metrics", {})}]
-        for m, s in zip(self.members, saved):
+        for m, s in zip(self.members, _saved_members(extra)):
             m.settle_epoch, m.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
             # diverged stays so; finished is judged again (a rerun may raise the budget); interrupted goes on
             m.status = "diverged" if s.get("status") == "diverged" else self._ended(m, done)
             self._freeze(m, m.status != LIVE)
         return done
+
+    def _first_gap(self, done: int, saved: list[dict[str, Any]]) -> tuple[int, str]:
+        """The first epoch up to `done` (or up to where a member ended) whose `epochs/` or `kl_per_dim/` rows
+        some member lacks, and which (-1 when none). Rank 0 reads the tables; every rank hears the answer."""
+        gap, lacking = -1, ""
+        if self.rank == 0:
+            ids = [m.trial_id for m in self.members]
+            have = {table: set(zip(rows.trial_id, rows.epoch.astype(int))) for table in ("epochs", "kl_per_dim")
+                    for rows in [self.results.read(table, ds.field("trial_id").isin(ids))[["trial_id", "epoch"]]]}
+            for m, s in zip(self.members, saved):
+                end = min(done, int(s.get("metrics", {}).get("epoch", done)))
+                for e in range(end + 1):
+                    # a member that diverged wrote its last epoch's row to epochs/ only
+                    need = ("epochs",) if s.get("status") == "diverged" and e == end else ("epochs", "kl_per_dim")
+                    missing = [t for t in need if (m.trial_id, e) not in have[t]]
+                    if missing and (gap < 0 or e < gap):
+                        gap, lacking = e, f"epoch {e} of {m.trial_id} is missing from {'/ and '.join(missing)}/"
+                    if missing:
+                        break
+        if self.world > 1 and dist.is_initialized():
+            t = torch.tensor([gap], device=self.device)
+            dist.broadcast(t, src=0)
+            gap = int(t.item())
+        return gap, lacking
+
+    def _kept_checkpoints(self, folder: str) -> list[str]:
+        """The checkpoint folders kept beside `folder` (Ray keeps the latest two), newest first."""
+        parent = os.path.dirname(os.path.abspath(folder))
+        paths = glob.glob(os.path.join(parent, "checkpoint_*", checkpoint.FILENAME))
+        return [os.path.dirname(p) for p in sorted(paths, key=os.path.getmtime, reverse=True)
+                if os.path.dirname(p) != os.path.abspath(folder)]
+
+    def _say(self, note: str, key: str) -> None:
+        """A note on how the run resumed: stderr, and run.json for a run of its own."""
+        print(note, file=sys.stderr, flush=True)
+        self._note_in_run_json(**{key: note})
+
+    def _checkpoint_before(self, folder: str, gap: int, lacking: str) -> dict[str, Any] | None:
+        """The latest readable kept checkpoint before epoch `gap`, or None: start again."""
+        for path in [folder, *self._kept_checkpoints(folder)]:
+            try:
+                state = checkpoint.load(path, self.pack_id)
+            except checkpoint.CheckpointError:
+                continue
+            if int(state["epoch"]) < gap:
+                self._say(f"{lacking} (a damaged file set aside): redoing epochs {int(state['epoch']) + 1} on, "
+                          f"from checkpoint {path} (epoch {state['epoch']})", "redone")
+                return state
+        self._say(f"{lacking} (a damaged file set aside) and no kept checkpoint precedes it: training again "
+                  "from the start (seeded: the same rows come out)", "redone")
+        return None
 
     def _ended(self, m: _Member, done: int) -> str:
         """A restored member is finished when its budget was spent or it had settled under --until-settled
@@ -321,20 +385,15 @@ class _Trainer:
         return "finished" if done >= m.cfg.budget or settled else LIVE
 
     def _older_checkpoint(self, folder: str, damaged: Exception) -> dict[str, Any]:
-        """The latest readable checkpoint beside an unreadable one (Ray keeps the latest two): the run
-        goes on from there, redoing the epochs after it, and says so (stderr, and run.json for a run)."""
-        parent = os.path.dirname(os.path.abspath(folder))
-        candidates = sorted((p for p in glob.glob(os.path.join(parent, "checkpoint_*", checkpoint.FILENAME))
-                             if os.path.dirname(p) != os.path.abspath(folder)), key=os.path.getmtime, reverse=True)
-        for path in candidates:
+        """The latest readable checkpoint beside an unreadable one: the run goes on from there, redoing the
+        epochs after it, and says so."""
+        for path in self._kept_checkpoints(folder):
             try:
-                state = checkpoint.load(os.path.dirname(path), self.pack_id)
+                state = checkpoint.load(path, self.pack_id)
             except checkpoint.CheckpointError:
                 continue
-            note = (f"checkpoint {folder} could not be read ({damaged}); resumed from {os.path.dirname(path)} "
-                    f"(epoch {state['epoch']}) instead")
-            print(note, file=sys.stderr, flush=True)
-            self._note_in_run_json(restored_from=note)
+            self._say(f"checkpoint {folder} could not be read ({damaged}); resumed from {path} "
+                      f"(epoch {state['epoch']}) instead", "restored_from")
             return state
         raise damaged
 
