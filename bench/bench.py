@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,14 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from vae.config import TrainConfig
+from vae.kernels import KERNELS_ENV
+from vae.loop import train_loop
+from vae.results import Results
+from vae.session import LocalSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 128
@@ -54,9 +63,6 @@ def seed_loss(model: SeedVAE, x: torch.Tensor) -> torch.Tensor:
 
 def baseline_epoch(data_dir: str, seed: int, warmup: int = 20) -> float:
     """pytorch/examples vae/main.py: MNIST + ToTensor + DataLoader, .item() every step; samples/s."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
     torch.manual_seed(seed)
     loader = DataLoader(datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor()),
                         batch_size=BATCH, shuffle=True)
@@ -77,9 +83,6 @@ def baseline_epoch(data_dir: str, seed: int, warmup: int = 20) -> float:
 
 def baseline_test_loss(data_dir: str, epochs: int) -> float:
     """The seed's loop for `epochs`, then its test loss (nats per image, one z sample)."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
     torch.manual_seed(0)
     train = DataLoader(datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor()), batch_size=BATCH,
                        shuffle=True)
@@ -105,8 +108,6 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
     Returns the last epoch's samples/s, test loss, wall (from the end of the epoch before) and the kernel
     path the run used, with the rates its start-up probe measured.
     """
-    from vae.kernels import KERNELS_ENV
-
     env = {k: v for k, v in os.environ.items() if k != KERNELS_ENV}
     env[KERNELS_ENV] = kernels
     spec = json.dumps({"data_dir": data_dir, "epochs": epochs, "storage": storage, "name": name,
@@ -119,11 +120,6 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
 
 
 def _child(spec: dict) -> dict[str, float]:
-    from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.results import Results
-    from vae.session import LocalSession
-
     cfg = TrainConfig(dataset="mnist", data_dir=spec["data_dir"], epochs=spec["epochs"], storage=spec["storage"],
                       name=spec["name"], iw_samples=0, cpus_per_worker=spec["threads"])
 
@@ -150,8 +146,6 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -214,8 +208,7 @@ def gpu(data_dir: str) -> int:
     if not torch.cuda.is_available():
         print("bench.bench: --gpu: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    from bench import pack
-    from vae.results import Results
+    from bench import pack  # bench.pack imports this module
 
     env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(data_dir)}
     env.pop("RAY_ADDRESS", None)
@@ -309,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
             sweep = ["jobs.sweep", "--dataset", "mnist", "--subset", "1000", "--epochs", "1", "--latent-dims",
                      "2,5,10,20", "--lrs", "1e-3,3e-3", "--betas", "0.5,2", "--iw-samples", "0", "--storage", tmp]
             walls, overheads = [], []
-            from vae.results import Results
             for r in range(max(1, args.reps - 1)):
                 wall = run_job([*sweep, "--name", f"sw{r}"], env)
                 trials = Results(f"{tmp}/sw{r}").read("trials")

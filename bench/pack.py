@@ -16,14 +16,19 @@ configurations (`--alone`), since their rate per member-epoch does not depend on
 
 `--gpu` runs the GPU comparison instead (the seed MLP, configurations trained per hour, `--pack 64`
 against trials alone at a quarter of the GPU each) and fails with one line where CUDA is absent.
+
+Imports: torch, the loop and bench.bench (which imports torch) load inside the functions that run in the
+child processes or need them, so the driver that starts and times those processes stays torch-free.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +36,9 @@ import time
 from typing import Any
 
 import pandas as pd
+
+from vae.config import TrainConfig
+from vae.results import Results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,8 +50,6 @@ def log_betas(n: int, lo: float = 0.05, hi: float = 20.0) -> list[float]:
 def training_rate(root: str) -> tuple[float, int]:
     """(member-epochs per second of training, member-epochs) from a run's tables: each pack's epoch is
     counted once (its members share its `epoch_seconds`)."""
-    from vae.results import Results
-
     res = Results(root)
     epochs = res.read("epochs")
     epochs = epochs[epochs.epoch >= 1]
@@ -71,9 +77,6 @@ def toy_sweep(storage: str, name: str, pack: int, betas: int, epochs: int, env: 
 def run_pack(spec: dict[str, Any]) -> dict[str, float]:
     """A child process: train `spec["points"]` as one pack (or each alone, `spec["alone"]`) and report
     the training rate and the process's peak RSS."""
-    import resource
-
-    from vae.config import TrainConfig
     from vae.loop import train_loop, train_pack
     from vae.session import LocalSession
 
@@ -109,8 +112,6 @@ def packed_vs_alone(storage: str, name: str, common: dict, points: list[dict], a
 def step_times(k: int, reps: int = 30) -> dict[str, float]:
     """Seconds per forward + backward of a pack of k seed MLPs at batch 128: stacked batched products (ours,
     vae/pack.py) against torch.func.vmap over torch.func.functional_call of the plain model."""
-    import copy
-
     import torch
 
     from vae import kernels, pack
@@ -155,10 +156,7 @@ def step_times(k: int, reps: int = 30) -> dict[str, float]:
 def ray_gap(storage: str, env: dict[str, str], data_dir: str, reps: int = 2) -> list[tuple[str, float, str]]:
     """Samples/s of epochs 2-3 of the seed MLP on full MNIST: in process, under Ray Train as Ray starts its
     workers (nice 15), and with RAY_worker_niceness=0 (what Ray's job supervisor uses for drivers)."""
-    import statistics
-
     from bench.bench import ours_in_process, run_job
-    from vae.results import Results
 
     def ray_rate(name: str, extra: dict[str, str]) -> float:
         run_job(["jobs.train", "--dataset", "mnist", "--epochs", "3", "--iw-samples", "0", "--storage", storage,

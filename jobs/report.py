@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
+from vae.collapse import Thresholds, recorded_thresholds
 from vae.config import OneLineParser
+from vae.results import Results, StorageError
 
 PROG = "jobs.report"
 
@@ -28,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')}: must be a number > 0 (got {value})")
-    from vae.results import StorageError
-
     try:
         return _report(args)
     except StorageError as e:  # a damaged table file, an unreadable bucket: one line
@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args) -> int:
-    from vae.collapse import Thresholds, recorded_thresholds
-    from vae.report import build_report
-    from vae.results import Results
+    from vae.report import build_report  # torch and matplotlib: after the arguments are checked
 
     res = Results(args.root)
     if not res.exists() or res.read("trials").empty:

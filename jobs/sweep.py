@@ -18,7 +18,7 @@ PROG = "jobs.sweep"
 
 def main(argv: list[str] | None = None) -> int:
     sweep, args = parse_sweep_args(argv)  # exits 2 on bad input (0 after --print-config); no torch, no Ray yet
-    from tune.api import run_sweep
+    from tune.api import run_sweep  # after parsing: --help and bad input answer without pandas and pyarrow
 
     given = [f.name for f in dataclasses.fields(SweepConfig) if f.name in vars(args)]
     code, line = run_sweep(sweep, list(sys.argv[1:] if argv is None else argv), args.resume, args.retry_errored,

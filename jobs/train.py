@@ -17,7 +17,7 @@ PROG = "jobs.train"
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_train_args(argv)  # exits 2 on bad input (0 after --print-config); no torch, no Ray yet
-    from vae.api import run_training
+    from vae.api import run_training  # after parsing: --help and bad input answer without pandas and pyarrow
 
     code, line = run_training(cfg, list(sys.argv[1:] if argv is None else argv), args.verbose,
                               emit=lambda text: print(f"{PROG}: {text}" if not text.startswith("epoch ") else text,

@@ -105,3 +105,20 @@ def test_print_config_gives_yaml_that_config_takes_back_as_is(prog, tmp_path):
     again = subprocess.run([sys.executable, "-m", prog, "--config", str(tmp_path / "config.yaml"), "--print-config"],
                            cwd=root, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stdout == first.stdout  # the same run, reproduced from its file
+
+
+def test_a_resolved_config_is_not_resolved_again_on_its_way_into_the_loop(tmp_path, monkeypatch):
+    from vae import loop
+    from vae.session import LocalSession
+
+    cfg = resolve(TrainConfig(dataset="gaussian2d", epochs=1, iw_samples=0, storage=str(tmp_path), name="once"))
+
+    def again(c):
+        raise AssertionError("resolved a second time")
+
+    monkeypatch.setattr(loop, "resolve", again)
+    loop.train_loop(cfg, LocalSession())  # as the CLI, the API and a sweep's trial hand it in
+    loop.train_loop(cfg.to_dict(), LocalSession())  # as Ray Train's workers get it
+    with pytest.raises(AssertionError, match="second time"):
+        loop.train_loop(TrainConfig(dataset="gaussian2d", epochs=1, storage=str(tmp_path), name="raw"),
+                        LocalSession())  # a direct caller's unresolved config is resolved there

@@ -22,3 +22,62 @@ def test_the_library_imports_neither_the_sweep_nor_the_jobs():
 
 def test_the_sweep_does_not_import_the_jobs():
     assert [(f, m) for f, m in _imports("tune") if m == "jobs"] == []
+
+
+# What is worth keeping out of argument parsing and of reading results: an import inside a function must
+# load one of these (directly, or through a project module that imports one at its top), or say why.
+HEAVY = {"torch", "torchvision", "ray", "matplotlib", "sklearn", "mlflow"}
+
+
+def _module_path(name: str) -> Path | None:
+    path = ROOT / (name.replace(".", "/") + ".py")
+    return path if path.exists() else None
+
+
+def _absolute(node: ast.ImportFrom, path: Path) -> list[str]:
+    if node.level == 0:  # `from vae import kernels` imports vae.kernels
+        return [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-node.level])
+    base = f"{package}.{node.module}" if node.module else package
+    return [base] if node.module else [f"{base}.{a.name}" for a in node.names]
+
+
+def _top_imports(path: Path) -> list[str]:
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out += _absolute(node, path)
+    return out
+
+
+def _heavy(name: str, seen: set[str]) -> bool:
+    if name.split(".")[0] in HEAVY:
+        return True
+    path = _module_path(name)
+    if path is None or name in seen:
+        return False
+    seen.add(name)
+    return any(_heavy(n, seen) for n in _top_imports(path))
+
+
+def test_imports_inside_functions_load_something_heavy_or_say_why():
+    light = []
+    for package in ("vae", "tune", "jobs", "bench"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            lines = path.read_text().splitlines()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Import):
+                        names = [a.name for a in inner.names]
+                    elif isinstance(inner, ast.ImportFrom):
+                        names = _absolute(inner, path)
+                    else:
+                        continue
+                    said = "#" in lines[inner.lineno - 1]
+                    if not said and not any(_heavy(n, set()) for n in names):
+                        light.append(f"{path.relative_to(ROOT)}:{inner.lineno} {', '.join(names)}")
+    assert light == [], "imports inside functions that load nothing heavy: move them to the top, or say why"

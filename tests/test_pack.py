@@ -145,7 +145,7 @@ def test_a_resumed_pack_continues_every_member(tmp_path):
     train_pack([TrainConfig(**kw, name="once", epochs=4, **m) for m in members], LocalSession())
     _same(_rows(str(tmp_path / "once"), "epochs"), _rows(str(tmp_path / "r"), "epochs"), ["epoch", "train_loss"])
 
-    from vae.api import load_model  # a member loaded back from its pack's checkpoint: its own weights
+    from vae.trained import load_model  # a member loaded back from its pack's checkpoint: its own weights
 
     trained = load_model(str(tmp_path / "r"), trial_id="b")
     assert trained.epoch == 4

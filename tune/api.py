@@ -5,6 +5,9 @@
     from tune.api import sweep
     s = sweep(dataset="gaussian2d", model="linear", decoder_var=1, latent_dims="2", betas="0.3,1,3", epochs=5)
     s.collapse_map; s.plot("collapse_heatmaps")
+
+Imports: Ray (`ray.tune`, `tune.sweep`) and torch (`vae.data`) load inside the functions that run a sweep,
+so building and checking a SweepConfig stays light.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import dataclasses
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+from vae import collapse, launch
 from vae.api import RunFailed, RunResults, open_results
-from vae.config import build
+from vae.config import ConfigError, build
+from vae.results import Results, StorageError, run_root
+from vae.runs import RunError, RunLock, check_identity
 
 from .space import SweepConfig, finish_parse
 
@@ -42,9 +49,7 @@ def run_sweep(sweep: SweepConfig, argv: list[str], resume: bool = False, retry_e
     Returns (exit code, last line): 0 done, 1 some trials errored, 2 refused."""
     from ray import tune as ray_tune
 
-    from vae.data import DataError, preflight
-    from vae.results import Results, StorageError, run_root
-    from vae.runs import RunError, RunLock, check_identity
+    from vae.data import DataError, preflight  # torch
 
     root = run_root(sweep.storage, sweep.name)
     if resume and not ray_tune.Tuner.can_restore(root):
@@ -74,8 +79,6 @@ def _graceful_signals(emit: Callable[[str], None]) -> dict:
     """SIGINT and SIGTERM end the sweep the way Ray Tune's own Ctrl-C does (its experiment state saved for
     --resume; Tune takes SIGUSR1 for that), and a second signal stops at once. Returns a record that gets
     'first' (the signal) and holds the handlers to restore ('previous')."""
-    import threading
-
     received: dict = {"previous": {}}
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return received
@@ -84,8 +87,6 @@ def _graceful_signals(emit: Callable[[str], None]) -> dict:
     def on_signal(signum, frame) -> None:
         if "first" in received:
             emit(f"{PROG}: stopping now")
-            from vae import launch
-
             launch.shutdown_quietly()
             os._exit(EXIT_FOR.get(signum, 130))
         received["first"] = signum
@@ -106,16 +107,11 @@ def sweep(config: SweepConfig | Mapping[str, Any] | None = None, *, resume: bool
                            emit=(lambda _: None) if quiet else print)
     if code != 0:
         raise RunFailed(line)
-    from vae.results import run_root
-
     return open_results(run_root(cfg.storage, cfg.name))
 
 
 def resumed_config(sweep, given_flags, res):
     """`--resume --name N`: the sweep as run.json recorded it, with the flags given now on top."""
-    from vae.config import ConfigError
-    from vae.runs import RunError
-
     info = res.read_json("run.json") or {}
     if info.get("kind") != "sweep":
         raise RunError(f"--resume: {res.root} holds no sweep (no run.json of kind sweep)")
@@ -128,11 +124,7 @@ def resumed_config(sweep, given_flags, res):
 
 
 def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, str]:
-    from vae import collapse, launch
-    from vae.results import Results
-    from vae.runs import RunError
-
-    from .sweep import settle_trials, tuner
+    from .sweep import settle_trials, tuner  # Ray
 
     for path in Results(root).set_aside_damaged() if resume else []:
         emit(f"{PROG}: {path} could not be read: moved aside to {os.path.basename(path)}.damaged (a trial that "

@@ -126,7 +126,7 @@ class _Sweep:
     def param_space(self, pack: int = 1) -> dict[str, Any]:
         """Tune's param_space: grid_search per axis, or distributions for random search; with packs, one
         grid_search over the packs (each a list of points, cut by vae.pack.groups)."""
-        from ray import tune
+        from ray import tune  # Ray stays out of argument parsing
 
         if pack > 1:
             from vae.pack import groups  # torch stays out of argument parsing

@@ -3,6 +3,8 @@
 With one worker per trial the trial trains inside its Tune process; with more,
 the trial launches a Ray Train TorchTrainer (a V2 trainer cannot be passed to
 Tune directly) and forwards its reports with TuneReportCallback.
+
+torch and the loop load inside `trial`, in the trial's own process: the driver never needs them.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import math
 import time
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from vae import launch
 from vae.axes import POINT_KEYS
 from vae.collapse import reported_units_in_use
 from vae.launch import error_line
@@ -69,9 +73,8 @@ def trial(config: dict[str, Any]) -> None:
     else:
         trial_id = trial_key(config)
         cfg = sweep.trial_config(trial_id=trial_id, **point(config))
+        # Ray Train V2's callback: imported once `launch.connect` has set RAY_TRAIN_V2_ENABLED
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from vae import launch
 
         # A stable Train run name per trial: a retried trial resumes its Train run.
         launch.fit(cfg, run_name=f"train-{trial_id}", run_storage=run_root(sweep.storage, sweep.name),
@@ -171,8 +174,6 @@ class Progress(tune.Callback):
 def trial_memory(sweep: SweepConfig, slots: int) -> float:
     """Bytes of device memory one trial may use: its share of a GPU (total memory as torch reports it here,
     when this process sees the GPU), else its share of the cluster's memory resource (0: unknown)."""
-    import ray
-
     if sweep.gpus_per_trial > 0:
         import torch
 

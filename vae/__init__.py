@@ -4,14 +4,15 @@ The Python API (see the README's "From Python" section): `train`, `open_results`
 `tune.api.sweep` for sweeps. They load lazily, so `import vae` stays cheap for the command line.
 """
 
+import importlib
 from typing import Any
 
-__all__ = ["train", "open_results", "load_model", "ConfigError", "RunFailed"]
+# Each name and the module it comes from: imported on first use (`vae.trained` loads torch).
+_FROM = {"train": "api", "open_results": "api", "ConfigError": "api", "RunFailed": "api", "load_model": "trained"}
+__all__ = list(_FROM)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import api
-
-        return getattr(api, name)
+    if name in _FROM:
+        return getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
     raise AttributeError(f"module 'vae' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import pandas as pd
 
 from .axes import CELL_AXES
 from .config import ACTIVE_THRESHOLD, KL_THRESHOLD
+from .results import SCHEMAS, Results
 
 CLASSES = ("healthy", "partial", "collapsed", "diverged")
 THEORY_CLOSE = 1.1  # an eigenvalue within this factor of beta * sigma^2: too close to judge
@@ -167,8 +168,6 @@ def _theory(cell: pd.DataFrame, spectra: pd.DataFrame | None) -> tuple[float, bo
 def collapse_map(trials: pd.DataFrame, epochs: pd.DataFrame, kl_per_dim: pd.DataFrame,
                  thresholds: Thresholds = Thresholds(), spectra: pd.DataFrame | None = None) -> pd.DataFrame:
     """The `collapse_map` table: one row per cell, aggregated over repeats, with critical betas."""
-    from .results import SCHEMAS
-
     final = final_rows(trials, epochs, kl_per_dim, thresholds)
     columns = SCHEMAS["collapse_map"].names
     if final.empty:
@@ -221,8 +220,6 @@ def recorded_thresholds(res) -> Thresholds:
 def build(root: str, thresholds: Thresholds | None = None) -> pd.DataFrame:
     """Read a run's tables, compute the map (with the run's own thresholds unless given), write
     `collapse_map/`; returns it."""
-    from .results import Results
-
     res = Results(root)
     thresholds = thresholds or recorded_thresholds(res)
     table = collapse_map(res.read("trials"), res.read("epochs"), res.read("kl_per_dim"), thresholds,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
+
+import yaml
 
 DATASETS = ("mnist", "gaussian2d")
 MODELS = ("mlp", "gaussian-mlp", "linear")
@@ -190,8 +193,6 @@ def validate(c: TrainConfig) -> None:
     check_int("max_failures", c.max_failures, -1, 1_000_000)
     check_choice("tracker", c.tracker, TRACKERS)
     if c.tracker != "none":
-        import importlib.util  # only when a tracker is asked for
-
         check(importlib.util.find_spec(c.tracker) is not None, "tracker",
               f"installed to be used: pip install 'vae-collapse[trackers]' ({c.tracker})", c.tracker)
     check(c.batch_size >= c.num_workers, "batch_size",
@@ -215,6 +216,12 @@ def resolve(c: TrainConfig) -> TrainConfig:
           "given MLFLOW_TRACKING_URI with a bucket --storage (its default store is <run>/mlruns, local)", c.tracker)
     return c.replace(model=model, latent_dim=latent_dim, hidden_dim=hidden_dim, data_dir=data_dir, name=name,
                      storage=storage)
+
+
+def is_resolved(c: TrainConfig) -> bool:
+    """Whether `resolve` has filled `c` already (an entry point resolves a config once, on its way in)."""
+    return bool(c.model and c.latent_dim and c.hidden_dim and c.data_dir and c.name) \
+        and c.storage == absolute_storage(c.storage)
 
 
 def default_data_dir() -> str:
@@ -329,8 +336,6 @@ YAML_MAX_NODES = 10_000  # after alias expansion: a config is a flat mapping of 
 
 def _expanded_nodes(node, memo: dict[int, int]) -> int:
     """How many nodes `node` stands for once every alias is expanded (shared nodes counted each time)."""
-    import yaml
-
     if id(node) in memo:
         return memo[id(node)]
     memo[id(node)] = YAML_MAX_NODES + 1  # a cycle expands without end
@@ -346,16 +351,12 @@ def _expanded_nodes(node, memo: dict[int, int]) -> int:
 
 def config_yaml(config: Any) -> str:
     """A config dataclass as the YAML `--config` takes back as is (`config.yaml` in every run folder)."""
-    import yaml
-
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
     """A --config file as {field: value}. Refused with one line: unreadable, not UTF-8, empty, larger than
     64 KiB, aliases that expand past 10,000 nodes, duplicate keys, not a mapping, not YAML."""
-    import yaml
-
     try:
         with open(path, "rb") as fh:
             raw = fh.read(YAML_MAX_BYTES + 1)

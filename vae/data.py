@@ -116,7 +116,7 @@ def download_mnist(root: str) -> None:
     if offline():
         raise DataError(f"MNIST is not in {raw} and {OFFLINE_ENV}=1 forbids downloading it; point --data-dir "
                         f"or {DATA_DIR_ENV} at a folder that holds it, or unset {OFFLINE_ENV} to download it")
-    from torchvision.datasets import MNIST
+    from torchvision.datasets import MNIST  # only a download needs torchvision (about 1 s to import)
 
     try:
         MNIST(root, train=True, download=True)

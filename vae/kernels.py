@@ -19,6 +19,7 @@ Off CPU float32 (CUDA, other dtypes) or without the private op, it is always the
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import time
@@ -320,8 +321,6 @@ def tune_allocator() -> bool:
     Returns whether glibc took the settings (False elsewhere, e.g. musl or macOS).
     """
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
         return all(libc.mallopt(k, v) == 1 for k, v in ((m_mmap_threshold, 32 << 20),

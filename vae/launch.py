@@ -1,6 +1,7 @@
 """Ray at the edge: connect to (or start) a cluster, fit a TorchTrainer, follow progress.
 
-Nothing here is imported by the loop; `jobs/` calls these after validation.
+Nothing here is imported by the loop; `jobs/` calls these after validation. Ray, torch and the loop
+load inside the functions that use them, so the Python API's readers (`vae.api.open_results`) stay light.
 """
 
 from __future__ import annotations
@@ -8,13 +9,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
 import threading
 import time
 import warnings
 from typing import Any, Callable
 
+import pyarrow.dataset as ds
+import yaml
+
 from .config import TrainConfig
 from .results import Results, run_root
+from .runs import RunError
 
 
 # Ray Train settings for the local cluster that `connect` starts (a cluster we attach to keeps its own):
@@ -81,8 +87,6 @@ def attached() -> bool:
 def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> str:
     """Refuse (RunError) a request the cluster can never meet: a local instance cannot grow. On a cluster
     we attached to, which may autoscale, say what is pending instead and let Ray wait for it."""
-    from .runs import RunError
-
     cpus, gpus = cluster_resources()
     need_cpu = cfg.num_workers * (cfg.cpus_per_worker or 1)
     need_gpu = cfg.num_workers if cfg.use_gpu else 0
@@ -101,8 +105,6 @@ def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> st
 
 def check_trial_resources(cpus_per_trial: float, gpus_per_trial: float, workers_per_trial: int) -> None:
     """The same for one sweep trial: a trial that no node of a local instance can hold never starts."""
-    from .runs import RunError
-
     cpus, gpus = cluster_resources()
     need_cpu, need_gpu = workers_per_trial * cpus_per_trial, workers_per_trial * gpus_per_trial
     if attached() or (need_cpu <= cpus and need_gpu <= gpus):
@@ -187,8 +189,6 @@ class EpochFollower(threading.Thread):
         self.notes_said: set[str] = set()
 
     def _rows(self):
-        import pyarrow.dataset as ds
-
         return self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id)
 
     def resumed_after(self) -> int | None:
@@ -232,11 +232,8 @@ class EpochFollower(threading.Thread):
 
 def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) -> None:
     """`run.json` beside the tables: the command, config, start time and versions, for the report."""
-    import platform
-
     import ray
     import torch
-    import yaml
 
     res = Results(root)
     res.write_json("run.json", {

@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 
 from . import checkpoint, diagnostics, kernels, losses, pack, settle, snapshots, streams, tracking
 from .collapse import Thresholds, units_in_use
-from .config import TrainConfig, resolve
+from .config import TrainConfig, is_resolved, resolve
 from .data import Data, load, shard_indices
 from .models import VAE, build_model
 from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
@@ -82,8 +82,11 @@ def train_loop(config: TrainConfig | Mapping[str, Any], session=None) -> dict[st
 def train_pack(configs: Sequence[TrainConfig | Mapping[str, Any]], session=None) -> dict[str, Any]:
     """Train K configurations of one shape as one packed model (a pack of one: one plain model).
 
-    Every member writes the rows its own run would, under its own trial id; returns the last report."""
-    cfgs = [resolve(c if isinstance(c, TrainConfig) else TrainConfig(**c)) for c in configs]
+    Every member writes the rows its own run would, under its own trial id; returns the last report. The
+    entry points (the CLI, the Python API, a sweep's trial) hand in resolved configs; a direct caller's
+    (tests, benchmarks) are resolved here, once."""
+    cfgs = [c if isinstance(c, TrainConfig) else TrainConfig(**c) for c in configs]
+    cfgs = [c if is_resolved(c) else resolve(c) for c in cfgs]
     if session is None:
         session = RayTrainSession()
     return _Trainer(cfgs, session).run()

@@ -7,14 +7,17 @@ string that came from a table or a config is HTML-escaped.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 import html
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pandas as pd
+import pyarrow.dataset as ds
 
 from . import plots
 from .axes import CELL_AXES
@@ -133,8 +136,6 @@ TOY_FIGURES = [
 
 
 def trial_figures(res: Results, trial_id: str, out: str, thresholds: Thresholds, tsne: bool = True) -> list[Figure]:
-    import pyarrow.dataset as ds
-
     only = ds.field("trial_id") == trial_id
     tables = {t: res.read(t, only) for t in ("epochs", "kl_per_dim", "images", "latents")}
     toy = (tables["images"].kind == "generated").any()  # else images (MNIST), or nothing: those say skipped
@@ -183,9 +184,6 @@ def trial_pages(root: str, trials: pd.DataFrame, out: str, thresholds: Threshold
     figures: list[Figure] = []
     workers = min(len(jobs), max(1, processes))
     if workers > 1:
-        import concurrent.futures as cf
-        import multiprocessing
-
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = pool.map(_page_job, jobs)
             for i, (tid, name, figures) in enumerate(done, 1):

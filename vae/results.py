@@ -10,6 +10,7 @@ table; `read_table` does the same through pyarrow.fs for any storage URI.
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from typing import Any, Iterable, Mapping
@@ -114,8 +115,6 @@ def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
     if "://" in root:
         return pafs.FileSystem.from_uri(root)
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(root)
 
 

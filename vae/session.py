@@ -2,7 +2,8 @@
 
 A session tells the loop its rank, world size and device, wraps the model
 for data parallelism, hands it the latest checkpoint folder, and takes its
-per-epoch report. The loop itself never imports Ray.
+per-epoch report. The loop itself never imports Ray: the Ray sessions import it inside their methods,
+so `LocalSession` (plain tests, benchmarks) never loads it.
 """
 
 from __future__ import annotations
