@@ -223,6 +223,29 @@ def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_
     assert "epoch 1 of s is missing from kl_per_dim/" in capsys.readouterr().err
 
 
+def test_first_gap_finds_the_earliest_missing_epoch_over_a_packs_members():
+    from vae.resume import first_gap
+
+    def rows(pairs):
+        return {"epochs": set(pairs), "kl_per_dim": set(pairs)}
+
+    full = [(t, e) for t in "ab" for e in range(4)]
+    live = [{"status": "running", "metrics": {"epoch": 3}}] * 2
+    assert first_gap(rows(full), "ab", live, 3) == (-1, "")
+    have = rows(full)
+    have["kl_per_dim"] -= {("b", 1)}
+    assert first_gap(have, "ab", live, 3) == (1, "epoch 1 of b is missing from kl_per_dim/")
+    # a member that diverged at epoch 2 wrote epochs/ only there, and nothing after it
+    diverged = [{"status": "diverged", "metrics": {"epoch": 2}}, live[1]]
+    have = rows([p for p in full if p[0] == "b"] + [("a", e) for e in range(2)])
+    have["epochs"].add(("a", 2))
+    assert first_gap(have, "ab", diverged, 3) == (-1, "")
+    have["epochs"].discard(("a", 2))
+    assert first_gap(have, "ab", diverged, 3)[0] == 2
+    later = [{"status": "running", "metrics": {"epoch": 5}}] * 2
+    assert first_gap(rows(full), "ab", later, 5)[0] == 4  # the rows stop before the checkpoint's epoch
+
+
 def test_collapse_map_on_a_folder_without_results_exits_2_and_writes_nothing(tmp_path):
     from tune import collapse_map
 

@@ -12,7 +12,6 @@ pack of one is a plain trial: the plain model, torch's fused Adam, the rows and 
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import math
 import os
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import numpy as np
 import pyarrow.dataset as ds
 
-from . import checkpoint, diagnostics, kernels, losses, pack, settle, snapshots, streams, tracking
+from . import checkpoint, diagnostics, kernels, losses, pack, resume, settle, snapshots, streams, tracking
 from .collapse import Thresholds, units_in_use
 from .config import TrainConfig, is_resolved, resolve
 from .data import Data, load, shard_indices
@@ -129,12 +128,6 @@ class _Member:
     @property
     def trial_id(self) -> str:
         return self.cfg.run_id
-
-
-def _saved_members(extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each member's status, settle epoch and last metrics as a checkpoint holds them (one, before packs)."""
-    return extra.get("members") or [{"status": None, "settle_epoch": extra.get("settle_epoch", -1),
-                                     "metrics": extra.get("metrics", {})}]
 
 
 class _Trainer:
@@ -296,21 +289,14 @@ class _Trainer:
 
     # ------------------------------------------------------------- checkpoints
     def _restore(self) -> int:
-        """Load the latest checkpoint, if any; returns the last finished epoch (0: none).
-
-        When the tables lack a finished epoch's rows (a file that could not be read was set aside as
-        `<file>.damaged`), the run goes back to the latest kept checkpoint before that epoch, or else to the
-        start, and redoes the epochs from there (training is seeded: the same rows come out); it says so."""
+        """Load the checkpoint vae/resume.py chooses, if any; returns the last finished epoch (0: none)."""
         with self.session.latest_checkpoint() as folder:
             if folder is None:
                 return 0
-            try:
-                state = checkpoint.load(folder, self.pack_id)
-            except checkpoint.CheckpointError as damaged:
-                state = self._older_checkpoint(folder, damaged)
-            gap, lacking = self._first_gap(int(state["epoch"]), _saved_members(state["extra"]))
+            state = resume.latest_readable(folder, self.pack_id, self._say)
+            gap, lacking = self._first_gap(int(state["epoch"]), resume.saved_members(state["extra"]))
             if gap >= 0:
-                state = self._checkpoint_before(folder, gap, lacking)
+                state = resume.before(folder, self.pack_id, gap, lacking, self._say)
                 if state is None:
                     return 0
         self.model.load_state_dict(state["model"])
@@ -323,7 +309,7 @@ class _Trainer:
             self.schedules.holders[0].param_groups[0]["lr"] = float(state["optimizer"]["param_groups"][0]["lr"])
         self.started -= float(extra.get("wall_seconds", 0.0))
         done = int(state["epoch"])
-        for m, s in zip(self.members, _saved_members(extra)):
+        for m, s in zip(self.members, resume.saved_members(extra)):
             m.settle_epoch, m.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
             # diverged stays so; finished is judged again (a rerun may raise the budget); interrupted goes on
             m.status = "diverged" if s.get("status") == "diverged" else self._ended(m, done)
@@ -331,74 +317,29 @@ class _Trainer:
         return done
 
     def _first_gap(self, done: int, saved: list[dict[str, Any]]) -> tuple[int, str]:
-        """The first epoch up to `done` (or up to where a member ended) whose `epochs/` or `kl_per_dim/` rows
-        some member lacks, and which (-1 when none). Rank 0 reads the tables; every rank hears the answer."""
+        """`resume.first_gap` of this pack's rows: rank 0 reads the tables, every rank hears the epoch."""
         gap, lacking = -1, ""
         if self.rank == 0:
             ids = [m.trial_id for m in self.members]
-            have = {table: set(zip(rows.trial_id, rows.epoch.astype(int))) for table in ("epochs", "kl_per_dim")
-                    for rows in [self.results.read(table, ds.field("trial_id").isin(ids))[["trial_id", "epoch"]]]}
-            for m, s in zip(self.members, saved):
-                end = min(done, int(s.get("metrics", {}).get("epoch", done)))
-                for e in range(end + 1):
-                    # a member that diverged wrote its last epoch's row to epochs/ only
-                    need = ("epochs",) if s.get("status") == "diverged" and e == end else ("epochs", "kl_per_dim")
-                    missing = [t for t in need if (m.trial_id, e) not in have[t]]
-                    if missing and (gap < 0 or e < gap):
-                        gap, lacking = e, f"epoch {e} of {m.trial_id} is missing from {'/ and '.join(missing)}/"
-                    if missing:
-                        break
+            have = {t: set(zip(rows.trial_id, rows.epoch.astype(int))) for t in resume.EPOCH_TABLES
+                    for rows in [self.results.read(t, ds.field("trial_id").isin(ids))]}
+            gap, lacking = resume.first_gap(have, ids, saved, done)
         if self.world > 1 and dist.is_initialized():
             t = torch.tensor([gap], device=self.device)
             dist.broadcast(t, src=0)
             gap = int(t.item())
         return gap, lacking
 
-    def _kept_checkpoints(self, folder: str) -> list[str]:
-        """The checkpoint folders kept beside `folder` (Ray keeps the latest two), newest first."""
-        parent = os.path.dirname(os.path.abspath(folder))
-        paths = glob.glob(os.path.join(parent, "checkpoint_*", checkpoint.FILENAME))
-        return [os.path.dirname(p) for p in sorted(paths, key=os.path.getmtime, reverse=True)
-                if os.path.dirname(p) != os.path.abspath(folder)]
-
     def _say(self, note: str, key: str) -> None:
         """A note on how the run resumed: stderr, and run.json for a run of its own."""
         print(note, file=sys.stderr, flush=True)
         self._note_in_run_json(**{key: note})
-
-    def _checkpoint_before(self, folder: str, gap: int, lacking: str) -> dict[str, Any] | None:
-        """The latest readable kept checkpoint before epoch `gap`, or None: start again."""
-        for path in [folder, *self._kept_checkpoints(folder)]:
-            try:
-                state = checkpoint.load(path, self.pack_id)
-            except checkpoint.CheckpointError:
-                continue
-            if int(state["epoch"]) < gap:
-                self._say(f"{lacking} (a damaged file set aside): redoing epochs {int(state['epoch']) + 1} on, "
-                          f"from checkpoint {path} (epoch {state['epoch']})", "redone")
-                return state
-        self._say(f"{lacking} (a damaged file set aside) and no kept checkpoint precedes it: training again "
-                  "from the start (seeded: the same rows come out)", "redone")
-        return None
 
     def _ended(self, m: _Member, done: int) -> str:
         """A restored member is finished when its budget was spent or it had settled under --until-settled
         after the minimum epochs; else it trains on."""
         settled = m.cfg.until_settled and done >= m.cfg.epochs and bool(m.last.get("settled"))
         return "finished" if done >= m.cfg.budget or settled else LIVE
-
-    def _older_checkpoint(self, folder: str, damaged: Exception) -> dict[str, Any]:
-        """The latest readable checkpoint beside an unreadable one: the run goes on from there, redoing the
-        epochs after it, and says so."""
-        for path in self._kept_checkpoints(folder):
-            try:
-                state = checkpoint.load(path, self.pack_id)
-            except checkpoint.CheckpointError:
-                continue
-            self._say(f"checkpoint {folder} could not be read ({damaged}); resumed from {path} "
-                      f"(epoch {state['epoch']}) instead", "restored_from")
-            return state
-        raise damaged
 
     def _report(self, epoch: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
