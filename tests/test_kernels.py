@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vae import kernels
-from vae.models import VAE, MLPConfig, MLPVAE
+from vae.models import VAE, MLPConfig, MLPVAE, build_model
 
 needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch has no oneDNN linear")
 
@@ -170,3 +170,37 @@ def test_the_loop_records_its_choice_in_the_epoch_rows_and_run_json(tmp_path, mo
 def test_tune_allocator_is_safe_to_call_twice():
     assert kernels.tune_allocator() in (True, False)
     assert kernels.tune_allocator() in (True, False)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_packed_linear_backward_passes_gradcheck_in_double(shared):
+    """The packed layer's hand-written backward (weight gradient laid out as W), x per member or shared."""
+    k, b, n_in, n_out = 3, 4, 5, 2
+    x = torch.rand(b, n_in) if shared else torch.rand(k, b, n_in)
+    w, bias = torch.randn(k, n_out, n_in), torch.randn(k, n_out)
+    args = [t.double().requires_grad_() for t in (x, w, bias)]
+    assert torch.autograd.gradcheck(kernels._PackedLinear.apply, args)
+
+
+@pytest.mark.parametrize("k, shared", [(1, True), (3, False), (3, True)])
+def test_linear_squared_error_passes_gradcheck_and_equals_the_plain_terms(k, shared):
+    from vae import pack
+
+    x = torch.rand(4, 6) if shared else torch.rand(k, 4, 6)
+    z = torch.randn(1, 4, 3) if k == 1 else torch.randn(1, k, 4, 3)
+    w, bias = (torch.randn(6, 3), torch.randn(6)) if k == 1 else (torch.randn(k, 6, 3), torch.randn(k, 6))
+    args = [t.double().requires_grad_() for t in (z, w, bias)]
+    assert torch.autograd.gradcheck(lambda *a: kernels.linear_squared_error(x.double(), *a), args)
+    mean = kernels.linear(z, w, bias)
+    torch.testing.assert_close(kernels.linear_squared_error(x, z, w, bias), (mean - x).pow(2).sum(-1))
+    # the linear VAE's training forward through it: the terms and gradients of VAE.forward's plain path
+    models = [build_model("linear", 6, 3, 0, None if k == 1 else 0.5 + i) for i in range(k)]  # learned, fixed
+    model = models[0] if k == 1 else pack.stack_models(models)
+    eps = torch.randn(*z.shape)
+    fused, plain = model(x, eps), VAE.forward(model, x, eps)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(sum(t.pow(2).sum() for t in fused), params),
+                    torch.autograd.grad(sum(t.pow(2).sum() for t in plain), params)):
+        torch.testing.assert_close(a, b)

@@ -63,10 +63,14 @@ def test_a_stacked_model_computes_each_members_terms(model):
     x = torch.rand(3, 5, dim)
     eps = torch.randn(2, 3, 5, 3)
     recon, kl = packed(x, eps)
+    shared_recon, shared_kl = packed(x[0], eps)  # x [B, D] that every member shares: the wide-product path
     for k, m in enumerate(models):
         r, q = m(x[k], eps[:, k])
         torch.testing.assert_close(recon[k], r)
         torch.testing.assert_close(kl[k], q)
+        r, q = m(x[0], eps[:, k])
+        torch.testing.assert_close(shared_recon[k], r)
+        torch.testing.assert_close(shared_kl[k], q)
         plain = pack.member_model(packed, build_model(model, dim, 3, 16, None if model != "linear" else 1.0 + k), k)
         for (name, a), b in zip(plain.state_dict().items(), m.state_dict().values()):
             assert torch.equal(a, b), name
@@ -91,14 +95,19 @@ POINTS = [dict(beta=0.5, lr=1e-3, seed=0), dict(beta=2.0, lr=3e-3, seed=1),
           dict(beta=1.0, lr=1e-3, seed=2, free_bits=0.1, kl_warmup_epochs=2)]
 
 
-@pytest.mark.parametrize("model", ["mlp", "gaussian-mlp", "linear"])
-def test_a_packed_members_rows_equal_its_trial_run_alone(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, one_seed", [("mlp", False), ("gaussian-mlp", False), ("linear", False),
+                                             ("mlp", True), ("gaussian-mlp", True), ("linear", True)])
+def test_a_packed_members_rows_equal_its_trial_run_alone(model, one_seed, tmp_path, monkeypatch):
+    """Members with their own seeds (own data order and noise), or one seed (a batch gathered once and the
+    first products shared: vae.kernels.linear's wide path)."""
     monkeypatch.setenv("VAE_KERNELS", "torch")  # the same products in both runs
     kw = dict(dataset="mnist" if model == "mlp" else "gaussian2d", model=model, epochs=3, iw_samples=20,
               iw_subset=50, subset=600 if model == "mlp" else 1000, storage=str(tmp_path))
     if model == "linear":
         kw["decoder_var"] = "1"
     points = POINTS + ([dict(beta=1.0, lr=1e-3, seed=3, decoder_var="0.5")] if model == "linear" else [])
+    if one_seed:
+        points = [{**p, "seed": 7} for p in points]
     for i, p in enumerate(points):
         train_loop(TrainConfig(**{**kw, **p}, name="alone", trial_id=f"t{i}"), LocalSession())
     session = LocalSession()

@@ -160,13 +160,63 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+NARROW = 64  # a packed layer with fewer inputs keeps autograd's products (its weight gradient is small)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """A packed layer's x @ W_k.T + b_k: weight [K, out, in], bias [K, out]; x [K, B, in], or [B, in] shared by
+    every member (one wide product [B, in] x [in, K * out]; the result [K, B, out] is a view of it).
+
+    Its backward writes the weight's gradient as W is laid out ([K, out, in], from grad.T @ x), where
+    autograd's `baddbmm` backward gives [K, in, out] and then copies it across (a transposed copy of every
+    weight, each step: 30 MB for a pack of 24 seed MLPs' last layer). Used for layers of `NARROW` inputs
+    or more: with fewer, a product with so few output columns runs slowly and the copy is small. For a
+    shared x, the gradient products read x in place for all members."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        k, out, _ = weight.shape
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if x.dim() == 2:
+            y = F.linear(x, weight.reshape(k * out, -1), None if bias is None else bias.reshape(k * out))
+            return y.view(x.shape[0], k, out).transpose(0, 1)
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        k = weight.shape[0]
+        xs = x.expand(k, *x.shape) if x.dim() == 2 else x  # a view: x read in place by every member's product
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad, weight)
+            if x.dim() == 2:
+                grad_x = grad_x.sum(0)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(grad.transpose(1, 2), xs)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(1)
+        return grad_x, grad_w, grad_b
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str = "none") -> torch.Tensor:
     """activation(x @ weight.T + bias) for x [..., in], weight [out, in].
 
     A packed layer (vae/pack.py: weight [K, out, in], bias [K, out]) takes x [..., K, B, in]: one batched
-    product per call, `baddbmm` for x [K, B, in], a broadcast `matmul` for leading sample axes."""
+    product per call, `baddbmm` for x [K, B, in], a broadcast `matmul` for leading sample axes; or x [B, in]
+    that every member shares (members with one data order): one wide product [B, in] x [in, K * out], whose
+    result [K, B, out] is a view of it."""
     if weight.dim() == 3:
+        if x.dim() in (2, 3) and weight.shape[2] >= NARROW and bias is not None and torch.is_grad_enabled():
+            return _activate(_PackedLinear.apply(x, weight, bias), activation)
+        if x.dim() == 2:
+            k, out, _ = weight.shape
+            y = F.linear(x, weight.reshape(k * out, -1), None if bias is None else bias.reshape(k * out))
+            return _activate(y.view(x.shape[0], k, out).transpose(0, 1), activation)
         if x.dim() == 4:  # [S, K, B, in]: the samples joined to the batch, one product per member
             s, k, b, _ = x.shape
             flat = x[0] if s == 1 else x.transpose(0, 1).reshape(k, s * b, x.shape[-1])
@@ -239,6 +289,42 @@ class _SquaredError(torch.autograd.Function):
             while grad_x.dim() > len(ctx.x_shape):
                 grad_x = grad_x.sum(0)
         return grad_x, gd if ctx.needs_input_grad[1] else None
+
+
+class _LinearSquaredError(torch.autograd.Function):
+    """sum_d (z W^T + b - x)_d^2 for a linear decoder, one sample: z [K, B, L], W [K, D, L], b [K, 1, D],
+    x [B, D] or [K, B, D] -> [K, B]. The difference d is formed in place of the decoder mean and is all it
+    keeps; the backward folds the per-row factor 2g into the small operands (z, and the products with W),
+    so it never forms grad * d: three products read d and nothing else passes over it (autograd's
+    baddbmm, sub, norm, mul and sum take two more passes over a [K, B, D] batch of images, and a pack's
+    does not fit in cache)."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, bias):
+        d = torch.baddbmm(bias, z, weight.transpose(1, 2)).sub_(x)
+        ctx.save_for_backward(d, z, weight)
+        return torch.linalg.vector_norm(d, 2, -1).square()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, z, weight = ctx.saved_tensors
+        c = (2.0 * grad).unsqueeze(-1)  # [K, B, 1]
+        grad_z = torch.bmm(d, weight).mul_(c) if ctx.needs_input_grad[1] else None
+        grad_w = (torch.bmm((z * c).transpose(1, 2), d).transpose(1, 2).contiguous()
+                  if ctx.needs_input_grad[2] else None)
+        grad_b = torch.bmm(c.transpose(1, 2), d) if ctx.needs_input_grad[3] else None
+        return None, grad_z, grad_w, grad_b
+
+
+def linear_squared_error(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sum over features of (z W^T + b - x)^2: a linear decoder's mean against x, for one sample of z.
+
+    A plain model: z [1, B, L], W [D, L], b [D], x [B, D] -> [1, B]. A pack (vae/pack.py): z [1, K, B, L],
+    W [K, D, L], b [K, D], x [B, D] (shared) or [K, B, D] -> [1, K, B]. x takes no gradient."""
+    if weight.dim() == 2:
+        return _LinearSquaredError.apply(x, z, weight.unsqueeze(0), bias.view(1, 1, -1)).view(1, -1)
+    k = weight.shape[0]
+    return _LinearSquaredError.apply(x, z[0], weight, bias.view(k, 1, -1)).unsqueeze(0)
 
 
 def squared_error(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

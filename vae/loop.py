@@ -195,11 +195,12 @@ class _Trainer:
         train = [d.train.x for d in self.datas]
         self.train_x = (train[0] if len(train) == 1 else torch.cat(train)).to(self.device)  # whole splits on the device
         self.offsets = torch.tensor([u * self.n_train for u in self.data_of])[:, None]
-        test = self.data.test.x.to(self.device)
-        if self.k > 1:  # [K, N, D]: a view when the members share the data
-            test = (test.expand(self.k, *test.shape) if len(self.datas) == 1 else
-                    torch.stack([self.datas[u].test.x for u in self.data_of]).to(self.device))
-        self.test_x = test
+        # [N, D] when the members share the data (a pack's stacked layers then take it as it is), else [K, N, D]
+        self.test_x = (self.data.test.x if len(self.datas) == 1 else
+                       torch.stack([self.datas[u].test.x for u in self.data_of])).to(self.device)
+        # One seed for every member: the same shuffle and noise, so a step's batch is gathered once and its
+        # first products are one wide product for the whole pack (vae.kernels.linear).
+        self.shared = self.k > 1 and len({m.cfg.seed for m in self.members}) == 1
 
     # ------------------------------------------------------------- trackers
     def _track(self, member: _Member, row: dict[str, Any]) -> None:
@@ -511,13 +512,14 @@ class _Trainer:
             opt.param_groups[0]["lr"] = lrs[0]
         else:
             opt.set_lrs(lrs)
+        drawing = self.members[:1] if self.shared else self.members  # one seed: one shuffle, one noise stream
         idx = torch.stack([shard_indices(self.n_train, self.rank, self.world, epoch, m.cfg.seed)
-                           for m in self.members])  # [K, n]
-        flat = (idx + self.offsets).to(self.device)
+                           for m in drawing])  # [K, n] (or [1, n])
+        flat = (idx + self.offsets[:len(drawing)]).to(self.device)
         n = idx.shape[1]
         batch = cfg.batch_size // self.world
         steps = -(-n // batch)
-        gens = [streams.train_noise(m.cfg.seed, epoch, self.rank, self.device) for m in self.members]  # per epoch: resume replays exactly
+        gens = [streams.train_noise(m.cfg.seed, epoch, self.rank, self.device) for m in drawing]  # per epoch: resume replays exactly
         free_bits = cfg.free_bits if k == 1 else torch.tensor(
             [m.cfg.free_bits for m in self.members], device=self.device).view(k, 1, 1)
         warm = any(m.cfg.kl_warmup_epochs > 0 for m in self.members)
@@ -532,8 +534,10 @@ class _Trainer:
             rows = flat[:, step * batch:(step + 1) * batch]
             xb = torch.index_select(self.train_x, 0, rows.reshape(-1))  # 3x x[idx]
             size = rows.shape[1]
-            if k == 1:
+            if len(drawing) == 1:
                 eps = torch.randn(cfg.num_mc, size, cfg.latent_dim, generator=gens[0], device=self.device)
+                if k > 1:  # every member's own stream, which is the same stream
+                    eps = eps.unsqueeze(1).expand(-1, k, -1, -1)
             else:
                 xb = xb.view(k, size, dim)
                 eps = torch.stack([torch.randn(cfg.num_mc, size, cfg.latent_dim, generator=g, device=self.device)
@@ -551,7 +555,7 @@ class _Trainer:
         for m, (r, kl) in zip(self.members, sums.T.tolist()):
             out.append({"loss": (r + kl) / n_all, "recon": r / n_all, "kl": kl / n_all,
                         "kl_weight": losses.kl_weight(m.cfg.beta, epoch, m.cfg.kl_warmup_epochs), "samples": n_all,
-                        "lr": lrs[m.k], "shard_digest": shard_digest(idx[m.k])})
+                        "lr": lrs[m.k], "shard_digest": shard_digest(idx[m.k if len(drawing) > 1 else 0])})
         return out
 
     def _kl_weights(self, progress: float) -> float | torch.Tensor:
@@ -620,7 +624,7 @@ class _Trainer:
         iw = float("nan")
         if cfg.iw_samples:
             model = self._member_model(m)
-            x = self.test_x[m.k] if self.k > 1 else self.test_x
+            x = self.test_x if self.test_x.dim() == 2 else self.test_x[m.k]
             x = x[:cfg.iw_subset]
             gen = streams.iw_noise(cfg.seed)
             parts = [diagnostics.iw_nll(model, x[s:s + IW_BATCH], cfg.iw_samples, gen) * len(x[s:s + IW_BATCH])

@@ -174,6 +174,18 @@ class LinearVAE(VAE):
         mean = kernels.layer(self.dec, z)
         return mean, self.dec_logvar.expand_as(mean)
 
+    def forward(self, x, eps):
+        """As VAE.forward; while training with one sample of z, the reconstruction term's squared error comes
+        from one node with the decoder (vae.kernels.linear_squared_error), which never forms the mean."""
+        if eps.shape[0] != 1 or x.requires_grad or not torch.is_grad_enabled():
+            return super().forward(x, eps)
+        mu, logvar = self.encode(x)
+        z = losses.reparameterize(mu, logvar, eps)
+        se = kernels.linear_squared_error(x, z, self.dec.weight, self.dec.bias)  # [1, B] or [1, K, B]
+        lv = self.dec_logvar.expand(*se.shape, 1)[..., 0]
+        recon = 0.5 * (x.shape[-1] * (losses.LOG_2PI + lv) + se * torch.exp(-lv))
+        return recon.mean(0), losses.kl_per_dim(mu, logvar)
+
 
 # ------------------------------------------------------------------ registry
 
