@@ -332,9 +332,11 @@ class _Trainer:
         return gap, lacking
 
     def _say(self, note: str, key: str) -> None:
-        """A note on how the run resumed: stderr, and run.json for a run of its own."""
-        print(note, file=sys.stderr, flush=True)
-        self._note_in_run_json(**{key: note})
+        """A note on how the run resumed (rank 0: every rank makes the same choice): stderr, and run.json for
+        a run of its own."""
+        if self.rank == 0:
+            print(note, file=sys.stderr, flush=True)
+            self._note_in_run_json(**{key: note})
 
     def _ended(self, m: _Member, done: int) -> str:
         """A restored member is finished when its budget was spent or it had settled under --until-settled
