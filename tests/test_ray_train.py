@@ -6,6 +6,8 @@ import pytest
 import ray.cloudpickle
 import ray.train
 
+import tests
+
 from vae import launch
 from vae.config import TrainConfig, resolve
 from vae.data import shard_indices
@@ -25,7 +27,7 @@ class RecordRanks(ray.train.UserCallback):
                                  for m in metrics]) + "\n")
 
 
-ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+ray.cloudpickle.register_pickle_by_value(tests)  # the callback above reaches Ray's workers by value
 
 
 def mnist_cfg(tmp_path, data_dir, **kw) -> TrainConfig:
