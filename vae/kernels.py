@@ -163,6 +163,18 @@ class _Linear(torch.autograd.Function):
 NARROW = 64  # a packed layer with fewer inputs keeps autograd's products (its weight gradient is small)
 
 
+def _packed_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W_k.T + b_k for weight [K, out, in]: x [K, B, in] as batched products, or x [B, in] shared by every
+    member as one wide product [B, in] x [in, K * out], whose result [K, B, out] is a view of it."""
+    if x.dim() == 2:
+        k, out, _ = weight.shape
+        y = F.linear(x, weight.reshape(k * out, -1), None if bias is None else bias.reshape(k * out))
+        return y.view(x.shape[0], k, out).transpose(0, 1)
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
 class _PackedLinear(torch.autograd.Function):
     """A packed layer's x @ W_k.T + b_k: weight [K, out, in], bias [K, out]; x [K, B, in], or [B, in] shared by
     every member (one wide product [B, in] x [in, K * out]; the result [K, B, out] is a view of it).
@@ -175,15 +187,9 @@ class _PackedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        k, out, _ = weight.shape
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        if x.dim() == 2:
-            y = F.linear(x, weight.reshape(k * out, -1), None if bias is None else bias.reshape(k * out))
-            return y.view(x.shape[0], k, out).transpose(0, 1)
-        if bias is None:
-            return torch.bmm(x, weight.transpose(1, 2))
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        return _packed_products(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -211,20 +217,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     that every member shares (members with one data order): one wide product [B, in] x [in, K * out], whose
     result [K, B, out] is a view of it."""
     if weight.dim() == 3:
-        if x.dim() in (2, 3) and weight.shape[2] >= NARROW and bias is not None and torch.is_grad_enabled():
-            return _activate(_PackedLinear.apply(x, weight, bias), activation)
-        if x.dim() == 2:
-            k, out, _ = weight.shape
-            y = F.linear(x, weight.reshape(k * out, -1), None if bias is None else bias.reshape(k * out))
-            return _activate(y.view(x.shape[0], k, out).transpose(0, 1), activation)
         if x.dim() == 4:  # [S, K, B, in]: the samples joined to the batch, one product per member
             s, k, b, _ = x.shape
             flat = x[0] if s == 1 else x.transpose(0, 1).reshape(k, s * b, x.shape[-1])
             y = linear(flat, weight, bias, activation)
             return y.unsqueeze(0) if s == 1 else y.reshape(k, s, b, -1).transpose(0, 1)
-        if bias is None:
-            return _activate(torch.bmm(x, weight.transpose(1, 2)), activation)
-        return _activate(torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)), activation)
+        if weight.shape[2] >= NARROW and bias is not None and torch.is_grad_enabled():
+            return _activate(_PackedLinear.apply(x, weight, bias), activation)
+        return _activate(_packed_products(x, weight, bias), activation)
     if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and fast_enabled():
         return _Linear.apply(x, weight, bias, activation)
     return _activate(F.linear(x, weight, bias), activation)

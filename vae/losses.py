@@ -39,9 +39,13 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> t
     A variance shared by every feature (logvar expanded along them, as a fixed or single learned variance
     is) is used unexpanded: sum_d (x_d - mean_d)^2 / var + D log var, three passes over x instead of seven."""
     if logvar.dim() and logvar.stride(-1) == 0:
-        lv = logvar[..., 0]
-        return 0.5 * (x.shape[-1] * (LOG_2PI + lv) + kernels.squared_error(x, mean) * torch.exp(-lv))
+        return shared_variance_nll(kernels.squared_error(x, mean), logvar[..., 0], x.shape[-1])
     return 0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+def shared_variance_nll(squared_error: torch.Tensor, logvar: torch.Tensor, dims: int) -> torch.Tensor:
+    """-log N(x | mean, exp(logvar) I) from sum_d (x_d - mean_d)^2, for a variance shared by all `dims` features."""
+    return 0.5 * (dims * (LOG_2PI + logvar) + squared_error * torch.exp(-logvar))
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -182,8 +182,7 @@ class LinearVAE(VAE):
         mu, logvar = self.encode(x)
         z = losses.reparameterize(mu, logvar, eps)
         se = kernels.linear_squared_error(x, z, self.dec.weight, self.dec.bias)  # [1, B] or [1, K, B]
-        lv = self.dec_logvar.expand(*se.shape, 1)[..., 0]
-        recon = 0.5 * (x.shape[-1] * (losses.LOG_2PI + lv) + se * torch.exp(-lv))
+        recon = losses.shared_variance_nll(se, self.dec_logvar.expand(*se.shape, 1)[..., 0], x.shape[-1])
         return recon.mean(0), losses.kl_per_dim(mu, logvar)
 
 
