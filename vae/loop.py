@@ -553,11 +553,12 @@ class _Trainer:
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(sums)
         n_all = float(n * self.world)
+        digests = [shard_digest(i) for i in idx]  # one per order drawn
         out = []
         for m, (r, kl) in zip(self.members, sums.T.tolist()):
             out.append({"loss": (r + kl) / n_all, "recon": r / n_all, "kl": kl / n_all,
                         "kl_weight": losses.kl_weight(m.cfg.beta, epoch, m.cfg.kl_warmup_epochs), "samples": n_all,
-                        "lr": lrs[m.k], "shard_digest": shard_digest(idx[m.k if len(drawing) > 1 else 0])})
+                        "lr": lrs[m.k], "shard_digest": digests[min(m.k, len(digests) - 1)]})
         return out
 
     def _kl_weights(self, progress: float) -> float | torch.Tensor:

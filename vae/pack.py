@@ -145,7 +145,6 @@ class PackAdam:
         member_bytes = 16 * sum(p[0].numel() for p in self.params)  # weights, gradients, two moments
         on_cpu = self.params[0].device.type == "cpu"  # on a GPU, few large kernels beat K launches
         self.per_member = on_cpu and member_bytes > self.PER_MEMBER_BYTES if per_member is None else per_member
-        self._step_tensors: list[list[torch.Tensor]] | None = None  # per member, per parameter (member by member)
         device = self.params[0].device
         self.lr = torch.tensor(list(lrs), dtype=torch.float64)
         self.betas, self.eps = betas, eps
@@ -192,21 +191,18 @@ class PackAdam:
 
     def _step_member_by_member(self) -> None:
         """torch's fused Adam kernel (what `torch.optim.Adam(fused=True)` runs) on member k's slices of every
-        stacked tensor, with member k's learning rate; each member keeps one step tensor per parameter,
-        counted here."""
+        stacked tensor, with member k's learning rate and step count (the kernel reads the step, counted here,
+        as torch.optim.Adam counts it before calling the kernel)."""
         b1, b2 = self.betas
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if self._step_tensors is None or len(self._step_tensors[0]) != len(with_grad):
-            self._step_tensors = [[torch.tensor(float(self.steps[k]), device=self._device) for _ in with_grad]
-                                  for k in range(self.k)]
         for k in range(self.k):
             if self.frozen[k]:
                 continue
             self.steps[k] += 1
-            torch._foreach_add_(self._step_tensors[k], 1)  # as torch.optim.Adam does before the kernel
+            step = torch.tensor(float(self.steps[k]), device=self._device)
             torch._fused_adam_([self.params[i].data[k] for i in with_grad], [self.params[i].grad[k] for i in with_grad],
                                [self.exp_avg[i][k] for i in with_grad], [self.exp_avg_sq[i][k] for i in with_grad],
-                               [], self._step_tensors[k], lr=float(self.lr[k]), beta1=b1, beta2=b2,
+                               [], [step] * len(with_grad), lr=float(self.lr[k]), beta1=b1, beta2=b2,
                                weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
 
     def freeze(self, k: int, frozen: bool = True) -> None:
@@ -222,7 +218,6 @@ class PackAdam:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr, self.steps = state["lr"].clone(), state["steps"].clone()
-        self._step_tensors = None  # rebuilt from `steps`
         self.frozen = state["frozen"].clone()
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src.to(dst.device))
