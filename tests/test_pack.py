@@ -181,6 +181,6 @@ def test_pack_auto_spreads_configurations_over_the_slots_within_memory():
     assert sweep.pack_size(slots=2) == 5 and sweep.pack_size(slots=1) == 10
     big = SweepConfig(dataset="mnist", latent_dims="50", betas=",".join(str(b) for b in range(1, 200)), pack="auto")
     assert big.pack_size(slots=1) == pack.MAX_AUTO
-    one = pack.member_bytes(big.trial_config(latent_dim=50), 784, 10_000)
+    one = pack.member_bytes(big.trial_config(latent_dim=50))
     assert big.pack_size(slots=1, trial_memory=2 * 10 * one) == 10  # half the memory, by the estimate
     assert SweepConfig(dataset="gaussian2d", pack="7").pack_size(slots=64) == 7

@@ -111,16 +111,13 @@ class _Sweep:
         device memory (`trial_memory` bytes, 0: unknown) holds by vae.pack.member_bytes' estimate."""
         if self.pack != "auto":
             return int(self.pack)
-        from vae.data import GAUSSIAN_MEAN, GAUSSIAN_TEST  # torch stays out of argument parsing
-        from vae.pack import MAX_AUTO, member_bytes
+        from vae.pack import MAX_AUTO, member_bytes  # torch stays out of argument parsing
 
         size = min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots)))
         if trial_memory > 0:
             cfg = self.trial_config(latent_dim=max(self.axis("latent_dims")),
                                     **({"hidden_dim": max(self.axis("hidden_dims"))} if self.axis("hidden_dims") else {}))
-            mnist = cfg.dataset == "mnist"
-            one = member_bytes(cfg, 784 if mnist else len(GAUSSIAN_MEAN), 10_000 if mnist else GAUSSIAN_TEST)
-            size = min(size, int(0.5 * trial_memory // one))
+            size = min(size, int(0.5 * trial_memory // member_bytes(cfg)))
         return max(1, size)
 
     def param_space(self, pack: int = 1) -> dict[str, Any]:

@@ -350,8 +350,10 @@ def _expanded_nodes(node, memo: dict[int, int]) -> int:
 
 
 def config_yaml(config: Any) -> str:
-    """A config dataclass as the YAML `--config` takes back as is (`config.yaml` in every run folder)."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+    """A config (a dataclass or its dict) as the YAML `--config` takes back as is (`config.yaml` in every run
+    folder)."""
+    values = dict(config) if isinstance(config, Mapping) else dataclasses.asdict(config)
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

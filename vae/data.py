@@ -22,6 +22,8 @@ from .config import DATA_DIR_ENV, OFFLINE_ENV, offline
 GAUSSIAN_MEAN = (1.0, 0.5)
 GAUSSIAN_COV = ((1.0, 0.5), (0.5, 1.0))
 GAUSSIAN_TRAIN, GAUSSIAN_TEST = 10_000, 2_000
+INPUT_DIM = {"mnist": 784, "gaussian2d": len(GAUSSIAN_MEAN)}  # features of one example
+TEST_SIZE = {"mnist": 10_000, "gaussian2d": GAUSSIAN_TEST}  # examples in the test split
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_SIZES = dict(zip(MNIST_FILES, (47_040_016, 60_008, 7_840_016, 10_008)))

@@ -16,9 +16,8 @@ import warnings
 from typing import Any, Callable
 
 import pyarrow.dataset as ds
-import yaml
 
-from .config import TrainConfig
+from .config import TrainConfig, config_yaml
 from .results import Results, run_root
 from .runs import RunError
 
@@ -242,7 +241,7 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}})
     # what `--config` takes back as is: rerunning it reproduces (or resumes) the run
     res.write_text("config.yaml", f"# python -m jobs.{kind} --config config.yaml\n"
-                   + yaml.safe_dump(dict(config), sort_keys=False))
+                   + config_yaml(config))
 
 
 def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None,

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .data import INPUT_DIM, TEST_SIZE
 from .models import build_model
 
 # What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
@@ -53,10 +54,11 @@ def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] |
     return packs
 
 
-def member_bytes(cfg: Any, input_dim: int, n_test: int) -> int:
+def member_bytes(cfg: Any) -> int:
     """A generous estimate of the memory one member of a pack needs on its device: weights, gradients and
     two Adam moments; a training step's activations and their gradients; the test set's fixed noise and
     encoder outputs; one evaluation batch (2,048 examples)."""
+    input_dim, n_test = INPUT_DIM[cfg.dataset], TEST_SIZE[cfg.dataset]
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim,
                                                     cfg.fixed_decoder_var).parameters())

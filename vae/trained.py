@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import torch
 
 from .checkpoint import CheckpointError, check_payload
-from .data import GAUSSIAN_MEAN
+from .data import INPUT_DIM
 from .models import build_model
 from .pack import member_slice
 from .results import Results
@@ -106,9 +106,8 @@ def load_model(path_or_uri: str, trial_id: str | None = None, epoch: int | None 
         raise FileNotFoundError(f"no checkpoint of trial {trial_id!r}" + (f" at epoch {epoch}" if epoch is not None else "")
                                 + f" under {path_or_uri} (Ray keeps the latest two)")
     payload = max(found, key=lambda p: int(p["epoch"]))
-    input_dim = 784 if row.dataset == "mnist" else len(GAUSSIAN_MEAN)
     decoder_var = None if row.decoder_var == "learned" else float(row.decoder_var)
-    model = build_model(row.model, input_dim, int(row.latent_dim), int(row.hidden_dim), decoder_var)
+    model = build_model(row.model, INPUT_DIM[row.dataset], int(row.latent_dim), int(row.hidden_dim), decoder_var)
     members = [m.get("trial_id") for m in payload["extra"].get("members", [])]
     if len(members) > 1:  # a packed trial's checkpoint holds its whole pack: this member's slice
         model.load_state_dict(member_slice(payload["model"], members.index(trial_id), model.state_dict()))
