@@ -345,3 +345,19 @@ def test_a_run_waiting_for_an_autoscaling_cluster_says_so_every_so_often(tmp_pat
     follower.stop()
     waiting = [line for line in lines if line.startswith("still waiting after")]
     assert len(waiting) >= 2 and all("needs 8 GPUs" in line for line in waiting)
+
+
+def test_the_driver_says_once_how_the_worker_resumed(tmp_path):
+    from vae import launch
+    from vae.config import TrainConfig
+
+    lines = []
+    follower = launch.EpochFollower(TrainConfig(dataset="gaussian2d", storage=str(tmp_path), name="n"),
+                                    emit=lines.append)
+    res = Results(str(tmp_path / "n"))
+    res.write_json("run.json", {"kind": "train"})
+    follower.poll()
+    res.update_json("run.json", redone="epoch 2 of n is missing from epochs/ ...: redoing epochs 2 on")
+    follower.poll()
+    follower.poll()
+    assert lines == ["epoch 2 of n is missing from epochs/ ...: redoing epochs 2 on"]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vae import pack
+from vae import kernels, pack
 from vae.config import TrainConfig
 from vae.loop import train_loop, train_pack
 from vae.models import build_model
@@ -110,8 +110,18 @@ def test_a_packed_members_rows_equal_its_trial_run_alone(model, one_seed, tmp_pa
         points = [{**p, "seed": 7} for p in points]
     for i, p in enumerate(points):
         train_loop(TrainConfig(**{**kw, **p}, name="alone", trial_id=f"t{i}"), LocalSession())
+    dims = []  # the batch's rank as the packed layers get it while training: [B, D] only when it is shared
+    real = kernels.linear
+
+    def spy(x, weight, bias=None, activation="none"):
+        if weight.dim() == 3 and torch.is_grad_enabled():
+            dims.append(x.dim())
+        return real(x, weight, bias, activation)
+
+    monkeypatch.setattr(kernels, "linear", spy)
     session = LocalSession()
     train_pack([TrainConfig(**{**kw, **p}, name="packed", trial_id=f"t{i}") for i, p in enumerate(points)], session)
+    assert (2 in dims) == one_seed
     alone, packed = str(tmp_path / "alone"), str(tmp_path / "packed")
     _same(_rows(alone, "epochs"), _rows(packed, "epochs"),
           ["epoch", "train_loss", "train_kl", "test_loss", "test_kl", "mutual_info", "active_units", "units_in_use",
