@@ -180,6 +180,10 @@ def test_packed_linear_backward_passes_gradcheck_in_double(shared):
     w, bias = torch.randn(k, n_out, n_in), torch.randn(k, n_out)
     args = [t.double().requires_grad_() for t in (x, w, bias)]
     assert torch.autograd.gradcheck(kernels._PackedLinear.apply, args)
+    # a training layer of NARROW inputs or more is routed through it
+    wide = torch.randn(k, n_out, kernels.NARROW, requires_grad=True)
+    y = kernels.linear(torch.rand(b, kernels.NARROW) if shared else torch.rand(k, b, kernels.NARROW), wide, bias)
+    assert type(y.grad_fn).__name__ == "_PackedLinearBackward"
 
 
 @pytest.mark.parametrize("k, shared", [(1, True), (3, False), (3, True)])
@@ -198,9 +202,22 @@ def test_linear_squared_error_passes_gradcheck_and_equals_the_plain_terms(k, sha
     model = models[0] if k == 1 else pack.stack_models(models)
     eps = torch.randn(*z.shape)
     fused, plain = model(x, eps), VAE.forward(model, x, eps)
+    assert "_LinearSquaredErrorBackward" in _graph_nodes(fused[0]) - _graph_nodes(plain[0])  # the fused path ran
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b)
     params = list(model.parameters())
     for a, b in zip(torch.autograd.grad(sum(t.pow(2).sum() for t in fused), params),
                     torch.autograd.grad(sum(t.pow(2).sum() for t in plain), params)):
         torch.testing.assert_close(a, b)
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes `t` was computed through."""
+    names, visited, todo = set(), set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in visited:
+            visited.add(fn)
+            names.add(type(fn).__name__)
+            todo += [f for f, _ in fn.next_functions]
+    return names
