@@ -16,40 +16,46 @@ from vae.results import Results
 from vae.session import LocalSession
 
 
-@pytest.mark.parametrize("per_member", [False, True])
-def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member_alone(per_member):
+@pytest.mark.parametrize("fused", [False, True])
+def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member_alone(fused):
     torch.manual_seed(0)
-    lrs = [1e-3, 3e-2, 0.5]
+    lrs = [1e-3, 1e-3, 3e-2, 3e-2, 3e-2, 0.5]  # the fused way: one kernel call per run of one lr and step count
     alone = [[torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)] for _ in lrs]
     opts = [torch.optim.Adam(ps, lr=lr) for ps, lr in zip(alone, lrs)]
     stacked = [torch.nn.Parameter(torch.stack([ps[i].detach().clone() for ps in alone])) for i in range(2)]
-    packed = pack.PackAdam(stacked, lrs, per_member=per_member)
-    frozen_at = 3
-    for step in range(6):
+    packed = pack.PackAdam(stacked, lrs, fused=fused)
+    frozen_at, thawed_at = 3, 6  # member 3 frozen for steps 3 to 5, then trained on: a step count behind its run's
+    for step in range(9):
         grads = [[torch.randn_like(p) for p in ps] for ps in alone]
         if step == frozen_at:
-            packed.freeze(1)
-            before = [p[1].detach().clone() for p in stacked]
+            assert packed.runs() == [(0, 2), (2, 5), (5, 6)]
+            packed.freeze(3)  # splits its run
+            assert packed.runs() == [(0, 2), (2, 3), (4, 5), (5, 6)]
+            before = [p[3].detach().clone() for p in stacked]
+        if step == thawed_at:
+            assert all(torch.equal(p[3].detach(), b) for p, b in zip(stacked, before))
+            state = packed.state_dict()
+            again = pack.PackAdam(stacked, lrs)
+            again.load_state_dict(state)
+            assert again.frozen.tolist() == [k == 3 for k in range(len(lrs))] and torch.equal(again.steps, packed.steps)
+            packed.freeze(3, False)
+            assert packed.runs() == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]  # 3 is 3 steps behind 2 and 4
+        frozen = frozen_at <= step < thawed_at
         for k, (ps, opt) in enumerate(zip(alone, opts)):
-            if step >= frozen_at and k == 1:
+            if frozen and k == 3:
                 continue
             for p, g in zip(ps, grads[k]):
                 p.grad = g.clone()
             opt.step()
         for i, p in enumerate(stacked):
             g = torch.stack([grads[k][i] for k in range(len(lrs))])
-            if step >= frozen_at:
-                g[1] = float("nan")  # a frozen member's gradient is ignored, even NaN
+            if frozen:
+                g[3] = float("nan")  # a frozen member's gradient is ignored, even NaN
             p.grad = g
         packed.step()
     for k in range(len(lrs)):
         for i, p in enumerate(stacked):
             torch.testing.assert_close(p[k].detach(), alone[k][i].detach(), rtol=1e-5, atol=1e-6)
-    assert all(torch.equal(p[1].detach(), b) for p, b in zip(stacked, before))
-    state = packed.state_dict()
-    again = pack.PackAdam(stacked, lrs)
-    again.load_state_dict(state)
-    assert again.frozen.tolist() == [False, True, False] and torch.equal(again.steps, packed.steps)
 
 
 @pytest.mark.parametrize("model", ["mlp", "gaussian-mlp", "linear"])
