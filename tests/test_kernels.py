@@ -1,5 +1,7 @@
 """The fast kernels compute what the plain PyTorch ops compute, values and gradients."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,24 @@ def test_bernoulli_nll_matches_bce_with_logits(scale):
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(kernels.bernoulli_nll(x[:2], torch.tensor([[-200.0] * 50, [200.0] * 50]))).all()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_a_packs_bernoulli_nll_is_the_softplus_node_and_matches_bce_with_logits(shared, scale):
+    gen = torch.Generator().manual_seed(0)
+    logits = (scale * torch.randn(2, 3, 16, 50, generator=gen, dtype=torch.float64)).requires_grad_()  # [S, K, B, D]
+    x = torch.rand(*(() if shared else (3,)), 16, 50, generator=gen, dtype=torch.float64)  # [B, D] or [K, B, D]
+    out = kernels.bernoulli_nll(x, logits)
+    assert out.grad_fn is not None and "SoftplusBernoulliNLL" in type(out.grad_fn).__name__
+    torch.autograd.gradcheck(lambda l_: kernels.bernoulli_nll(x, l_), (logits,))
+    out, (grad,) = _grads(lambda l_: kernels.bernoulli_nll(x, l_), logits)
+    ref, (ref_grad,) = _grads(lambda l_: F.binary_cross_entropy_with_logits(
+        l_, x.expand_as(l_), reduction="none").sum(-1), logits)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=50 * math.exp(-20))  # softplus is l above 20: exp(-20) off
+    torch.testing.assert_close(grad, ref_grad)
+    extreme = torch.tensor([[-200.0] * 50, [200.0] * 50]).expand(1, 3, 2, 50)
+    assert torch.isfinite(kernels.bernoulli_nll(torch.rand(2, 50), extreme)).all()
 
 
 def _mlp_and_batch(n_mc: int):

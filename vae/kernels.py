@@ -202,7 +202,10 @@ class _PackedLinear(torch.autograd.Function):
             if x.dim() == 2:
                 grad_x = grad_x.sum(0)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(grad.transpose(1, 2), xs)
+            if x.dim() == 2:  # every member's grad.T @ x as one wide product, [K * out, in]: W's layout
+                grad_w = torch.mm(grad.transpose(0, 1).reshape(x.shape[0], -1).t(), x).view(weight.shape)
+            else:
+                grad_w = torch.bmm(grad.transpose(1, 2), xs)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(1)
         return grad_x, grad_w, grad_b
@@ -219,7 +222,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dim() == 3:
         if x.dim() == 4:  # [S, K, B, in]: the samples joined to the batch, one product per member
             s, k, b, _ = x.shape
-            flat = x[0] if s == 1 else x.transpose(0, 1).reshape(k, s * b, x.shape[-1])
+            flat = x.squeeze(0) if s == 1 else x.transpose(0, 1).reshape(k, s * b, x.shape[-1])  # squeeze: no copy back
             y = linear(flat, weight, bias, activation)
             return y.unsqueeze(0) if s == 1 else y.reshape(k, s, b, -1).transpose(0, 1)
         if weight.shape[2] >= NARROW and bias is not None and torch.is_grad_enabled():
@@ -261,8 +264,38 @@ def _bernoulli_terms(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return tail.add_(logits.clamp(min=0)).addcmul_(x, logits, value=-1)
 
 
+def _row_dot(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_d a_d x_d over the last axis, x broadcast over a's leading axes. A pack's shared x [B, D] against
+    a [..., K, B, D] is one batched product that reads a once (einsum's plan); otherwise a fused dot."""
+    if x.dim() == 2 and a.dim() >= 3:
+        return torch.einsum("...bd,bd->...b", a, x)
+    return torch.linalg.vecdot(a, x)
+
+
+class _SoftplusBernoulliNLL(torch.autograd.Function):
+    """sum_d softplus(l_d) - x_d l_d, the Bernoulli NLL over the last axis, x broadcast over the leading axes
+    of the logits and taking no gradient: softplus, a sum and a dot product forward, sigmoid(l) - x back.
+
+    Used for a pack's logits [S, K, B, D]: there, with x broadcast over the members, autograd's
+    binary_cross_entropy_with_logits (about nine passes over logits that do not fit in cache) is the slower
+    (measured on 2 Xeon cores, 24 seed MLPs, shared x: 3.8% off a training step; whole packed training
+    2 to 2.5% faster). For a model alone ([S, B, D], in cache) it is the faster: 3.4% a step with this node."""
+
+    @staticmethod
+    def forward(ctx, logits, x):
+        ctx.save_for_backward(logits, x)
+        return F.softplus(logits).sum(-1).sub_(_row_dot(logits, x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, x = ctx.saved_tensors
+        return torch.sigmoid(logits).sub_(x).mul_(grad.unsqueeze(-1)), None
+
+
 def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """-log Bernoulli(x | sigmoid(logits)) summed over the last axis; x broadcasts over logits' leading axes."""
+    if logits.dim() >= 4 and not x.requires_grad:  # a pack's logits [S, K, B, D] (see _SoftplusBernoulliNLL)
+        return _SoftplusBernoulliNLL.apply(logits, x)
     if not fast_enabled():
         return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
     return _BernoulliNLL.apply(logits, x)
