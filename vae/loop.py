@@ -522,8 +522,9 @@ class _Trainer:
         batch = cfg.batch_size // self.world
         steps = -(-n // batch)
         gens = [streams.train_noise(m.cfg.seed, epoch, self.rank, self.device) for m in drawing]  # per epoch: resume replays exactly
-        free_bits = cfg.free_bits if k == 1 else torch.tensor(
-            [m.cfg.free_bits for m in self.members], device=self.device).view(k, 1, 1)
+        floors = [m.cfg.free_bits for m in self.members]
+        # one floor per member ([K, 1, 1]) only where some member has one: a floor <= 0 is no floor
+        free_bits = floors[0] if k == 1 or max(floors) <= 0 else torch.tensor(floors, device=self.device).view(k, 1, 1)
         warm = any(m.cfg.kl_warmup_epochs > 0 for m in self.members)
         weight = self._kl_weights(epoch - 1) if not warm else None
         recon_sum = torch.zeros(k, device=self.device)
