@@ -188,6 +188,11 @@ def test_groups_cut_points_by_shape_as_evenly_as_possible():
     assert all(len({p["latent_dim"] for p in members}) == 1 for members in packs)
     assert sorted(map(str, sum(packs, []))) == sorted(map(str, points))
     assert pack.pack_id(["x"]) == "x"
+    # --repeats: seeds are cut apart where the size allows (one batch a pack), one lr's members side by side
+    repeated = [dict(p, seed=s) for p in points[:10] for s in (0, 1)]
+    packs = pack.groups(repeated, 7)
+    assert [sorted({p["seed"] for p in members}) for members in packs] == [[0], [0, 1], [1]]
+    assert [p["lr"] for p in packs[0]] == [1e-3] * 5 + [1e-2] * 2
 
 
 def test_pack_auto_spreads_configurations_over_the_slots_within_memory():

@@ -43,14 +43,25 @@ def shape_key(point: dict[str, Any], shared: dict[str, Any] | None = None) -> tu
 
 
 def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:
-    """The points cut into packs of at most `size` members with one shape each, in first-seen order."""
+    """The points cut into packs of at most `size` members with one shape each, as even as possible (10 by 4:
+    3, 4, 3). Within a shape the points are ordered by seed, then learning rate (first-seen order among
+    equals), and cut into consecutive runs: a pack holds one seed where it can, so its members share one batch
+    a step (`--repeats` gives each configuration several seeds), and its members of one learning rate lie side
+    by side, one fused Adam call for them (`PackAdam`)."""
     by_shape: dict[tuple, list[dict]] = {}
     for p in points:
         by_shape.setdefault(shape_key(p, shared), []).append(p)
+
+    def order(p: dict[str, Any]) -> tuple[float, float]:
+        merged = {**(shared or {}), **p}
+        return float(merged.get("seed") or 0), float(merged.get("lr") or 0)
+
     packs = []
     for members in by_shape.values():
-        n = math.ceil(len(members) / size)  # as even as possible: 10 by 4 -> 4, 3, 3
-        packs += [members[i::n] for i in range(n)] if n else []
+        members = sorted(members, key=order)
+        n = math.ceil(len(members) / size)
+        cuts = [round(i * len(members) / n) for i in range(n + 1)]
+        packs += [members[a:b] for a, b in zip(cuts, cuts[1:])]
     return packs
 
 
