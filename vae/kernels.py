@@ -279,7 +279,8 @@ class _SoftplusBernoulliNLL(torch.autograd.Function):
     Used for a pack's logits [S, K, B, D]: there, with x broadcast over the members, autograd's
     binary_cross_entropy_with_logits (about nine passes over logits that do not fit in cache) is the slower
     (measured on 2 Xeon cores, 24 seed MLPs, shared x: 3.8% off a training step; whole packed training
-    2 to 2.5% faster). For a model alone ([S, B, D], in cache) it is the faster: 3.4% a step with this node."""
+    2 to 2.5% faster). For a model alone ([S, B, D], in cache) the plain op is the faster: this node cost 3.4%
+    a step there, so a model alone keeps it. On a GPU a pack takes this node too (not measured there)."""
 
     @staticmethod
     def forward(ctx, logits, x):
