@@ -203,10 +203,17 @@ def peak_rss_mb(data_dir: str, storage: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+def no_cuda(prog: str) -> bool:
+    """True (and one line on stderr) where --gpu cannot run: no CUDA device."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{prog}: --gpu: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+    return True
+
+
 def gpu(data_dir: str) -> int:
     """The GPU figures: the seed MLP on one GPU under Ray Train (NCCL, prepare_model), then bench.pack --gpu."""
-    if not torch.cuda.is_available():
-        print("bench.bench: --gpu: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+    if no_cuda("bench.bench"):
         return 2
     from bench import pack  # bench.pack imports this module
 

@@ -181,10 +181,6 @@ def ray_gap(storage: str, env: dict[str, str], data_dir: str, reps: int = 2) -> 
 def gpu_bench(storage: str, env: dict[str, str], configs: int) -> list[tuple[str, float, str]]:
     """The seed MLP on one GPU: configurations trained per hour, --pack 64 against trials alone sharing the
     GPU four at a time (--gpus-per-trial 0.25); the data resident on the device."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.pack: --gpu: no CUDA device here (torch.cuda.is_available() is False)")
     lrs, betas = "1e-4,3e-4,1e-3,3e-3", ",".join(map(str, log_betas(configs // 4, 0.1, 8.0)))
     rows = []
     for label, extra in (("alone, --gpus-per-trial 0.25", ["--pack", "1", "--gpus-per-trial", "0.25"]),
@@ -217,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_pack(json.loads(args.child))))
         return 0
-    from bench.bench import cpu_model, matmul_limit
+    from bench.bench import cpu_model, matmul_limit, no_cuda
 
+    if args.gpu and no_cuda("bench.pack"):
+        return 2
     env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
     env.pop("RAY_ADDRESS", None)
     rows: list[dict[str, Any]] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
+import torch
 
 from bench import bench
 
@@ -40,3 +42,14 @@ def test_bench_writes_its_table(data_dir, tmp_path, capsys):
     assert math.isclose(m["ours / fastest path in its repetition"], m["ours in process: train_loop, samples/s"]
                         / max(m["ours, plain PyTorch ops (VAE_KERNELS=torch)"],
                               m["ours, oneDNN path (VAE_KERNELS=onednn)"]), rel_tol=1e-9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machines without CUDA")
+def test_gpu_benches_refuse_in_one_line_without_cuda(tmp_path, capsys):
+    from bench import pack
+
+    for main, prog in ((bench.main, "bench.bench"), (pack.main, "bench.pack")):
+        assert main(["--gpu", "--out", str(tmp_path / "gpu.parquet")]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"{prog}: --gpu: no CUDA device here (torch.cuda.is_available() is False)\n"
+    assert not (tmp_path / "gpu.parquet").exists()
