@@ -183,7 +183,7 @@ class _PackedLinear(torch.autograd.Function):
     autograd's `baddbmm` backward gives [K, in, out] and then copies it across (a transposed copy of every
     weight, each step: 30 MB for a pack of 24 seed MLPs' last layer). Used for layers of `NARROW` inputs
     or more: with fewer, a product with so few output columns runs slowly and the copy is small. For a
-    shared x, the gradient products read x in place for all members."""
+    shared x, the backward's products are wide ones too, as the forward's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -194,18 +194,18 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        k = weight.shape[0]
-        xs = x.expand(k, *x.shape) if x.dim() == 2 else x  # a view: x read in place by every member's product
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad, weight)
-            if x.dim() == 2:
-                grad_x = grad_x.sum(0)
-        if ctx.needs_input_grad[1]:
-            if x.dim() == 2:  # every member's grad.T @ x as one wide product, [K * out, in]: W's layout
-                grad_w = torch.mm(grad.transpose(0, 1).reshape(x.shape[0], -1).t(), x).view(weight.shape)
-            else:
-                grad_w = torch.bmm(grad.transpose(1, 2), xs)
+        if x.dim() == 2:  # shared x: wide products over grad [B, K * out] (a view, in the forward's layout)
+            wide = grad.transpose(0, 1).reshape(x.shape[0], -1)
+            if ctx.needs_input_grad[0]:  # summed over the members by the product itself
+                grad_x = wide @ weight.reshape(wide.shape[1], -1)
+            if ctx.needs_input_grad[1]:  # [K * out, in]: W's layout
+                grad_w = (wide.t() @ x).view(weight.shape)
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.bmm(grad, weight)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.bmm(grad.transpose(1, 2), x)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(1)
         return grad_x, grad_w, grad_b
