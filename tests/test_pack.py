@@ -58,6 +58,25 @@ def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member
             torch.testing.assert_close(p[k].detach(), alone[k][i].detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_pack_adam_takes_one_fused_call_a_run_and_the_stacked_passes_for_many_small_runs(monkeypatch):
+    calls = []  # the members each fused call updates
+    real = torch._fused_adam_
+    monkeypatch.setattr(torch, "_fused_adam_", lambda params, *a, **kw: (calls.append(params[0].shape[0]),
+                                                                           real(params, *a, **kw)))
+
+    def one_step(members: int, lrs: list[float]) -> list[int]:
+        stacked = [torch.nn.Parameter(torch.randn(len(lrs), members, 4))]
+        stacked[0].grad = torch.randn_like(stacked[0])
+        calls.clear()
+        pack.PackAdam(stacked, lrs).step()
+        return list(calls)
+
+    assert one_step(3, [1e-3] * 3 + [1e-2] * 3) == [3, 3]  # two runs: two calls
+    assert one_step(3, [1e-3 * (i + 1) for i in range(8)]) == []  # 8 runs of small members: the stacked passes
+    big = 1 + pack.PackAdam.PER_MEMBER_BYTES // (16 * 4)  # a member's Adam state above PER_MEMBER_BYTES
+    assert one_step(big, [1e-3 * (i + 1) for i in range(8)]) == [1] * 8  # on CPU: fused, one call a member
+
+
 @pytest.mark.parametrize("model", ["mlp", "gaussian-mlp", "linear"])
 def test_a_stacked_model_computes_each_members_terms(model):
     dim = 784 if model == "mlp" else 2
