@@ -15,6 +15,11 @@ Intel Xeon the oneDNN path lost 18% to plain ops. So `choose` times both paths o
 and batch shape at start-up (a fraction of a second) and keeps the custom path only when it is at
 least `WIN_MARGIN` faster than plain ops. `VAE_KERNELS=torch|onednn|auto` (default auto) forces a path.
 Off CPU float32 (CUDA, other dtypes) or without the private op, it is always the plain ops.
+
+A pack's tensors (vae/pack.py: weights [K, out, in], logits [S, K, B, D]) take their own nodes on every
+path and device: `_PackedLinear` (weight gradients in W's layout, wide products for a shared batch) and
+`_SoftplusBernoulliNLL` (a pack's logits do not fit in cache); both were chosen by measurement once,
+not per process.
 """
 
 from __future__ import annotations
