@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from vae.config import TrainConfig
-from vae.kernels import KERNELS_ENV
 from vae.loop import train_loop
 from vae.results import Results
 from vae.session import LocalSession
@@ -100,16 +99,13 @@ def baseline_test_loss(data_dir: str, epochs: int) -> float:
 
 
 # ------------------------------------------------------------------ 2. ours, in process
-def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int,
-                    kernels: str = "auto") -> dict[str, Any]:
+def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int) -> dict[str, Any]:
     """`train_loop` with one worker and no Ray, in a fresh Python process of its own (the loop tunes its
-    process's allocator, which must not colour the other measurements), with VAE_KERNELS=`kernels`.
+    process's allocator, which must not colour the other measurements).
 
-    Returns the last epoch's samples/s, test loss, wall (from the end of the epoch before) and the kernel
-    path the run used, with the rates its start-up probe measured.
+    Returns the last epoch's samples/s, test loss and wall (from the end of the epoch before).
     """
-    env = {k: v for k, v in os.environ.items() if k != KERNELS_ENV}
-    env[KERNELS_ENV] = kernels
+    env = dict(os.environ)
     spec = json.dumps({"data_dir": data_dir, "epochs": epochs, "storage": storage, "name": name,
                        "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "bench.bench", "--child", spec], cwd=ROOT, env=env,
@@ -133,8 +129,7 @@ def _child(spec: dict) -> dict[str, float]:
     last = Results(f"{spec['storage']}/{spec['name']}").read("epochs").sort_values("epoch").iloc[-1]
     # the last epoch's wall from the end of the one before: what Ray's per-epoch figure also counts
     return {"samples_per_second": float(last.samples_per_second), "test_loss": float(last.test_loss),
-            "epoch_wall": reported[-1] - reported[-2] if len(reported) > 1 else float("nan"),
-            "kernels": str(last.kernels)}
+            "epoch_wall": reported[-1] - reported[-2] if len(reported) > 1 else float("nan")}
 
 
 def cpu_model() -> str:
@@ -153,7 +148,7 @@ def cpu_model() -> str:
 def matmul_limit(reps: int = 5, steps: int = 300, onednn: bool = False) -> list[float]:
     """Samples/s if a step cost only its matrix products (forward and backward of the MLP's layers).
 
-    `onednn`: the same products through oneDNN (the library vae/kernels.py uses) instead of torch.matmul.
+    `onednn`: the same products through oneDNN (torch.ops.mkldnn) instead of torch.matmul: a second ceiling.
     """
     b = BATCH
     x = torch.rand(b, 784)
@@ -215,8 +210,6 @@ def gpu(data_dir: str) -> int:
     """The GPU figures: the seed MLP on one GPU under Ray Train (NCCL, prepare_model), then bench.pack --gpu."""
     if no_cuda("bench.bench"):
         return 2
-    from bench import pack  # bench.pack imports this module
-
     env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(data_dir)}
     env.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +220,8 @@ def gpu(data_dir: str) -> int:
             e = Results(f"{tmp}/{name}").read("epochs")
             print(f"jobs.train --use-gpu, {workers} worker(s): samples/s {e[e.epoch >= 2].samples_per_second.mean():,.0f}, "
                   f"test loss {e.test_loss.iloc[-1]:.2f}", flush=True)
-    return pack.main(["--gpu", "--data-dir", data_dir])
+    # bench.pack --gpu in its own process (bench.pack imports this module: no import back)
+    return subprocess.run([sys.executable, "-m", "bench.pack", "--gpu", "--data-dir", data_dir], cwd=ROOT).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,28 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # Each repetition measures every contender back to back, and each ratio is taken within its
         # repetition: this shared machine's speed drifts by tens of percent over minutes.
-        base, plain, dnn, ours, limit, limit_dnn, per_epoch_local, picked = [], [], [], [], [], [], [], []
+        base, ours, limit, limit_dnn, per_epoch_local = [], [], [], [], []
         for r in range(args.reps):
             base.append(baseline_epoch(args.data_dir, r))
-            plain.append(ours_in_process(args.data_dir, 2, tmp, f"plain{r}", threads, "torch")
-                         ["samples_per_second"])  # epoch 2: after a warm-up epoch
-            dnn.append(ours_in_process(args.data_dir, 2, tmp, f"onednn{r}", threads, "onednn")["samples_per_second"])
-            run = ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads)
+            run = ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads)  # epoch 2: after a warm-up epoch
             ours.append(run["samples_per_second"])
-            picked.append(run["kernels"])
             per_epoch_local.append(run["epoch_wall"])
             limit.append(matmul_limit(1)[0])
             limit_dnn.append(matmul_limit(1, onednn=True)[0])
-        print("bench: VAE_KERNELS=auto picked, per repetition: " + " | ".join(picked), flush=True)
         add("baseline: seed loop, samples/s", base, "samples/s")
-        add("ours, plain PyTorch ops (VAE_KERNELS=torch)", plain, "samples/s")
-        add("ours, oneDNN path (VAE_KERNELS=onednn)", dnn, "samples/s")
-        add("ours in process: train_loop, samples/s", ours, "samples/s",
-            "default, VAE_KERNELS=auto: " + ", ".join(sorted({p.split(" ")[0] for p in picked})))
+        add("ours in process: train_loop, samples/s", ours, "samples/s")
         add("ours / baseline", [o / b for o, b in zip(ours, base)], "x")
-        add("ours / plain PyTorch ops", [o / p for o, p in zip(ours, plain)], "x")
-        add("ours / fastest path in its repetition", [o / max(p, d) for o, p, d in zip(ours, plain, dnn)], "x",
-            "target >= 0.97")
         add("matrix products alone (torch.matmul), samples/s", limit, "samples/s")
         add("ours / matrix-product limit", [100 * o / m for o, m in zip(ours, limit)], "%")
         add("matrix products alone (oneDNN), samples/s", limit_dnn, "samples/s")

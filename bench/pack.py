@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.bench import cpu_model, matmul_limit, no_cuda, ours_in_process, run_job
 from vae.config import TrainConfig
 from vae.results import Results
 
@@ -114,10 +115,9 @@ def step_times(k: int, reps: int = 30) -> dict[str, float]:
     vae/pack.py) against torch.func.vmap over torch.func.functional_call of the plain model."""
     import torch
 
-    from vae import kernels, pack
+    from vae import pack
     from vae.models import build_model
 
-    kernels.use("torch")  # vmap cannot batch the oneDNN path's custom autograd nodes
     models = []
     for s in range(k):
         torch.manual_seed(s)
@@ -156,7 +156,6 @@ def step_times(k: int, reps: int = 30) -> dict[str, float]:
 def ray_gap(storage: str, env: dict[str, str], data_dir: str, reps: int = 2) -> list[tuple[str, float, str]]:
     """Samples/s of epochs 2-3 of the seed MLP on full MNIST: in process, under Ray Train as Ray starts its
     workers (nice 15), and with RAY_worker_niceness=0 (what Ray's job supervisor uses for drivers)."""
-    from bench.bench import ours_in_process, run_job
 
     def ray_rate(name: str, extra: dict[str, str]) -> float:
         run_job(["jobs.train", "--dataset", "mnist", "--epochs", "3", "--iw-samples", "0", "--storage", storage,
@@ -213,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_pack(json.loads(args.child))))
         return 0
-    from bench.bench import cpu_model, matmul_limit, no_cuda
 
     if args.gpu and no_cuda("bench.pack"):
         return 2

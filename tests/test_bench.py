@@ -26,7 +26,7 @@ def test_bench_writes_its_table(data_dir, tmp_path, capsys):
     assert table.cpu.iloc[0] == bench.cpu_model() != ""
     m = table["median"]
     for name in ("baseline: seed loop, samples/s", "ours in process: train_loop, samples/s",
-                 "ours, plain PyTorch ops (VAE_KERNELS=torch)", "ours, oneDNN path (VAE_KERNELS=onednn)", "matrix products alone (torch.matmul), samples/s",
+                 "matrix products alone (torch.matmul), samples/s",
                  "matrix products alone (oneDNN), samples/s", "peak RSS, one MNIST worker (in process)"):
         assert m[name] > 0, name
     # one repetition: each ratio is the ratio of the two figures printed above it
@@ -37,11 +37,7 @@ def test_bench_writes_its_table(data_dir, tmp_path, capsys):
     assert 0 < m["ours in process: wall per epoch (with eval, tables, checkpoint)"] < 120
     assert not any(name.startswith("Ray Train") for name in table.index)  # --skip-ray
     printed = capsys.readouterr().out
-    assert "bench: wrote" in printed and "VAE_KERNELS=auto picked, per repetition: " in printed
-    assert table.note["ours in process: train_loop, samples/s"].split(": ")[1] in ("torch", "onednn")
-    assert math.isclose(m["ours / fastest path in its repetition"], m["ours in process: train_loop, samples/s"]
-                        / max(m["ours, plain PyTorch ops (VAE_KERNELS=torch)"],
-                              m["ours, oneDNN path (VAE_KERNELS=onednn)"]), rel_tol=1e-9)
+    assert "bench: wrote" in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machines without CUDA")

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from tune.boundary import BoundarySearcher, log_points
+from tune.points import trial_key
 
 LO, HI, TOL = 0.01, 100.0, 1.15
 BISECTION = 2 + math.ceil(math.log2(math.log(HI / LO) / math.log(TOL)))  # endpoints + halvings: 9
@@ -18,13 +19,24 @@ def fake_result(fraction: float, latent: int = 4) -> dict:
 
 
 def drive(searcher: BoundarySearcher, outcome, concurrent: int = 1, stop_after: int | None = None) -> list[dict]:
-    """Run the searcher as Tune would, `concurrent` trials at a time; returns every config it proposed."""
+    """Run the searcher as Tune would, `concurrent` trials at a time; returns every config it proposed.
+
+    Unpacked (a pack of one), `outcome` sees the trial's one point and returns its report, which reaches the
+    searcher under `members` as the loop reports it; packed, `outcome` sees and answers the whole pack."""
     proposed, live, n = [], [], 0
+    if searcher.pack == 1:
+        plain = outcome
+
+        def outcome(cfg):
+            return {"members": {trial_key(cfg["members"][0]): plain(cfg)}}
     while True:
         while len(live) < concurrent:
             cfg = searcher.suggest(f"t{n}")
             if cfg is None or cfg == BoundarySearcher.FINISHED:
                 break
+            if searcher.pack == 1:
+                (member,) = cfg["members"]
+                cfg = {**cfg, **member}
             proposed.append(cfg)
             live.append((f"t{n}", cfg))
             n += 1
@@ -186,8 +198,6 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
 
 
 def test_packed_rounds_train_a_cells_points_together_and_read_each_members_outcome():
-    from tune.sweep import trial_key
-
     threshold = 1.5
     s = BoundarySearcher([(4, 1e-3), (4, 1e-2)], (LO, HI), TOL, max_concurrent=8, pack=4)
 
@@ -205,3 +215,17 @@ def test_packed_rounds_train_a_cells_points_together_and_read_each_members_outco
     again = BoundarySearcher([(4, 1e-3)], (LO, HI), TOL)
     again.set_state(state)
     assert again.pack == 4
+
+
+def test_the_searcher_reads_members_from_results_as_tune_hands_them_flattened():
+    """Tune gives searchers `flatten_dict(result)` ('members/<tid>/units_in_use'): the outcome must still count."""
+    from ray.tune.utils import flatten_dict
+
+    s = BoundarySearcher([(4, 1e-3)], (LO, HI), TOL, max_concurrent=1)
+    flat = drive(s, lambda c: fake_result(1.0 if c["beta"] < 1.0 else 0.0), stop_after=2)
+    assert len(flat) == 2
+    cfg = s.suggest("flat")
+    (member,) = cfg["members"]
+    s.on_trial_complete("flat", flatten_dict({"members": {trial_key(member): fake_result(0.0)}}))
+    outcomes = [f for c in s.cells for fs in c["outcomes"].values() for f in fs]
+    assert len(outcomes) == 3 and not any(math.isnan(f) for f in outcomes)

@@ -147,7 +147,7 @@ def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resu
 
 def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume(tmp_path, capsys):
     from jobs import report
-    from tune import collapse_map
+    from jobs import collapse_map
     from vae.config import TrainConfig
     from vae.loop import train_loop
     from vae.session import LocalSession
@@ -247,7 +247,7 @@ def test_first_gap_finds_the_earliest_missing_epoch_over_a_packs_members():
 
 
 def test_collapse_map_on_a_folder_without_results_exits_2_and_writes_nothing(tmp_path):
-    from tune import collapse_map
+    from jobs import collapse_map
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
@@ -309,7 +309,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     import shutil
 
     from vae.config import TrainConfig, resolve
-    from vae.loop import _Trainer, train_loop
+    from vae.loop import _set_up, train_loop
     from vae.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=2, iw_samples=0,
@@ -325,8 +325,8 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
             yield str(tmp_path / "ck" / "checkpoint_b")
 
     Results(str(tmp_path / "ck")).write_json("run.json", {"kind": "train", "config": resolve(cfg).to_dict()})
-    trainer = _Trainer(resolve(cfg.replace(epochs=3)), Latest())
-    assert trainer._restore() == 2
+    run = _set_up([resolve(cfg.replace(epochs=3))], Latest())
+    assert run.restore() == 2
     note = Results(str(tmp_path / "ck")).read_json("run.json")["restored_from"]
     assert "checkpoint_b could not be read" in note and "checkpoint_a (epoch 2)" in note
 

@@ -1,4 +1,5 @@
-"""The fast kernels compute what the plain PyTorch ops compute, values and gradients."""
+"""The hand-written nodes compute what the plain PyTorch ops compute, values and gradients; vae/fast.py routes
+a model to them, and torch's private fused Adam still takes the arguments vae/pack_adam.py gives it."""
 
 import math
 
@@ -6,63 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae import kernels
-from vae.models import VAE, MLPConfig, MLPVAE, build_model
-
-needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch has no oneDNN linear")
-
-
-@pytest.fixture(autouse=True)
-def onednn_path():
-    """These tests compare the custom path with plain ops: make it the process's path, then restore."""
-    before = kernels.active_path()
-    kernels.use("onednn")
-    yield
-    kernels.use(before)
-
-
-def _reference_linear(x, w, b, activation):
-    return kernels._activate(F.linear(x, w, b), activation)
+from vae import cpu, fast, kernels, losses, pack
+from vae.models import VAE, build_model
+from vae.pack_adam import FUSED_ADAM, fused_adam
 
 
 def _grads(fn, *tensors):
     out = fn(*tensors)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     return out, torch.autograd.grad(out, tensors, g)
-
-
-@needs_onednn
-@pytest.mark.parametrize("shape", [(128, 784), (3, 16, 20), (7, 2)])
-@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
-def test_linear_matches_f_linear_values_and_gradients(shape, activation):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=gen, requires_grad=True)
-    w = torch.randn(11, shape[-1], generator=gen, requires_grad=True)
-    b = torch.randn(11, generator=gen, requires_grad=True)
-    out, grads = _grads(lambda *t: kernels.linear(*t, activation=activation), x, w, b)
-    ref, ref_grads = _grads(lambda *t: _reference_linear(*t, activation), x, w, b)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-
-
-def test_linear_falls_back_off_cpu_float32():
-    x, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    torch.testing.assert_close(kernels.linear(x, w, None, "tanh"), torch.tanh(x @ w.t()))
-
-
-@pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_bernoulli_nll_matches_bce_with_logits(scale):
-    gen = torch.Generator().manual_seed(0)
-    logits = (scale * torch.randn(3, 64, 50, generator=gen)).requires_grad_()
-    x = torch.rand(64, 50, generator=gen).requires_grad_()
-    out, grads = _grads(kernels.bernoulli_nll, x, logits)
-    ref, ref_grads = _grads(lambda x_, l_: F.binary_cross_entropy_with_logits(
-        l_, x_.expand_as(l_), reduction="none").sum(-1), x, logits)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=50 * 6e-8 + 1e-4)  # 6e-8 nats per feature at most
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.isfinite(kernels.bernoulli_nll(x[:2], torch.tensor([[-200.0] * 50, [200.0] * 50]))).all()
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -83,115 +36,6 @@ def test_a_packs_bernoulli_nll_is_the_softplus_node_and_matches_bce_with_logits(
     assert torch.isfinite(kernels.bernoulli_nll(torch.rand(2, 50), extreme)).all()
 
 
-def _mlp_and_batch(n_mc: int):
-    torch.manual_seed(0)
-    model = MLPVAE(MLPConfig(input_dim=30, hidden_dim=16, latent_dim=4))
-    x = torch.rand(8, 30)
-    eps = torch.randn(n_mc, 8, 4)
-    return model, x, eps
-
-
-@needs_onednn
-@pytest.mark.parametrize("n_mc", [1, 3])
-def test_fused_mlp_terms_match_the_layer_by_layer_model(n_mc):
-    model, x, eps = _mlp_and_batch(n_mc)
-    assert kernels.fused_ok(x, eps)
-    params = list(model.parameters())
-
-    def objective(terms):  # recon and KL enter the loss with different weights, and KL per dim unevenly
-        recon, kl = terms
-        return (recon + 0.7 * (kl * torch.arange(1.0, 5.0)).sum(-1)).mean()
-
-    fused = model(x, eps)
-    plain = VAE.forward(model, x, eps)
-    for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    for a, b in zip(torch.autograd.grad(objective(fused), params), torch.autograd.grad(objective(plain), params)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_fused_backward_passes_gradcheck_in_double(monkeypatch):
-    """The hand-written backward against finite differences (products through F.linear, in float64)."""
-    monkeypatch.setattr(kernels, "_onednn", lambda x, w, b, activation="none": _reference_linear(x, w, b, activation))
-    model, x, eps = _mlp_and_batch(2)
-    model = model.double()
-    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    assert torch.autograd.gradcheck(lambda *p: kernels._MLPVAETerms.apply(x.double(), eps.double(), *p), params)
-
-
-def test_fused_path_is_off_without_grad_or_when_asked():
-    model, x, eps = _mlp_and_batch(1)
-    with torch.no_grad():
-        assert not kernels.fused_ok(x, eps)
-    kernels.use("torch")
-    assert not kernels.fused_ok(x, eps) and not kernels.fast_enabled()
-    recon, kl = model(x, eps)  # the plain layers
-    assert recon.grad_fn is not None and recon.shape == (8,) and kl.shape == (8, 4)
-
-
-def _fake_paths(monkeypatch, seconds: dict[str, float]):
-    """A step that takes `seconds[path]` under each path (time stands still otherwise)."""
-    clock = [0.0]
-    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(kernels, "onednn_available", lambda: True)
-
-    def step():
-        clock[0] += seconds[kernels.active_path()]
-    return step
-
-
-@pytest.mark.parametrize("torch_s, onednn_s, picked", [(0.002, 0.001, "onednn"), (0.001, 0.002, "torch"),
-                                                         (0.00100, 0.00098, "torch")])  # 2% is not a clear win
-def test_auto_picks_the_faster_path_only_when_it_wins_clearly(monkeypatch, torch_s, onednn_s, picked):
-    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
-    choice = kernels.choose(_fake_paths(monkeypatch, {"torch": torch_s, "onednn": onednn_s}))
-    assert choice["path"] == picked == kernels.active_path()
-    assert choice["rates"]["torch"] == pytest.approx(1 / torch_s)
-    assert choice["rates"]["onednn"] == pytest.approx(1 / onednn_s)
-    assert picked in kernels.describe(choice) and "steps/s" in kernels.describe(choice)
-
-
-@pytest.mark.parametrize("forced", ["torch", "onednn"])
-def test_a_forced_path_is_honoured(monkeypatch, forced):
-    monkeypatch.setenv(kernels.KERNELS_ENV, forced)
-    fast = {"torch": 0.001, "onednn": 0.001}
-    fast["torch" if forced == "onednn" else "onednn"] = 0.0001  # the other path is much faster
-    choice = kernels.choose(_fake_paths(monkeypatch, fast))
-    assert choice["path"] == forced == kernels.active_path() and choice["requested"] == forced
-
-
-def test_auto_falls_back_to_plain_ops_without_the_private_op(monkeypatch):
-    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
-    monkeypatch.setattr(kernels, "onednn_available", lambda: False)
-    choice = kernels.choose(lambda: pytest.fail("nothing to time"))
-    assert choice["path"] == "torch" == kernels.active_path() and "not in this torch" in choice["reason"]
-    monkeypatch.setenv(kernels.KERNELS_ENV, "bogus")
-    with pytest.raises(ValueError, match="VAE_KERNELS must be one of auto, torch, onednn"):
-        kernels.requested()
-
-
-def test_the_loop_records_its_choice_in_the_epoch_rows_and_run_json(tmp_path, monkeypatch):
-    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
-    from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.results import Results
-    from vae.session import LocalSession
-
-    cfg = TrainConfig(dataset="gaussian2d", model="linear", epochs=1, storage=str(tmp_path), name="k",
-                      iw_samples=0)
-    Results(str(tmp_path / "k")).write_json("run.json", {"config": cfg.to_dict()})
-    train_loop(cfg, LocalSession())
-    rows = Results(str(tmp_path / "k")).read("epochs")
-    assert rows.kernels.str.contains(r"^(?:torch|onednn) \(auto; torch [\d,]+ steps/s, onednn").all()
-    info = Results(str(tmp_path / "k")).read_json("run.json")
-    assert info["kernels"]["path"] in kernels.PATHS and set(info["kernels"]["rates"]) == set(kernels.PATHS)
-
-
-def test_tune_allocator_is_safe_to_call_twice():
-    assert kernels.tune_allocator() in (True, False)
-    assert kernels.tune_allocator() in (True, False)
-
-
 @pytest.mark.parametrize("shared", [False, True])
 def test_packed_linear_backward_passes_gradcheck_in_double(shared):
     """The packed layer's hand-written backward (weight gradient laid out as W), x per member or shared."""
@@ -202,24 +46,22 @@ def test_packed_linear_backward_passes_gradcheck_in_double(shared):
     assert torch.autograd.gradcheck(kernels._PackedLinear.apply, args)
     # a training layer of NARROW inputs or more is routed through it
     wide = torch.randn(k, n_out, kernels.NARROW, requires_grad=True)
-    y = kernels.linear(torch.rand(b, kernels.NARROW) if shared else torch.rand(k, b, kernels.NARROW), wide, bias)
+    y = kernels.packed_linear(torch.rand(b, kernels.NARROW) if shared else torch.rand(k, b, kernels.NARROW), wide, bias)
     assert type(y.grad_fn).__name__ == "_PackedLinearBackward"
 
 
 @pytest.mark.parametrize("k, shared", [(1, True), (3, False), (3, True)])
 def test_linear_squared_error_passes_gradcheck_and_equals_the_plain_terms(k, shared):
-    from vae import pack
-
     x = torch.rand(4, 6) if shared else torch.rand(k, 4, 6)
     z = torch.randn(1, 4, 3) if k == 1 else torch.randn(1, k, 4, 3)
     w, bias = (torch.randn(6, 3), torch.randn(6)) if k == 1 else (torch.randn(k, 6, 3), torch.randn(k, 6))
     args = [t.double().requires_grad_() for t in (z, w, bias)]
     assert torch.autograd.gradcheck(lambda *a: kernels.linear_squared_error(x.double(), *a), args)
-    mean = kernels.linear(z, w, bias)
+    mean = torch.matmul(z, w.transpose(-1, -2)) + bias.unsqueeze(-2)
     torch.testing.assert_close(kernels.linear_squared_error(x, z, w, bias), (mean - x).pow(2).sum(-1))
     # the linear VAE's training forward through it: the terms and gradients of VAE.forward's plain path
     models = [build_model("linear", 6, 3, 0, None if k == 1 else 0.5 + i) for i in range(k)]  # learned, fixed
-    model = models[0] if k == 1 else pack.stack_models(models)
+    model = fast.accelerate(pack.stack(models))  # vae/fast.py routes the linear VAE's training forward
     eps = torch.randn(*z.shape)
     fused, plain = model(x, eps), VAE.forward(model, x, eps)
     assert "_LinearSquaredErrorBackward" in _graph_nodes(fused[0]) - _graph_nodes(plain[0])  # the fused path ran
@@ -241,3 +83,74 @@ def _graph_nodes(t: torch.Tensor) -> set[str]:
             names.add(type(fn).__name__)
             todo += [f for f, _ in fn.next_functions]
     return names
+
+
+def test_gaussian_squared_error_node_passes_gradcheck_and_equals_the_plain_terms():
+    x = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    mean = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # x broadcast over a sample axis
+    assert torch.autograd.gradcheck(kernels.squared_error, (x, mean))
+    torch.testing.assert_close(kernels.squared_error(x, mean), (x - mean).pow(2).sum(-1))
+
+
+@pytest.mark.parametrize("model_name, packed", [("mlp", False), ("mlp", True), ("gaussian-mlp", False),
+                                                ("linear", False), ("linear", True)])
+def test_accelerate_routes_each_model_to_its_node_and_keeps_the_plain_terms(model_name, packed):
+    """vae/fast.py is the one place a model meets the kernels: each route ran (its node is in the graph) and
+    the terms and gradients equal the plain math of vae/models.py and vae/losses.py."""
+    dim = 784 if model_name == "mlp" else 2
+    var = "1" if model_name != "mlp" else None
+    models = []
+    for seed in range(3 if packed else 1):
+        torch.manual_seed(seed)
+        models.append(build_model(model_name, dim, 3, 16, None if var is None else 1.0 + seed))
+    plain_model = pack.stack(models)
+    fast_model = fast.accelerate(pack.stack(models))
+    x = torch.rand(5, dim)
+    eps = torch.randn(1, *((3,) if packed else ()), 5, 3)
+    want = {("mlp", False): None, ("mlp", True): "SoftplusBernoulliNLLBackward",
+            ("gaussian-mlp", False): "_SquaredErrorBackward", ("linear", False): "_LinearSquaredErrorBackward",
+            ("linear", True): "_LinearSquaredErrorBackward"}[(model_name, packed)]
+    got, ref = fast_model(x, eps), plain_model(x, eps)
+    if want:
+        assert any(want in n for n in _graph_nodes(got[0])), _graph_nodes(got[0])
+    else:
+        assert _graph_nodes(got[0]) == _graph_nodes(ref[0])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    params = list(fast_model.parameters())
+    for a, b in zip(torch.autograd.grad(sum(t.sum() for t in got), params),
+                    torch.autograd.grad(sum(t.sum() for t in ref), list(plain_model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torchs_private_fused_adam_takes_the_arguments_pack_adam_gives_it():
+    """`torch._fused_adam_` is private: if a torch release changes its signature or drops it, this fails
+    loudly (PackAdam would fall back to its stacked passes where it is missing)."""
+    assert FUSED_ADAM is not None, "torch._fused_adam_ is gone: PackAdam takes its stacked passes"
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    ref = w.detach().clone().requires_grad_()
+    opt = torch.optim.Adam([ref], lr=0.1)
+    mine = w.detach().clone()
+    m, v = torch.zeros_like(mine), torch.zeros_like(mine)
+    for step in range(1, 4):
+        g = torch.randn(4, 3)
+        ref.grad = g.clone()
+        opt.step()
+        fused_adam([mine], [g], [m], [v], [torch.tensor(float(step))], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+    torch.testing.assert_close(mine, ref.detach())
+
+
+def test_tune_allocator_takes_glibcs_settings_here():
+    """This project's CI and machines run glibc: mallopt must accept the settings (False only elsewhere)."""
+    import platform
+
+    expected = platform.libc_ver()[0] == "glibc"
+    assert cpu.tune_allocator() is expected and cpu.tune_allocator() is expected
+
+
+def test_plain_bernoulli_nll_is_bce_with_logits():
+    gen = torch.Generator().manual_seed(0)
+    logits, x = torch.randn(2, 4, 7, generator=gen), torch.rand(4, 7, generator=gen)
+    ref = torch.distributions.Bernoulli(logits=logits, validate_args=False).log_prob(x.expand_as(logits)).sum(-1)
+    torch.testing.assert_close(losses.bernoulli_nll(x, logits), -ref)

@@ -81,3 +81,58 @@ def test_imports_inside_functions_load_something_heavy_or_say_why():
                     if not said and not any(_heavy(n, set()) for n in names):
                         light.append(f"{path.relative_to(ROOT)}:{inner.lineno} {', '.join(names)}")
     assert light == [], "imports inside functions that load nothing heavy: move them to the top, or say why"
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Every project module `path` imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = _absolute(node, path)
+        else:
+            continue
+        found |= {n for n in names if _module_path(n) is not None}
+    return found
+
+
+def test_no_import_circles_even_through_imports_inside_functions():
+    graph = {}
+    for package in ("vae", "tune", "jobs", "bench"):
+        for path in (ROOT / package).glob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            graph[name] = {n for n in _project_imports(path) if n != name and not n.endswith("__init__")}
+    cycles = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        if node in stack:
+            cycles.append(" -> ".join(stack[stack.index(node):] + [node]))
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, stack + [node], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for node in sorted(graph):
+        visit(node, [], done)
+    assert cycles == []
+
+
+def test_the_loop_fits_a_screenful_and_no_class_of_the_library_is_a_god_object():
+    assert len((ROOT / "vae" / "loop.py").read_text().splitlines()) <= 300
+    long = []
+    for path in (ROOT / "vae").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200:
+                long.append(f"{path.name}:{node.name}")
+    assert long == []
+
+
+def test_the_math_reads_like_the_formula_with_no_kernel_in_it():
+    """losses.py and models.py hold the plain definitions; vae/fast.py alone maps them to vae/kernels.py."""
+    for name in ("losses.py", "models.py"):
+        imported = _project_imports(ROOT / "vae" / name)
+        assert not any(n.startswith("vae.kernels") or n.startswith("vae.fast") for n in imported), name

@@ -66,11 +66,11 @@ def test_rerun_with_a_checkpoint_resumes_and_writes_each_epoch_once(tmp_path):
     train_loop(toy(tmp_path, epochs=2), LocalSession(ckpt))
     straight = toy(tmp_path, epochs=4, name="straight")
     train_loop(straight, LocalSession())
-    from vae.loop import _Trainer
+    from vae.loop import _set_up
 
-    probe = _Trainer(resolve(toy(tmp_path, epochs=4)), LocalSession(ckpt))
-    assert probe._restore() == 2  # the optimiser's state comes back with the weights: Adam's step count
-    steps = {int(st["step"]) for st in probe.optimizer.state.values()}
+    probe = _set_up([resolve(toy(tmp_path, epochs=4))], LocalSession(ckpt))
+    assert probe.restore() == 2  # the optimiser's state comes back with the weights: Adam's step count
+    steps = {int(st["step"]) for st in probe.opt.state.values()}
     assert steps == {2 * -(-10_000 // 128)}
     second = LocalSession(ckpt)
     resumed = train_loop(toy(tmp_path, epochs=4), second)
@@ -91,14 +91,13 @@ def test_a_diverging_trial_is_recorded_with_its_reason(tmp_path):
 def test_data_model_and_noise_move_to_the_sessions_device(tmp_path):
     """The GPU path's placement logic, without a GPU: on the `meta` device (not the CPU default), so a
     tensor left behind on the CPU fails this test."""
-    from vae.loop import _Trainer
+    from vae.loop import _set_up
 
     session = LocalSession(device="meta")
-    trainer = _Trainer(resolve(toy(tmp_path, epochs=1)), session)
+    run = _set_up([resolve(toy(tmp_path, epochs=1))], session)
     meta = torch.device("meta")
-    assert trainer.train_x.device == meta and trainer.test_x.device == meta and trainer.test_eps.device == meta
-    assert all(p.device == meta for p in trainer.model.parameters())
-    assert trainer.kernels["path"] == "torch" and "not CPU float32" in trainer.kernels["reason"]
+    assert run.train_x.device == meta and run.recorder.test_x.device == meta and run.test_eps.device == meta
+    assert all(p.device == meta for p in run.model.parameters())
 
 
 def test_the_loop_flushes_denormal_floats_while_it_runs_and_restores_the_callers_mode(tmp_path):
@@ -123,16 +122,17 @@ def test_the_loop_flushes_denormal_floats_while_it_runs_and_restores_the_callers
 
 
 def test_denormal_weights_and_moments_are_cleared_after_an_epoch(tmp_path):
+    from vae import cpu, pack
     from vae.config import TrainConfig, resolve
-    from vae.loop import _Trainer
+    from vae.loop import _set_up, _train_epoch
     from vae.session import LocalSession
 
-    trainer = _Trainer(resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=1,
-                                           storage=str(tmp_path), name="c")), LocalSession())
-    trainer._train_epoch(1)
-    weight = trainer.model.dec.weight
-    moment = trainer.optimizer.state[weight]["exp_avg"]
+    run = _set_up([resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=1,
+                                       storage=str(tmp_path), name="c"))], LocalSession())
+    _train_epoch(run, 1)
+    weight = run.model.dec.weight
+    moment = run.opt.state[weight]["exp_avg"]
     with torch.no_grad():
         weight[0, 0], moment[0, 0], weight[1, 0] = 1e-39, -1e-40, 1e-3
-    trainer._clear_denormals()
+    cpu.clear_denormals(list(run.model.parameters()) + pack.moments(run.opt))
     assert weight[0, 0].item() == 0.0 and moment[0, 0].item() == 0.0 and weight[1, 0].item() == pytest.approx(1e-3)

@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
+from tune import packing
 from vae import kernels, pack
+from vae import pack_adam
+from vae.pack_adam import PackAdam
 from vae.config import TrainConfig
 from vae.loop import train_loop, train_pack
 from vae.models import build_model
@@ -23,7 +26,7 @@ def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member
     alone = [[torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)] for _ in lrs]
     opts = [torch.optim.Adam(ps, lr=lr) for ps, lr in zip(alone, lrs)]
     stacked = [torch.nn.Parameter(torch.stack([ps[i].detach().clone() for ps in alone])) for i in range(2)]
-    packed = pack.PackAdam(stacked, lrs, fused=fused)
+    packed = PackAdam(stacked, lrs, fused=fused)
     frozen_at, thawed_at = 3, 6  # member 3 frozen for steps 3 to 5, then trained on: a step count behind its run's
     for step in range(9):
         grads = [[torch.randn_like(p) for p in ps] for ps in alone]
@@ -35,7 +38,7 @@ def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member
         if step == thawed_at:
             assert all(torch.equal(p[3].detach(), b) for p, b in zip(stacked, before))
             state = packed.state_dict()
-            again = pack.PackAdam(stacked, lrs)
+            again = PackAdam(stacked, lrs)
             again.load_state_dict(state)
             assert again.frozen.tolist() == [k == 3 for k in range(len(lrs))] and torch.equal(again.steps, packed.steps)
             packed.freeze(3, False)
@@ -60,20 +63,20 @@ def test_pack_adam_equals_torch_adam_member_by_member_and_leaves_a_frozen_member
 
 def test_pack_adam_takes_one_fused_call_a_run_and_the_stacked_passes_for_many_small_runs(monkeypatch):
     calls = []  # the members each fused call updates
-    real = torch._fused_adam_
-    monkeypatch.setattr(torch, "_fused_adam_", lambda params, *a, **kw: (calls.append(params[0].shape[0]),
-                                                                           real(params, *a, **kw)))
+    real = pack_adam.FUSED_ADAM
+    monkeypatch.setattr(pack_adam, "FUSED_ADAM", lambda params, *a, **kw: (calls.append(params[0].shape[0]),
+                                                                            real(params, *a, **kw)))
 
     def one_step(members: int, lrs: list[float]) -> list[int]:
         stacked = [torch.nn.Parameter(torch.randn(len(lrs), members, 4))]
         stacked[0].grad = torch.randn_like(stacked[0])
         calls.clear()
-        pack.PackAdam(stacked, lrs).step()
+        PackAdam(stacked, lrs).step()
         return list(calls)
 
     assert one_step(3, [1e-3] * 3 + [1e-2] * 3) == [3, 3]  # two runs: two calls
     assert one_step(3, [1e-3 * (i + 1) for i in range(8)]) == []  # 8 runs of small members: the stacked passes
-    big = 1 + pack.PackAdam.PER_MEMBER_BYTES // (16 * 4)  # a member's Adam state above PER_MEMBER_BYTES
+    big = 1 + PackAdam.PER_MEMBER_BYTES // (16 * 4)  # a member's Adam state above PER_MEMBER_BYTES
     assert one_step(big, [1e-3 * (i + 1) for i in range(8)]) == [1] * 8  # on CPU: fused, one call a member
 
 
@@ -124,8 +127,7 @@ POINTS = [dict(beta=0.5, lr=1e-3, seed=0), dict(beta=2.0, lr=3e-3, seed=1),
                                              ("mlp", True), ("gaussian-mlp", True), ("linear", True)])
 def test_a_packed_members_rows_equal_its_trial_run_alone(model, one_seed, tmp_path, monkeypatch):
     """Members with their own seeds (own data order and noise), or one seed (a batch gathered once and the
-    first products shared: vae.kernels.linear's wide path)."""
-    monkeypatch.setenv("VAE_KERNELS", "torch")  # the same products in both runs
+    first products shared: vae.kernels.packed_linear's wide path)."""
     kw = dict(dataset="mnist" if model == "mlp" else "gaussian2d", model=model, epochs=3, iw_samples=20,
               iw_subset=50, subset=600 if model == "mlp" else 1000, storage=str(tmp_path))
     if model == "linear":
@@ -136,14 +138,14 @@ def test_a_packed_members_rows_equal_its_trial_run_alone(model, one_seed, tmp_pa
     for i, p in enumerate(points):
         train_loop(TrainConfig(**{**kw, **p}, name="alone", trial_id=f"t{i}"), LocalSession())
     dims = []  # the batch's rank as the packed layers get it while training: [B, D] only when it is shared
-    real = kernels.linear
+    real = kernels.packed_linear
 
-    def spy(x, weight, bias=None, activation="none"):
-        if weight.dim() == 3 and torch.is_grad_enabled():
+    def spy(x, weight, bias=None):
+        if torch.is_grad_enabled():
             dims.append(x.dim())
-        return real(x, weight, bias, activation)
+        return real(x, weight, bias)
 
-    monkeypatch.setattr(kernels, "linear", spy)
+    monkeypatch.setattr(kernels, "packed_linear", spy)
     session = LocalSession()
     train_pack([TrainConfig(**{**kw, **p}, name="packed", trial_id=f"t{i}") for i, p in enumerate(points)], session)
     assert (2 in dims) == one_seed
@@ -202,14 +204,14 @@ def test_a_resumed_pack_continues_every_member(tmp_path):
 def test_groups_cut_points_by_shape_as_evenly_as_possible():
     points = [dict(latent_dim=2, lr=lr, beta=b) for lr in (1e-3, 1e-2) for b in (0.5, 1, 2, 4, 8)] + \
              [dict(latent_dim=5, lr=1e-3, beta=1)]
-    packs = pack.groups(points, 4)
+    packs = packing.groups(points, 4)
     assert sorted(len(p) for p in packs) == [1, 3, 3, 4]
     assert all(len({p["latent_dim"] for p in members}) == 1 for members in packs)
     assert sorted(map(str, sum(packs, []))) == sorted(map(str, points))
     assert pack.pack_id(["x"]) == "x"
     # --repeats: seeds are cut apart where the size allows (one batch a pack), one lr's members side by side
     repeated = [dict(p, seed=s) for p in points[:10] for s in (0, 1)]
-    packs = pack.groups(repeated, 7)
+    packs = packing.groups(repeated, 7)
     assert [sorted({p["seed"] for p in members}) for members in packs] == [[0], [0, 1], [1]]
     assert [p["lr"] for p in packs[0]] == [1e-3] * 5 + [1e-2] * 2
 
@@ -220,7 +222,7 @@ def test_pack_auto_spreads_configurations_over_the_slots_within_memory():
     sweep = SweepConfig(dataset="gaussian2d", latent_dims="2", lrs="1e-3,1e-2", betas="0.5,1,2,4,8", pack="auto")
     assert sweep.pack_size(slots=2) == 5 and sweep.pack_size(slots=1) == 10
     big = SweepConfig(dataset="mnist", latent_dims="50", betas=",".join(str(b) for b in range(1, 200)), pack="auto")
-    assert big.pack_size(slots=1) == pack.MAX_AUTO
-    one = pack.member_bytes(big.trial_config(latent_dim=50))
+    assert big.pack_size(slots=1) == packing.MAX_AUTO
+    one = packing.member_bytes(big.trial_config(latent_dim=50))
     assert big.pack_size(slots=1, trial_memory=2 * 10 * one) == 10  # half the memory, by the estimate
     assert SweepConfig(dataset="gaussian2d", pack="7").pack_size(slots=64) == 7

@@ -11,7 +11,8 @@ import tests
 from vae import launch
 from vae.config import TrainConfig, resolve
 from vae.data import shard_indices
-from vae.loop import FAULT_EPOCH_ENV, FAULT_MARKER_ENV, shard_digest
+from vae.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+from vae.loop import shard_digest
 from vae.results import Results
 
 

@@ -56,7 +56,6 @@ def test_a_packed_sweep_writes_the_rows_of_the_unpacked_one_and_isolates_a_diver
                                                                                              monkeypatch):
     import numpy as np
 
-    monkeypatch.setenv("VAE_KERNELS", "torch")
     args = ["--dataset", "gaussian2d", "--model", "gaussian-mlp", "--latent-dims", "2", "--lrs", "1e-3,10",
             "--betas", "0.5,2", "--repeats", "2", "--epochs", "2", "--subset", "1000", "--iw-samples", "5",
             "--storage", str(tmp_path)]
@@ -139,7 +138,7 @@ def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
 
 
 def test_an_errored_trial_is_recorded_failed_and_retried_on_resume(tmp_path):
-    from vae.loop import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+    from vae.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
     env = {**os.environ, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
     env.pop("RAY_ADDRESS", None)

@@ -24,6 +24,8 @@ from ray.tune.search import Searcher
 
 from vae.collapse import crossings, reported_units_in_use
 
+from .points import member_report, trial_key
+
 
 def log_points(lo: float, hi: float, k: int) -> list[float]:
     """k points splitting [lo, hi] into k + 1 equal parts in log scale."""
@@ -107,11 +109,11 @@ class BoundarySearcher(Searcher):
         if not self.queue:
             return Searcher.FINISHED if all(c["done"] for c in self.cells) and not self.live else None
         taken = [self.queue.pop(0)]  # a pack: the next points of the same cell, up to its size
-        while self.pack > 1 and self.queue and len(taken) < self.pack and self.queue[0][0] == taken[0][0]:
+        while self.queue and len(taken) < self.pack and self.queue[0][0] == taken[0][0]:
             taken.append(self.queue.pop(0))
         self.live[trial_id] = taken
         points = [self.point(*t) for t in taken]
-        return {**self.constants, **points[0]} if self.pack == 1 else {**self.constants, "members": points}
+        return {**self.constants, "members": points}
 
     def point(self, index: int, beta: float, seed: int) -> dict[str, Any]:
         cell = self.cells[index]
@@ -120,12 +122,9 @@ class BoundarySearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
             return
-        from .sweep import trial_key  # tune.sweep imports this module
-
         for index, beta, seed in self.live.pop(trial_id):
             cell = self.cells[index]
-            mine = (result or {}).get("members", {}).get(trial_key(self.point(index, beta, seed)), {}) \
-                if self.pack > 1 else result
+            mine = member_report(result, trial_key(self.point(index, beta, seed)))
             fraction = float("nan")
             if mine and not error and mine.get("status") != "diverged":
                 used = reported_units_in_use(mine)  # counted by the trial with the sweep's thresholds

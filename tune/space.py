@@ -14,6 +14,8 @@ from vae.axes import AXES
 from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig, add_config_flags, check,
                         check_choice, check_float, check_int, check_name, check_storage, finish, parse_args, resolve)
 
+from .packing import MAX_AUTO, groups, member_bytes
+
 SEARCHES = ("grid", "random", "boundary")
 SCHEDULERS = ("none", "asha", "settled")
 # Settings of one training run that a sweep passes through unchanged (their types, defaults and checks
@@ -107,12 +109,10 @@ class _Sweep:
 
     def pack_size(self, slots: int = 1, trial_memory: float = 0.0) -> int:
         """Members a pack holds: --pack, or for auto as many as spread the configurations over the `slots`
-        trials the cluster runs at once, at most vae.pack.MAX_AUTO and at most what half of a trial's
-        device memory (`trial_memory` bytes, 0: unknown) holds by vae.pack.member_bytes' estimate."""
+        trials the cluster runs at once, at most tune.packing.MAX_AUTO and at most what half of a trial's
+        device memory (`trial_memory` bytes, 0: unknown) holds by tune.packing.member_bytes' estimate."""
         if self.pack != "auto":
             return int(self.pack)
-        from vae.pack import MAX_AUTO, member_bytes  # torch stays out of argument parsing
-
         size = min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots)))
         if trial_memory > 0:
             cfg = self.trial_config(latent_dim=max(self.axis("latent_dims")),
@@ -121,28 +121,13 @@ class _Sweep:
         return max(1, size)
 
     def param_space(self, pack: int = 1) -> dict[str, Any]:
-        """Tune's param_space: grid_search per axis, or distributions for random search; with packs, one
-        grid_search over the packs (each a list of points, cut by vae.pack.groups)."""
+        """Tune's param_space: one grid_search over the packs, each a list of points (`members`) cut by
+        tune.packing.groups; a pack of one is a trial of one point. Random search draws its points in
+        `points` (from --seed), so every search's trials are the same lists of points."""
         from ray import tune  # Ray stays out of argument parsing
 
-        if pack > 1:
-            from vae.pack import groups  # torch stays out of argument parsing
-
-            shared = self.trial_config().to_dict()
-            return {"members": tune.grid_search(groups(self.points(), pack, shared))}
-        space: dict[str, Any] = {}
-        for a in AXES:
-            values = self.axis(a.flag)
-            if not values:
-                continue
-            if self.search == "grid":
-                space[a.key] = tune.grid_search(values)
-            elif a.log and len(values) > 1:
-                space[a.key] = tune.loguniform(min(values), max(values))
-            else:
-                space[a.key] = tune.choice(values)
-        space["seed"] = tune.grid_search([self.seed + r for r in range(self.repeats)])
-        return space
+        shared = self.trial_config().to_dict()
+        return {"members": tune.grid_search(groups(self.points(), pack, shared))}
 
     def n_trials(self) -> int:
         """Trials the sweep runs (boundary search: what bisection needs, an estimate)."""

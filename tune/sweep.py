@@ -9,8 +9,6 @@ torch and the loop load inside `trial`, in the trial's own process: the driver n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from typing import Any
@@ -20,42 +18,22 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from vae import launch
-from vae.axes import POINT_KEYS
 from vae.collapse import reported_units_in_use
 from vae.launch import error_line
-from vae.results import SAFE_KEY, Results, file_key, run_root, trial_row
+from vae.results import Results, file_key, run_root, trial_row
 
+from .points import member_report, trial_key
 from .space import SweepConfig
 
 
-def point(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's point in the space: its axis values and seed (what Tune's config adds to the sweep's)."""
-    return {k: config[k] for k in POINT_KEYS if k in config}
-
-
-def trial_key(config: dict[str, Any]) -> str:
-    """The trial's id in the tables, from its point in the space, so a retried trial (which Tune may give a
-    new id) replaces its rows instead of adding a second trial: 'z2-lr0.01-b0.3-s0-1a2b3c'."""
-    where = point(config)
-    digest = hashlib.sha1(json.dumps(where, sort_keys=True).encode()).hexdigest()[:6]
-    name = f"z{where.get('latent_dim')}-lr{where.get('lr', 0):g}-b{where.get('beta', 0):.4g}-s{where.get('seed', 0)}"
-    return SAFE_KEY.sub("", name) + "-" + digest
-
-
 def members(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The points a Tune trial trains: a pack's `members` (vae/pack.py), else the trial's own point."""
-    if "members" in config:
-        return [dict(p) for p in config["members"]]
-    return [point(config)] if "latent_dim" in config else []
+    """The points a Tune trial trains (its pack's `members`; a pack of one is a trial of one point)."""
+    return [dict(p) for p in config.get("members", ())]
 
 
 def member_results(config: dict[str, Any], result: dict[str, Any] | None) -> list[tuple[dict, dict]]:
-    """(point, its latest report) for every member of a trial: a pack reports each under `members`."""
-    result = result or {}
-    if "members" not in config:
-        return [(p, result) for p in members(config)]
-    reported = result.get("members") or {}
-    return [(p, reported.get(trial_key(p), {})) for p in members(config)]
+    """(point, its latest report) for every member of a trial: the loop reports each under `members`."""
+    return [(p, member_report(result, trial_key(p))) for p in members(config)]
 
 
 def trial(config: dict[str, Any]) -> None:
@@ -70,9 +48,10 @@ def trial(config: dict[str, Any]) -> None:
 
         device = "cuda" if sweep.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
         train_pack([sweep.trial_config(trial_id=trial_key(p), **p) for p in points], TuneSession(device))
-    else:
-        trial_id = trial_key(config)
-        cfg = sweep.trial_config(trial_id=trial_id, **point(config))
+    else:  # one point a trial (--pack needs one worker a trial)
+        (where,) = points
+        trial_id = trial_key(where)
+        cfg = sweep.trial_config(trial_id=trial_id, **where)
         # Ray Train V2's callback: imported once `launch.connect` has set RAY_TRAIN_V2_ENABLED
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -222,7 +201,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
         trainable(sweep),
         param_space=constants if search_alg else {**constants, **sweep.param_space(pack)},
         # Reusing trial processes saves a Python start, the torch import and the data load per trial.
-        tune_config=tune.TuneConfig(reuse_actors=sweep.workers_per_trial == 1, num_samples={"random": sweep.num_samples, "boundary": -1}.get(sweep.search, 1),
+        tune_config=tune.TuneConfig(reuse_actors=sweep.workers_per_trial == 1, num_samples=-1 if search_alg else 1,
                                     search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     metric="test_loss" if scheduler else None, mode="min" if scheduler else None),

@@ -7,7 +7,7 @@ Two counts, one function each:
 
 The thresholds' defaults live in `vae.config`; every reader here takes the thresholds the run recorded
 (`recorded_thresholds`) unless a caller overrides them, and the map writes the ones it used.
-`python -m tune.collapse_map <storage>/<name>` rebuilds the map from the tables at any time.
+`python -m jobs.collapse_map <storage>/<name>` rebuilds the map from the tables at any time.
 """
 
 from __future__ import annotations

@@ -34,6 +34,13 @@ ACTIVE_THRESHOLD = 0.01  # Var_x E_q[z_j] above this: the unit is active (Burda 
 KL_THRESHOLD = 0.01  # nats: a dimension with less test KL carries no information
 
 
+# What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
+# variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
+SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "batch_size", "num_mc", "epochs",
+              "until_settled", "max_epochs", "lr_schedule", "num_workers", "active_threshold", "kl_threshold",
+              "iw_samples", "iw_subset")
+
+
 class ConfigError(ValueError):
     """A bad setting; the message is one line meant for the user."""
 
@@ -424,10 +431,8 @@ def parse_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] |
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
-ENV_HELP = ("environment: VAE_KERNELS=auto|torch|onednn picks the CPU kernels (auto, the default: a start-up "
-            "probe times plain PyTorch ops and the oneDNN path on this model and keeps oneDNN only when it is 5% "
-            "faster; the choice is printed with the first epoch and kept in run.json). VAE_DATA_DIR: MNIST's "
-            "folder (default ./data); VAE_OFFLINE=1: never download it. VAE_STORAGE: the default --storage.")
+ENV_HELP = ("environment: VAE_DATA_DIR: MNIST's folder (default ./data); VAE_OFFLINE=1: never download it. "
+            "VAE_STORAGE: the default --storage.")
 
 
 def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:

@@ -181,7 +181,7 @@ class EpochFollower(threading.Thread):
         self.cfg, self.emit, self.every = cfg, emit, every
         self.results = Results(run_root(cfg.storage, cfg.name))
         self.seen: set[int] = set()
-        self.shown = False  # the first line printed also says which CPU kernels the run chose
+        self.shown = False  # an epoch line was printed (until then: say what the cluster must still provide)
         self.pending = ""  # what the cluster must still provide (an autoscaling cluster): said every so often
         self.pending_said = 1
         self.stop_event = threading.Event()
@@ -208,11 +208,9 @@ class EpochFollower(threading.Thread):
                 self.emit(info[key])
         for row in df.sort_values("epoch").to_dict("records"):
             if int(row["epoch"]) not in self.seen:
-                first = not self.shown
                 self.seen.add(int(row["epoch"]))
                 self.shown = True
-                self.emit(format_epoch(row, self.cfg.budget, self.cfg.latent_dim)
-                          + (f"  kernels {row['kernels']}" if first and row.get("kernels") else ""))
+                self.emit(format_epoch(row, self.cfg.budget, self.cfg.latent_dim))
 
     def run(self) -> None:
         started = time.monotonic()

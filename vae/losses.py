@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from . import kernels
+import torch.nn.functional as F
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -30,21 +29,17 @@ def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
     x may be a [0, 1] intensity (the pytorch/examples VAE reads pixels as probabilities).
     """
-    return kernels.bernoulli_nll(x, logits)
+    return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """-log N(x | mean, exp(logvar)) summed over features: [..., B].
-
-    A variance shared by every feature (logvar expanded along them, as a fixed or single learned variance
-    is) is used unexpanded: sum_d (x_d - mean_d)^2 / var + D log var, three passes over x instead of seven."""
-    if logvar.dim() and logvar.stride(-1) == 0:
-        return shared_variance_nll(kernels.squared_error(x, mean), logvar[..., 0], x.shape[-1])
+    """-log N(x | mean, exp(logvar)) summed over features: [..., B]."""
     return 0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar)).sum(-1)
 
 
 def shared_variance_nll(squared_error: torch.Tensor, logvar: torch.Tensor, dims: int) -> torch.Tensor:
-    """-log N(x | mean, exp(logvar) I) from sum_d (x_d - mean_d)^2, for a variance shared by all `dims` features."""
+    """-log N(x | mean, exp(logvar) I) from sum_d (x_d - mean_d)^2, for a variance shared by all `dims` features:
+    `gaussian_nll` with logvar the same for every feature, in three passes over x instead of seven."""
     return 0.5 * (dims * (LOG_2PI + logvar) + squared_error * torch.exp(-logvar))
 
 

@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, losses
+from . import losses
 
 
 class VAE(nn.Module):
@@ -81,16 +82,11 @@ class MLPVAE(VAE):
         self.fc4 = nn.Linear(cfg.hidden_dim, cfg.input_dim)
 
     def encode(self, x):
-        h = kernels.layer(self.fc1, x, "relu")
-        return kernels.layer(self.fc_mu, h), kernels.layer(self.fc_logvar, h)
+        h = F.relu(self.fc1(x))
+        return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z):
-        return kernels.layer(self.fc4, kernels.layer(self.fc3, z, "relu"))
-
-    def forward(self, x, eps):
-        if kernels.fused_ok(x, eps):  # the same terms in one autograd node (vae/kernels.py)
-            return kernels.mlp_vae_terms(x, eps, self.fc1, self.fc_mu, self.fc_logvar, self.fc3, self.fc4)
-        return super().forward(x, eps)
+        return self.fc4(F.relu(self.fc3(z)))
 
 
 # ------------------------------------------------------------------ the 2-D Gaussian toy's VAE
@@ -104,7 +100,7 @@ class GaussianMLP(nn.Module):
         self.out = nn.Linear(hidden_dim, 2 * output_dim)
 
     def forward(self, x):
-        mean, logvar = kernels.layer(self.out, kernels.layer(self.hidden, x, "tanh")).chunk(2, dim=-1)
+        mean, logvar = self.out(torch.tanh(self.hidden(x))).chunk(2, dim=-1)
         return mean, logvar
 
 
@@ -167,23 +163,12 @@ class LinearVAE(VAE):
             self.register_buffer("dec_logvar", torch.tensor(math.log(cfg.decoder_var)))
 
     def encode(self, x):
-        mu = kernels.layer(self.enc, x)
+        mu = self.enc(x)
         return mu, self.enc_logvar.expand_as(mu)
 
     def decode(self, z):
-        mean = kernels.layer(self.dec, z)
+        mean = self.dec(z)
         return mean, self.dec_logvar.expand_as(mean)
-
-    def forward(self, x, eps):
-        """As VAE.forward; while training with one sample of z, the reconstruction term's squared error comes
-        from one node with the decoder (vae.kernels.linear_squared_error), which never forms the mean."""
-        if eps.shape[0] != 1 or x.requires_grad or not torch.is_grad_enabled():
-            return super().forward(x, eps)
-        mu, logvar = self.encode(x)
-        z = losses.reparameterize(mu, logvar, eps)
-        se = kernels.linear_squared_error(x, z, self.dec.weight, self.dec.bias)  # [1, B] or [1, K, B]
-        recon = losses.shared_variance_nll(se, self.dec_logvar.expand(*se.shape, 1)[..., 0], x.shape[-1])
-        return recon.mean(0), losses.kl_per_dim(mu, logvar)
 
 
 # ------------------------------------------------------------------ registry

@@ -1,16 +1,16 @@
 """Packed trials: K models of one shape trained as one model with a leading member axis.
 
 `stack_models` turns K models of the same class and shape into one module of that class whose parameters
-are stacked: an `nn.Linear`'s weight becomes [K, out, in] and its bias [K, out] (`vae.kernels.linear`
-then runs batched products, `baddbmm`/`matmul`), any other parameter or buffer [K, 1, *shape] (a scalar
-[K, 1, 1]) so that it broadcasts against activations [..., K, B, F]. The model's own `encode`, `decode`
-and `forward` run unchanged on x [K, B, D] and noise [S, K, B, L]; every loss and KL keeps the member
-axis, so members never mix (their gradients are separable: member k's loss depends on member k's slices
-alone). A pack of one is not stacked: it is today's model, and the loop treats it as a pack of size 1.
+are stacked: each `nn.Linear` becomes a `kernels.PackedLinear` with weight [K, out, in] and bias [K, out]
+(batched products, `baddbmm`/`matmul`), any other parameter or buffer [K, 1, *shape] (a scalar [K, 1, 1])
+so that it broadcasts against activations [..., K, B, F]. The model's own `encode`, `decode` and `forward`
+run unchanged on x [K, B, D] and noise [S, K, B, L]; every loss and KL keeps the member axis, so members
+never mix (their gradients are separable: member k's loss depends on member k's slices alone). A pack of one
+is not stacked: it is the plain model.
 
-`PackAdam` is Adam over the stacked parameters with a learning rate, a step count and a freeze mask per
-member (tested against `torch.optim.Adam` run member by member). `groups` cuts a sweep's points into
-packs of members that share a shape.
+The pack's members and where each stands (`Member`, `Members`) live here too: the loop asks them which are
+live, what to report, and what to save. The optimiser for packs is vae/pack_adam.py; which sweep points
+share a pack is tune/packing.py.
 """
 
 from __future__ import annotations
@@ -19,65 +19,19 @@ import copy
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 import torch
 from torch import nn
 
-from .data import INPUT_DIM, TEST_SIZE
-from .models import build_model
-
-# What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
-# variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
-SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "batch_size", "num_mc", "epochs",
-              "until_settled", "max_epochs", "lr_schedule", "num_workers", "active_threshold", "kl_threshold",
-              "iw_samples", "iw_subset")
-MAX_AUTO = 64  # --pack auto: at most this many members a pack
-
-
-def shape_key(point: dict[str, Any], shared: dict[str, Any] | None = None) -> tuple:
-    """The values a point must share with its pack-mates (`shared` fills the keys the point lacks)."""
-    merged = {**(shared or {}), **point}
-    learned = merged.get("decoder_var") in (None, "learned", "")
-    return tuple(merged.get(k) for k in SHAPE_KEYS) + (learned,)
-
-
-def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:
-    """The points cut into packs of at most `size` members with one shape each, as even as possible (10 by 4:
-    3, 4, 3). Within a shape the points are ordered by seed, then learning rate (first-seen order among
-    equals), and cut into consecutive runs: a pack holds one seed where it can, so its members share one batch
-    a step (`--repeats` gives each configuration several seeds), and its members of one learning rate lie side
-    by side, one fused Adam call for them (`PackAdam`)."""
-    by_shape: dict[tuple, list[dict]] = {}
-    for p in points:
-        by_shape.setdefault(shape_key(p, shared), []).append(p)
-
-    def order(p: dict[str, Any]) -> tuple[float, float]:
-        merged = {**(shared or {}), **p}
-        return float(merged.get("seed") or 0), float(merged.get("lr") or 0)
-
-    packs = []
-    for members in by_shape.values():
-        members = sorted(members, key=order)
-        n = math.ceil(len(members) / size)
-        cuts = [round(i * len(members) / n) for i in range(n + 1)]
-        packs += [members[a:b] for a, b in zip(cuts, cuts[1:])]
-    return packs
-
-
-def member_bytes(cfg: Any) -> int:
-    """A generous estimate of the memory one member of a pack needs on its device: weights, gradients and
-    two Adam moments; a training step's activations and their gradients; the test set's fixed noise and
-    encoder outputs; one evaluation batch (2,048 examples)."""
-    input_dim, n_test = INPUT_DIM[cfg.dataset], TEST_SIZE[cfg.dataset]
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim,
-                                                    cfg.fixed_decoder_var).parameters())
-    per_example = cfg.num_mc * (3 * input_dim + 4 * cfg.hidden_dim + 6 * cfg.latent_dim) + input_dim
-    floats = (4 * params + 3 * cfg.batch_size * per_example + n_test * cfg.latent_dim * (cfg.num_mc + 3)
-              + 2048 * per_example)
-    return 4 * int(floats)
-
+from . import settle
+from .collapse import Thresholds, units_in_use
+from .config import SHAPE_KEYS
+from .kernels import PackedLinear
+from .pack_adam import PackAdam
 
 def check_members(cfgs: Sequence[Any]) -> None:
     """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
@@ -101,6 +55,132 @@ def pack_id(trial_ids: Iterable[str]) -> str:
     return f"pack{len(ids)}-" + hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:10]
 
 
+# ------------------------------------------------------------------ members
+
+LIVE = "training"  # a member still training; else finished | diverged | interrupted
+# What a pack reports per member each epoch (the sweep's progress line and boundary search read these).
+MEMBER_KEYS = ("epoch", "test_loss", "units_in_use", "active_units", "settled", "final", "end_reason")
+
+
+@dataclass
+class Member:
+    """One configuration of a pack: its config, its own settle history and where it stands."""
+
+    k: int
+    cfg: Any  # TrainConfig
+    status: str = LIVE
+    settle_epoch: int = -1  # the first epoch of the current settled run of epochs
+    history: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # epoch -> (KL, activity)
+    last: dict[str, Any] = field(default_factory=dict)  # the last metrics it reported
+
+    @property
+    def trial_id(self) -> str:
+        return self.cfg.run_id
+
+    def observe(self, epoch: int, kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds) -> settle.SettleState:
+        """Whether its collapse state has settled after `epoch`, from its own history (vae/settle.py)."""
+        self.history[epoch] = (kl, activity)
+        trained = sorted(e for e in self.history if e >= 1)
+        if not trained:
+            return settle.SettleState(False, int(units_in_use(kl, activity, thresholds)), 0, 0, "not trained")
+        state = settle.settle_state(np.stack([self.history[e][0] for e in trained]),
+                                    np.stack([self.history[e][1] for e in trained]), thresholds,
+                                    epochs_left=self.cfg.budget - epoch)
+        if not state.settled:
+            self.settle_epoch = -1
+        elif self.settle_epoch < 0:
+            self.settle_epoch = epoch
+        return state
+
+    def ended_by(self, done: int) -> str:
+        """A restored member is finished when its budget was spent or it had settled under --until-settled
+        after the minimum epochs; else it trains on."""
+        settled = self.cfg.until_settled and done >= self.cfg.epochs and bool(self.last.get("settled"))
+        return "finished" if done >= self.cfg.budget or settled else LIVE
+
+    def saved(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "status": self.status, "settle_epoch": self.settle_epoch,
+                "metrics": self.last}
+
+
+class Members(list):
+    """A pack's members, in order (member k is slice k of every stacked tensor)."""
+
+    def __init__(self, cfgs: Sequence[Any]):
+        check_members(cfgs)
+        super().__init__(Member(k, c) for k, c in enumerate(cfgs))
+        self.pack_id = pack_id([m.trial_id for m in self])
+
+    def live(self) -> list[Member]:
+        return [m for m in self if m.status == LIVE]
+
+    def own_run(self) -> bool:
+        """A run of its own (not a sweep's trial): it notes how it ran in its run.json."""
+        return len(self) == 1 and self[0].cfg.run_id == self[0].cfg.name
+
+    def metrics(self, epoch: int) -> dict[str, Any]:
+        """What the session hears after an epoch, whatever the pack's size: every member's report under
+        `members` (by trial id), and the pack's summary for Tune's schedulers and progress lines: the best
+        member's test loss, whether all have settled, and, for a pack of one, its member's whole report."""
+        members = {m.trial_id: {k: m.last.get(k) for k in MEMBER_KEYS} | {"status": m.status} for m in self}
+        finite = [v for v in (m.last.get("test_loss") for m in self) if isinstance(v, float) and math.isfinite(v)]
+        summary = {"epoch": epoch, "pack_id": self.pack_id, "test_loss": min(finite) if finite else float("nan"),
+                   "settled": all(bool(m.last.get("settled")) for m in self),
+                   "status": "running" if self.live() else "finished"}
+        alone = dict(self[0].last) if len(self) == 1 else {}
+        return {**summary, **alone, "members": members}
+
+
+def per_member(values: Sequence[float], device: Any, *shape: int) -> float | torch.Tensor:
+    """One value per member, as the pack's math takes it: a plain number for a pack of one, else a tensor
+    [K, *shape] that broadcasts against the member axis."""
+    return values[0] if len(values) == 1 else torch.tensor(list(values), device=device).view(len(values), *shape)
+
+
+def stack(models: Sequence[nn.Module]) -> nn.Module:
+    """The model a pack trains: the plain model for a pack of one, else the stacked one."""
+    return models[0] if len(models) == 1 else stack_models(models)
+
+
+def stack_tensors(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """Per-member tensors with a member axis at `dim` (none for a pack of one)."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(list(tensors), dim)
+
+
+def shared_by_members(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """One tensor every member takes alike (one seed's noise), viewed with a member axis of size k at `dim`
+    (none for a pack of one); a view, not a copy."""
+    return t if k == 1 else t.unsqueeze(dim).expand(*t.shape[:dim], k, *t.shape[dim:])
+
+
+def optimizer(model: nn.Module, lrs: Sequence[float]):
+    """Adam for the pack: torch's fused Adam for a pack of one (one kernel for every parameter: 0.45 ms a step
+    instead of 1.3 ms on 2 CPU cores), else `PackAdam` (a learning rate, step count and freeze per member)."""
+    if len(lrs) == 1:
+        return torch.optim.Adam(model.parameters(), lr=lrs[0], fused=True)
+    return PackAdam(model.parameters(), lrs)
+
+
+def set_lrs(opt, lrs: Sequence[float]) -> None:
+    if isinstance(opt, PackAdam):
+        opt.set_lrs(lrs)
+    else:
+        opt.param_groups[0]["lr"] = lrs[0]
+
+
+def freeze(opt, k: int, frozen: bool = True) -> None:
+    """Member k's weights are left alone from now on (a pack of one has nothing left to train instead)."""
+    if isinstance(opt, PackAdam):
+        opt.freeze(k, frozen)
+
+
+def moments(opt) -> list[torch.Tensor]:
+    """The optimiser's Adam moments (for clearing denormals)."""
+    if isinstance(opt, PackAdam):
+        return opt.exp_avg + opt.exp_avg_sq
+    return [t for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+
+
 # ------------------------------------------------------------------ stacked models
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -115,11 +195,17 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     template = copy.deepcopy(models[0])
     k = len(models)
     tensors = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in models]
+    for name, module in list(template.named_modules()):
+        if isinstance(module, nn.Linear):  # same names, same place: a member's state dict is a slice of the pack's
+            weight = torch.stack([t[f"{name}.weight"].detach() for t in tensors]).clone()
+            bias = None if module.bias is None else torch.stack([t[f"{name}.bias"].detach() for t in tensors]).clone()
+            owner, leaf = _owner(template, name)
+            setattr(owner, leaf, PackedLinear(weight, bias))
     for name, value in tensors[0].items():
         owner, leaf = _owner(template, name)
-        stacked = torch.stack([t[name].detach() for t in tensors])
-        if not isinstance(owner, nn.Linear):
-            stacked = stacked.reshape(k, 1, *(value.shape or (1,)))
+        if isinstance(owner, PackedLinear):
+            continue
+        stacked = torch.stack([t[name].detach() for t in tensors]).reshape(k, 1, *(value.shape or (1,)))
         if isinstance(value, nn.Parameter):
             owner._parameters[leaf] = nn.Parameter(stacked.clone())
         else:
@@ -133,132 +219,12 @@ def member_slice(stacked: dict[str, torch.Tensor], k: int, like: dict[str, torch
 
 
 def member_model(packed: nn.Module, plain: nn.Module, k: int) -> nn.Module:
-    """`plain` (a freshly built model of the member's config) holding member k's weights."""
+    """`plain` (a freshly built model of the member's config) holding member k's weights; a pack of one's
+    model is its member's."""
+    if not any(isinstance(m, PackedLinear) for m in packed.modules()):
+        return packed
     plain.load_state_dict(member_slice(packed.state_dict(), k, plain.state_dict()))
     return plain.to(next(packed.parameters()).device)
-
-
-# ------------------------------------------------------------------ the optimiser
-
-class PackAdam:
-    """Adam (Kingma & Ba; `torch.optim.Adam`'s update, no weight decay) over stacked parameters: each
-    member has its own learning rate, step count and moments, and a frozen member (`frozen[k]`) is not
-    updated at all (its gradient, even NaN, is ignored).
-
-    Two ways to the same update:
-    - `fused`: torch's fused Adam kernel (what `torch.optim.Adam(fused=True)` runs), one call per run of
-      adjacent live members that share a learning rate and a step count, over the run's slices of every
-      stacked tensor. A sweep's grid puts the members of one learning rate side by side, so a pack of 24 seed
-      MLPs from 4 lrs x 6 betas is 4 calls.
-    - `stacked`: a few in-place passes over each whole stacked tensor, with every member's learning rate and
-      bias corrections as tensors.
-    Measured on 2 Xeon cores (ms a step; one run, one run per member, stacked): 24 seed MLPs 8.2, 10.6, 27;
-    8 linear VAEs on MNIST 0.14, 0.39, 0.36; the 2-D toy's 48 members 0.18, 2.6, 0.48. So the fused way is
-    taken whenever the live members form at most `FUSED_RUNS` runs, and on CPU always for members whose
-    Adam state exceeds `PER_MEMBER_BYTES`; many small members with distinct learning rates take the passes."""
-
-    PER_MEMBER_BYTES = 1 << 20
-    FUSED_RUNS = 6
-
-    def __init__(self, params: Iterable[nn.Parameter], lrs: Sequence[float], betas=(0.9, 0.999), eps=1e-8,
-                 fused: bool | None = None):
-        self.params = [p for p in params]
-        self.k = len(lrs)
-        member_bytes = 16 * sum(p[0].numel() for p in self.params)  # weights, gradients, two moments
-        device = self.params[0].device
-        self.big = device.type == "cpu" and member_bytes > self.PER_MEMBER_BYTES
-        self.fused = fused  # None: chosen each step from the runs (see the class's note)
-        self.lr = torch.tensor(list(lrs), dtype=torch.float64)
-        self.betas, self.eps = betas, eps
-        self.steps = torch.zeros(self.k, dtype=torch.float64)
-        self.frozen = torch.zeros(self.k, dtype=torch.bool)
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self._device = device
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @staticmethod
-    def _shaped(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return v.reshape(-1, *([1] * (p.dim() - 1)))
-
-    def runs(self) -> list[tuple[int, int]]:
-        """[start, stop) of each run of adjacent live members with one learning rate and one step count."""
-        lr, steps, frozen = self.lr.tolist(), self.steps.tolist(), self.frozen.tolist()
-        out: list[tuple[int, int]] = []
-        for k in range(self.k):
-            if frozen[k]:
-                continue
-            if out and out[-1][1] == k and lr[k] == lr[k - 1] and steps[k] == steps[k - 1]:
-                out[-1] = (out[-1][0], k + 1)
-            else:
-                out.append((k, k + 1))
-        return out
-
-    @torch.no_grad()
-    def step(self) -> None:
-        live = ~self.frozen
-        self.steps += live.double()
-        runs = self.runs()
-        fused = self.fused if self.fused is not None else self.big or len(runs) <= self.FUSED_RUNS
-        if fused:
-            self._step_fused(runs)
-        else:
-            self._step_stacked()
-
-    def _step_stacked(self) -> None:
-        """torch.optim.Adam's update on every stacked tensor at once, in a few in-place passes. Frozen members
-        are put back afterwards, moments and weights, so their gradients (even NaN) never reach them."""
-        b1, b2 = self.betas
-        steps = self.steps.clamp(min=1)
-        size = (self.lr / (1 - b1 ** steps)).to(self._device, torch.float32)
-        bc2_sqrt = (1 - b2 ** steps).sqrt().to(self._device, torch.float32)
-        frozen = self.frozen.nonzero().flatten().to(self._device) if self.frozen.any() else None
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            g = p.grad
-            kept = None if frozen is None else [t.index_select(0, frozen) for t in (p, m, v)]
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = v.sqrt().div_(self._shaped(bc2_sqrt, p)).add_(self.eps)
-            p.addcdiv_(m * self._shaped(size, p), denom, value=-1.0)
-            if kept is not None:
-                for t, old in zip((p, m, v), kept):
-                    t.index_copy_(0, frozen, old)
-
-    def _step_fused(self, runs: list[tuple[int, int]]) -> None:
-        """torch's fused Adam kernel on each run's slices of every stacked tensor, with the run's learning rate
-        and step count (the kernel reads the step, counted in `step`, as torch.optim.Adam counts it before
-        calling the kernel; it does not write it)."""
-        b1, b2 = self.betas
-        tensors = [(p.data, p.grad, m, v) for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq)
-                   if p.grad is not None]
-        lr, steps = self.lr.tolist(), self.steps.tolist()
-        for start, stop in runs:
-            run = [[t[start:stop] for t in group] for group in zip(*tensors)]
-            step = torch.tensor(steps[start], device=self._device)
-            torch._fused_adam_(*run, [], [step] * len(tensors), lr=lr[start], beta1=b1, beta2=b2,
-                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
-
-    def freeze(self, k: int, frozen: bool = True) -> None:
-        self.frozen[k] = frozen
-
-    def set_lrs(self, lrs: Sequence[float]) -> None:
-        self.lr = torch.tensor(list(lrs), dtype=torch.float64)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr.clone(), "steps": self.steps.clone(), "frozen": self.frozen.clone(),
-                "exp_avg": [t.detach().cpu().clone() for t in self.exp_avg],
-                "exp_avg_sq": [t.detach().cpu().clone() for t in self.exp_avg_sq]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lr, self.steps = state["lr"].clone(), state["steps"].clone()
-        self.frozen = state["frozen"].clone()
-        for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
-            dst.copy_(src.to(dst.device))
 
 
 # ------------------------------------------------------------------ per-member schedules

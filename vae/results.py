@@ -44,7 +44,7 @@ METRIC_FIELDS = [
     ("kl_weight", pa.float64()), ("train_loss", pa.float64()), ("train_recon", pa.float64()),
     ("train_kl", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
     ("epoch_seconds", pa.float64()), ("samples_per_second", pa.float64()),
-    ("kernels", pa.string()),  # the CPU kernel path this process chose, and the rates it measured
+    ("kernels", pa.string()),  # which implementation trained: "torch" (vae/fast.py; kept for older tables' readers)
     ("lr_now", pa.float64()),  # the learning rate the epoch trained at (its schedule's)
     ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/settle.py, after this epoch
 ]

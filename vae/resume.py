@@ -24,9 +24,8 @@ EPOCH_TABLES = ("epochs", "kl_per_dim")
 
 
 def saved_members(extra: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each member's status, settle epoch and last metrics as a checkpoint holds them (one, before packs)."""
-    return list(extra.get("members") or [{"status": None, "settle_epoch": extra.get("settle_epoch", -1),
-                                          "metrics": extra.get("metrics", {})}])
+    """Each member's status, settle epoch and last metrics as a checkpoint holds them."""
+    return list(extra["members"])
 
 
 def kept_beside(folder: str) -> list[str]:

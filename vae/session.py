@@ -106,3 +106,15 @@ class TuneSession(LocalSession):
 
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
+
+
+def from_rank0(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    """Rank 0's values on every rank, in one broadcast (the loop's decisions: stop, a member ends, where to
+    resume); as they are in a run of one process."""
+    import torch.distributed as dist  # only data-parallel runs need it
+
+    if world_size > 1 and dist.is_initialized():
+        t = torch.tensor([float(v) for v in values], device=device)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+    return [float(v) for v in values]

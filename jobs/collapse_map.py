@@ -1,4 +1,4 @@
-"""python -m tune.collapse_map <storage>/<name>: rebuild the collapse map from the tables.
+"""python -m jobs.collapse_map <storage>/<name>: rebuild the collapse map from the tables.
 
 The map counts units in use with the thresholds the run recorded (run.json); --active-threshold and
 --kl-threshold override them, and the output says so.
@@ -14,7 +14,7 @@ from vae.collapse import Thresholds, build, recorded_thresholds
 from vae.config import OneLineParser
 from vae.results import Results, StorageError
 
-PROG = "tune.collapse_map"
+PROG = "jobs.collapse_map"
 
 
 def main(argv: list[str] | None = None) -> int:

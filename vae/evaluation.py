@@ -1,0 +1,183 @@
+"""Evaluation and its rows (rank 0): each epoch's test-set diagnostics of every member, written to the
+results tables (vae/results.py) and the member's tracker.
+
+Per member and epoch: the fixed-noise test loss, KL per unit, unit activity, units in use (with the run's
+thresholds), mutual information on `MI_SUBSET` test images, whether the collapse state has settled
+(vae/settle.py); at snapshot epochs, images and latents; at the end, the IW NLL on `iw_subset` test images.
+An epoch's rows of every member are written as one file per table (`flush`), keyed by the pack, so a redone
+epoch replaces them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import pyarrow.dataset as ds
+import torch
+
+from . import diagnostics, fast, losses, snapshots, streams, tracking
+from .collapse import Thresholds
+from .config import TrainConfig
+from .data import Data
+from .models import VAE, build_model
+from .pack import Member, Members, member_model
+from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
+
+MI_SUBSET = 2000
+IW_BATCH = 250
+IMPLEMENTATION = "torch"  # the `kernels` column: which implementation trained (vae/fast.py: one since the probe went)
+
+
+def build(cfg: TrainConfig, input_dim: int) -> VAE:
+    return build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim, cfg.fixed_decoder_var)
+
+
+class Recorder:
+    """Rank 0's evaluation and writing for one pack."""
+
+    def __init__(self, members: Members, datas: list[Data], data_of: list[int], test_x: torch.Tensor):
+        cfg = members[0].cfg
+        self.members, self.datas, self.data_of, self.test_x = members, datas, data_of, test_x
+        self.results = Results(run_root(cfg.storage, cfg.name))
+        n_test = test_x.shape[-2]
+        self.mi_eps = [torch.randn(min(MI_SUBSET, n_test), cfg.latent_dim, generator=streams.mi_noise(m.cfg.seed))
+                       for m in members]
+        self.snapshot_epochs = snapshots.snapshot_epochs(cfg.budget)
+        self.thresholds = Thresholds(cfg.active_threshold, cfg.kl_threshold)
+        self.trackers: dict[str, Any] = {}
+        self.pending: dict[str, list[dict[str, Any]]] = {"epochs": [], "kl_per_dim": [], "images": []}
+        self.started = time.time()
+
+    # ------------------------------------------------------------- the run's start
+    def start(self, done: int, model: VAE, test_eps: torch.Tensor) -> None:
+        """Before training: the spectrum table (linear VAE), resumed settle histories, and at a fresh start every
+        member's 'running' trial row and epoch 0 (the untrained model)."""
+        self.write_spectrum()
+        self.load_history(done)
+        if done:
+            return
+        for m in self.members:
+            self.write_trial(m, "running", "", 0, {})
+        self.evaluate(model, test_eps, 0, None, 0.0)
+        self.flush(0)
+
+    def write_spectrum(self) -> None:
+        """For the linear VAE with a fixed decoder variance: the training split's covariance spectrum, once per
+        (dataset, subset), for the map's theory column."""
+        cfg = self.members[0].cfg
+        if cfg.model != "linear" or cfg.fixed_decoder_var is None:
+            return
+        if not self.results.read("spectrum", (ds.field("dataset") == cfg.dataset)
+                                 & (ds.field("subset") == cfg.subset)).empty:
+            return
+        eig = diagnostics.covariance_spectrum(self.datas[0].train.x)
+        self.results.write("spectrum", [{"dataset": cfg.dataset, "subset": cfg.subset, "index": i,
+                                         "eigenvalue": float(v)} for i, v in enumerate(eig)],
+                           f"{cfg.dataset}-{cfg.subset}.parquet")
+
+    def load_history(self, done: int) -> None:
+        """A resumed pack's per-unit histories, from its members' own `kl_per_dim/` rows."""
+        by_id = {m.trial_id: m for m in self.members}
+        rows = self.results.read("kl_per_dim", ds.field("trial_id").isin(list(by_id)))
+        for (tid, epoch), part in rows[rows.epoch <= done].groupby(["trial_id", "epoch"]):
+            part = part.sort_values("dim")
+            by_id[tid].history[int(epoch)] = (part.kl.to_numpy(), part.activity.to_numpy())
+
+    # ------------------------------------------------------------- each epoch
+    def evaluate(self, model: VAE, test_eps: torch.Tensor, epoch: int, trains: Sequence[dict] | None,
+                 seconds: float) -> None:
+        """Every live member's diagnostics on the test set after `epoch`, into its rows and `m.last`."""
+        live = self.members.live() if epoch else list(self.members)
+        if not live:
+            return
+        evs = diagnostics.evaluate_members(model, self.test_x, test_eps)
+        for m in live:
+            self._evaluate_member(m, model, evs[m.k], epoch, trains[m.k] if trains else None, seconds)
+
+    def _evaluate_member(self, m: Member, model: VAE, ev: diagnostics.Evaluation, epoch: int,
+                         train: dict[str, float] | None, seconds: float) -> None:
+        cfg = m.cfg
+        model.eval()
+        n_mi = len(self.mi_eps[m.k])
+        mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
+        mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k]))
+        activity = diagnostics.unit_activity(ev.mu)
+        active = diagnostics.active_units(activity, cfg.active_threshold)
+        state = m.observe(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float), self.thresholds)
+        used = state.units_in_use  # counted by vae.collapse.in_use, with the run's thresholds
+        final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
+        row = self.epoch_row(m, epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
+        self.pending["kl_per_dim"] += kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist())
+        if epoch in self.snapshot_epochs or final:
+            plain, data = self.member_model(model, m), self.datas[self.data_of[m.k]]
+            self.pending["images"] += snapshots.image_rows(plain, data, m.trial_id, epoch, cfg.seed)
+            self.results.write("latents", snapshots.latent_rows(ev.mu, data.test.y, m.trial_id, epoch),
+                               file_key(m.trial_id))
+        end = ("" if not final else f"settled at epoch {m.settle_epoch}" if state.settled and cfg.until_settled
+               else f"epoch budget ({cfg.budget}) reached" + ("" if state.settled else f", not settled: {state.reason}"))
+        m.last = {"status": "finished" if final else "running", "final": final, "settled": state.settled,
+                  "settle_epoch": m.settle_epoch, "units_undecided": state.undecided, "end_reason": end,
+                  "kl_per_dim": ev.kl_per_dim.tolist(), "activity": activity.tolist(),
+                  **{k: row[k] for k in ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
+                                      "test_kl", "active_units", "units_in_use", "mutual_info", "samples_per_second")}}
+
+    def epoch_row(self, m: Member, epoch, train, ev, seconds, active=0, used=0, mi=float("nan"),
+                  state=None) -> dict[str, Any]:
+        cfg = m.cfg
+        weight = train["kl_weight"] if train else losses.kl_weight(cfg.beta, 0, cfg.kl_warmup_epochs)
+        test = {"loss": ev.loss, "recon": ev.recon, "kl": ev.kl} if ev else None
+        row = epoch_row(cfg, m.trial_id, epoch, weight, train, test, active, used, mi, seconds, IMPLEMENTATION,
+                        train["lr"] if train else cfg.lr, state.undecided if state else 0,
+                        bool(state and state.settled))
+        self.pending["epochs"].append(row)
+        if cfg.tracker != "none":  # per-epoch metrics to the tracker `--tracker` asks for: one per trial
+            if m.trial_id not in self.trackers:
+                self.trackers[m.trial_id] = tracking.open_tracker(cfg, m.trial_id)
+            self.trackers[m.trial_id].log(row)
+        return row
+
+    def flush(self, epoch: int) -> None:
+        """The epoch's `epochs/`, `kl_per_dim/` and `images/` rows of every member: one file per table, keyed by
+        the pack (a trial alone: by the trial), so a redone epoch replaces it. (`latents/` keeps one file per
+        trial: its latest snapshot, which a member that stopped early must keep.)"""
+        for table, rows in self.pending.items():
+            if rows:
+                self.results.write(table, rows, file_key(self.members.pack_id, epoch))
+            self.pending[table] = []
+
+    # ------------------------------------------------------------- a member's end
+    def member_model(self, model: VAE, m: Member) -> VAE:
+        """Member m as a plain model (the pack's weights for it), for snapshots and the final IW NLL."""
+        plain = member_model(model, build(m.cfg, self.datas[0].train.x.shape[1]), m.k)
+        if plain is not model:
+            fast.accelerate(plain).eval()
+        return plain
+
+    def finish(self, m: Member, model: VAE) -> None:
+        """A member that ended well: its IW NLL on the test set, and its trial row."""
+        cfg, iw = m.cfg, float("nan")
+        if cfg.iw_samples:
+            plain = self.member_model(model, m)
+            x = (self.test_x if self.test_x.dim() == 2 else self.test_x[m.k])[:cfg.iw_subset]
+            gen = streams.iw_noise(cfg.seed)
+            parts = [diagnostics.iw_nll(plain, x[s:s + IW_BATCH], cfg.iw_samples, gen) * len(x[s:s + IW_BATCH])
+                     for s in range(0, len(x), IW_BATCH)]
+            iw = sum(parts) / len(x)
+        m.last["iw_nll"] = iw
+        self.write_trial(m, "finished", "", int(m.last["epoch"]), m.last)
+
+    def diverged(self, m: Member, epoch: int, train: dict[str, float], seconds: float) -> None:
+        self.epoch_row(m, epoch, train, None, seconds)
+        self.write_trial(m, "diverged", m.last["error"], epoch, {"train_loss": train["loss"],
+                                                               "end_reason": m.last["end_reason"]})
+
+    def write_trial(self, m: Member, status: str, error: str, epochs_done: int, final: dict[str, Any]) -> None:
+        row = trial_row(m.cfg, m.trial_id, status, error, epochs_done, final, time.time() - self.started,
+                        pack_id=self.members.pack_id)
+        self.results.write("trials", [row], file_key(m.trial_id))
+
+    def end_tracking(self, m: Member) -> None:
+        tracker = self.trackers.pop(m.trial_id, None)
+        if tracker is not None:
+            tracker.close(m.status)
