@@ -10,9 +10,9 @@ import sys
 
 import pandas as pd
 
-from vae.collapse import Thresholds, build, recorded_thresholds
+from vae.tables.collapse import Thresholds, build, recorded_thresholds
 from vae.config import OneLineParser
-from vae.results import Results, StorageError
+from vae.tables.results import Results, StorageError
 
 PROG = "jobs.collapse_map"
 

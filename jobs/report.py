@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
-from vae.collapse import Thresholds, recorded_thresholds
+from vae.tables.collapse import Thresholds, recorded_thresholds
 from vae.config import OneLineParser
-from vae.results import Results, StorageError
+from vae.tables.results import Results, StorageError
 
 PROG = "jobs.report"
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args) -> int:
-    from vae.report import build_report  # torch and matplotlib: after the arguments are checked
+    from vae.figures.report import build_report  # torch and matplotlib: after the arguments are checked
 
     res = Results(args.root)
     if not res.exists() or res.read("trials").empty:

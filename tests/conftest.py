@@ -43,7 +43,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if offline():
         pytest.exit(f"MNIST is not in {DATA_DIR}: point {DATA_DIR_ENV} at a folder that holds it, "
                     f"or unset {OFFLINE_ENV} to let the tests download it there once", returncode=2)
-    from vae.data import DataError, download_mnist
+    from vae.model.data import DataError, download_mnist
 
     print(f"\nMNIST is not in {DATA_DIR}: downloading it there once for the tests", file=sys.stderr, flush=True)
     try:

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 from tune.space import parse_sweep_args
-from vae import checkpoint
+from vae.train import checkpoint
 from vae.config import TrainConfig, parse_train_args
-from vae.results import Results
+from vae.tables.results import Results
 
 TRAIN_FLAGS = ["--dataset", "--model", "--subset", "--latent-dim", "--hidden-dim", "--decoder-var", "--beta",
                "--kl-warmup-epochs", "--free-bits", "--num-mc", "--epochs", "--batch-size", "--lr", "--seed",
@@ -111,8 +111,8 @@ def test_truncated_foreign_or_misplaced_checkpoints_are_refused(tmp_path):
 WRITER = """
 import sys, numpy as np, pandas as pd, torch
 sys.path.insert(0, {root!r})
-from vae import checkpoint
-from vae.results import Results, SCHEMAS
+from vae.train import checkpoint
+from vae.tables.results import Results, SCHEMAS
 res = Results({path!r})
 weights = {{"w": torch.randn(2000, 500)}}
 rows = [{{"trial_id": "t", "epoch": 1, "index": i, "label": 0, "mu": np.random.rand(512).astype("float32")}}
@@ -147,9 +147,9 @@ def test_a_writer_killed_mid_write_leaves_only_whole_files(tmp_path):
 
 
 def test_unwritable_storage_stops_the_run_naming_the_path(tmp_path):
-    from vae.loop import train_loop
-    from vae.results import StorageError
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.tables.results import StorageError
+    from vae.train.session import LocalSession
 
     storage = tmp_path / "store"
     (storage / "run").mkdir(parents=True)
@@ -161,9 +161,9 @@ def test_unwritable_storage_stops_the_run_naming_the_path(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_naming_the_path_and_keeps_what_was_written(tmp_path):
-    from vae.loop import train_loop
-    from vae.results import StorageError
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.tables.results import StorageError
+    from vae.train.session import LocalSession
 
     disk = tmp_path / "small-disk"
     disk.mkdir()

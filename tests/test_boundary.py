@@ -147,7 +147,7 @@ def _search_args(storage, name, extra=()):
 
 def test_a_real_boundary_search_fills_the_collapse_map_within_tolerance(ray_cluster, tmp_path):
     from jobs import sweep as sweep_job
-    from vae.results import Results
+    from vae.tables.results import Results
 
     assert sweep_job.main(_search_args(tmp_path, "search")) == 0
     res = Results(f"{tmp_path}/search")
@@ -169,7 +169,7 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
     import time
 
     from tests.conftest import ROOT
-    from vae.results import Results
+    from vae.tables.results import Results
 
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)

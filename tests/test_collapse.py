@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from vae.collapse import Thresholds, classify, collapse_map, critical_beta, units_in_use
-from vae.results import SCHEMAS
+from vae.tables.collapse import Thresholds, classify, collapse_map, critical_beta, units_in_use
+from vae.tables.results import SCHEMAS
 
 
 def test_classify_each_class():

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from vae import data
+from vae.model import data
 
 
 def test_shards_are_disjoint_cover_everything_and_reshuffle_every_epoch():

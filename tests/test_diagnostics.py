@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from vae import diagnostics, losses
-from vae.models import LinearConfig, LinearVAE
+from vae.model import diagnostics, losses
+from vae.model.models import LinearConfig, LinearVAE
 
 
 def test_active_units_counts_dimensions_whose_mean_varies():

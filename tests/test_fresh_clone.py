@@ -50,7 +50,7 @@ def test_offline_without_mnist_stops_at_once_naming_both_ways_out(tmp_path):
 
 
 def test_the_cli_refuses_to_download_when_offline(tmp_path, monkeypatch):
-    from vae.data import DataError, load_mnist
+    from vae.model.data import DataError, load_mnist
 
     monkeypatch.setenv("VAE_OFFLINE", "1")
     with pytest.raises(DataError, match="VAE_OFFLINE=1 forbids downloading"):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT
-from vae.results import Results
+from vae.tables.results import Results
 
 TOY = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--iw-samples", "0"]
 
@@ -46,7 +46,7 @@ def test_a_rerun_with_other_settings_is_refused_before_ray_naming_each_field(tmp
 
 def test_changing_only_the_budget_extends_the_run(tmp_path):
     from vae.config import TrainConfig, resolve
-    from vae.runs import check_identity
+    from vae.tables.runs import check_identity
 
     _recorded_run(tmp_path / "X", epochs=3)
     cfg = resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0,
@@ -65,7 +65,7 @@ def test_a_train_run_cannot_land_in_a_sweeps_folder(tmp_path, capsys):
 
 def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, capsys):
     from jobs import train
-    from vae.runs import RunError, RunLock
+    from vae.tables.runs import RunError, RunLock
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -91,7 +91,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken
 def test_more_workers_than_a_local_instance_has_fail_at_once(ray_cluster):
     from vae import launch
     from vae.config import TrainConfig
-    from vae.runs import RunError
+    from vae.tables.runs import RunError
 
     cfg = launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=3))
     with pytest.raises(RunError, match=r"needs 3 CPUs \(3 worker\(s\) x 1\).*cannot grow"):
@@ -149,8 +149,8 @@ def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume
     from jobs import report
     from jobs import collapse_map
     from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.train.session import LocalSession
 
     train_loop(TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="d"),
                LocalSession())
@@ -176,8 +176,8 @@ def test_a_resume_redoes_an_epoch_whose_rows_were_set_aside_from_the_checkpoint_
     import shutil
 
     from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.train.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="r")
     root = tmp_path / "r"
@@ -205,8 +205,8 @@ def test_a_resume_redoes_an_epoch_whose_rows_were_set_aside_from_the_checkpoint_
 
 def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_the_start(tmp_path, capsys):
     from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.train.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", epochs=3, iw_samples=0, storage=str(tmp_path), name="s")
     root = tmp_path / "s"
@@ -224,7 +224,7 @@ def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_
 
 
 def test_first_gap_finds_the_earliest_missing_epoch_over_a_packs_members():
-    from vae.resume import first_gap
+    from vae.train.resume import first_gap
 
     def rows(pairs):
         return {"epochs": set(pairs), "kl_per_dim": set(pairs)}
@@ -309,8 +309,8 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     import shutil
 
     from vae.config import TrainConfig, resolve
-    from vae.loop import _set_up, train_loop
-    from vae.session import LocalSession
+    from vae.train.loop import _set_up, train_loop
+    from vae.train.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=2, iw_samples=0,
                       storage=str(tmp_path), name="ck")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA_DIR, ROOT
-from vae.results import Results
+from vae.tables.results import Results
 
 BIN = Path(sys.executable).parent
 

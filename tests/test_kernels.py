@@ -1,5 +1,5 @@
-"""The hand-written nodes compute what the plain PyTorch ops compute, values and gradients; vae/fast.py routes
-a model to them, and torch's private fused Adam still takes the arguments vae/pack_adam.py gives it."""
+"""The hand-written nodes compute what the plain PyTorch ops compute, values and gradients; vae/model/fast.py routes
+a model to them, and torch's private fused Adam still takes the arguments vae/train/pack_adam.py gives it."""
 
 import math
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae import cpu, fast, kernels, losses, pack
-from vae.models import VAE, build_model
-from vae.pack_adam import FUSED_ADAM, fused_adam
+from vae.train import cpu, pack
+from vae.model import fast, kernels, losses
+from vae.model.models import VAE, build_model
+from vae.train.pack_adam import FUSED_ADAM, fused_adam
 
 
 def _grads(fn, *tensors):
@@ -61,7 +62,7 @@ def test_linear_squared_error_passes_gradcheck_and_equals_the_plain_terms(k, sha
     torch.testing.assert_close(kernels.linear_squared_error(x, z, w, bias), (mean - x).pow(2).sum(-1))
     # the linear VAE's training forward through it: the terms and gradients of VAE.forward's plain path
     models = [build_model("linear", 6, 3, 0, None if k == 1 else 0.5 + i) for i in range(k)]  # learned, fixed
-    model = fast.accelerate(pack.stack(models))  # vae/fast.py routes the linear VAE's training forward
+    model = fast.accelerate(pack.stack(models))  # vae/model/fast.py routes the linear VAE's training forward
     eps = torch.randn(*z.shape)
     fused, plain = model(x, eps), VAE.forward(model, x, eps)
     assert "_LinearSquaredErrorBackward" in _graph_nodes(fused[0]) - _graph_nodes(plain[0])  # the fused path ran
@@ -95,8 +96,8 @@ def test_gaussian_squared_error_node_passes_gradcheck_and_equals_the_plain_terms
 @pytest.mark.parametrize("model_name, packed", [("mlp", False), ("mlp", True), ("gaussian-mlp", False),
                                                 ("linear", False), ("linear", True)])
 def test_accelerate_routes_each_model_to_its_node_and_keeps_the_plain_terms(model_name, packed):
-    """vae/fast.py is the one place a model meets the kernels: each route ran (its node is in the graph) and
-    the terms and gradients equal the plain math of vae/models.py and vae/losses.py."""
+    """vae/model/fast.py is the one place a model meets the kernels: each route ran (its node is in the graph) and
+    the terms and gradients equal the plain math of vae/model/models.py and vae/model/losses.py."""
     dim = 784 if model_name == "mlp" else 2
     var = "1" if model_name != "mlp" else None
     models = []

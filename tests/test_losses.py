@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from vae import losses
+from vae.model import losses
 
 torch.manual_seed(0)
 

@@ -1,4 +1,4 @@
-"""Packed trials (vae/pack.py): the stacked optimiser against torch's, a pack's rows against its members run
+"""Packed trials (vae/train/pack.py): the stacked optimiser against torch's, a pack's rows against its members run
 alone, and a diverging member's isolation."""
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from tune import packing
-from vae import kernels, pack
-from vae import pack_adam
-from vae.pack_adam import PackAdam
+from vae.model import kernels
+from vae.train import pack
+from vae.train import pack_adam
+from vae.train.pack_adam import PackAdam
 from vae.config import TrainConfig
-from vae.loop import train_loop, train_pack
-from vae.models import build_model
-from vae.results import Results
-from vae.session import LocalSession
+from vae.train.loop import train_loop, train_pack
+from vae.model.models import build_model
+from vae.tables.results import Results
+from vae.train.session import LocalSession
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -127,7 +128,7 @@ POINTS = [dict(beta=0.5, lr=1e-3, seed=0), dict(beta=2.0, lr=3e-3, seed=1),
                                              ("mlp", True), ("gaussian-mlp", True), ("linear", True)])
 def test_a_packed_members_rows_equal_its_trial_run_alone(model, one_seed, tmp_path, monkeypatch):
     """Members with their own seeds (own data order and noise), or one seed (a batch gathered once and the
-    first products shared: vae.kernels.packed_linear's wide path)."""
+    first products shared: vae.model.kernels.packed_linear's wide path)."""
     kw = dict(dataset="mnist" if model == "mlp" else "gaussian2d", model=model, epochs=3, iw_samples=20,
               iw_subset=50, subset=600 if model == "mlp" else 1000, storage=str(tmp_path))
     if model == "linear":

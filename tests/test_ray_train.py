@@ -10,10 +10,10 @@ import tests
 
 from vae import launch
 from vae.config import TrainConfig, resolve
-from vae.data import shard_indices
-from vae.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
-from vae.loop import shard_digest
-from vae.results import Results
+from vae.model.data import shard_indices
+from vae.train.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+from vae.train.loop import shard_digest
+from vae.tables.results import Results
 
 
 class RecordRanks(ray.train.UserCallback):

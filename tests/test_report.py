@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from jobs import report as report_job
-from vae import plots
-from vae.report import build_report
-from vae.results import SCHEMAS, Results
+from vae.figures import plots
+from vae.figures.report import build_report
+from vae.tables.results import SCHEMAS, Results
 
 
 def png_size(path) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def test_toy_and_sweep_figures(tmp_path):
     assert png_size(plots.toy_histograms(images, str(tmp_path / "h.png"))) == (1000, 440)
     assert plots.toy_progress(images, str(tmp_path / "p.png"))
     from tests.test_collapse import _tables
-    from vae.collapse import collapse_map, final_rows
+    from vae.tables.collapse import collapse_map, final_rows
     cells = [(f"t{i}", z, b, 0, a, [0.5] * a + [0.0] * (z - a), False)
              for i, (z, b, a) in enumerate([(2, 0.1, 2), (2, 1.0, 1), (2, 3.0, 0), (4, 0.1, 4), (4, 1.0, 2), (4, 3.0, 0)])]
     trials, epochs, kl = _tables(cells)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vae.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+from vae.train.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_tables_and_checkpoints_live_in_s3_and_a_run_resumes_from_there(s3_env, 
     os.environ.update({k: v for k, v in s3_env.items() if k.startswith("AWS_")})
     import pyarrow.fs as pafs
 
-    from vae.results import Results
+    from vae.tables.results import Results
 
     res = Results("s3://vae/runs/s3run")
     epochs = res.read("epochs")

@@ -3,8 +3,8 @@ around it, reviving."""
 
 import numpy as np
 
-from vae.collapse import Thresholds
-from vae.settle import epochs_to_cross, settle_state, unit_sides
+from vae.tables.collapse import Thresholds
+from vae.train.settle import epochs_to_cross, settle_state, unit_sides
 
 TH = Thresholds(active=0.01, kl=0.01)
 
@@ -88,7 +88,7 @@ def test_epochs_to_cross_follows_the_log_linear_trend():
 
 
 def test_theory_units_counts_eigenvalues_above_beta_sigma2_among_the_top_latent_dims():
-    from vae.collapse import theory_units
+    from vae.tables.collapse import theory_units
 
     eig = [5.0, 3.0, 1.5, 0.5, 0.1]
     assert theory_units(eig, latent_dim=5, beta=1.0, decoder_var=1.0) == (3, False)
@@ -100,11 +100,11 @@ def test_theory_units_counts_eigenvalues_above_beta_sigma2_among_the_top_latent_
 def test_settled_linear_vae_trials_agree_with_the_spectrum_exactly(tmp_path):
     """Until settled, the 2-D toy's linear VAE keeps exactly the units theory keeps, at betas away from the
     eigenvalues (1.5 and 0.5); the map records the theory beside the measurement."""
-    from vae import collapse
+    from vae.tables import collapse
     from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.results import Results
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.tables.results import Results
+    from vae.train.session import LocalSession
 
     for beta in (0.3, 1.0, 3.0):
         cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", beta=beta, lr=1e-2, epochs=6,
@@ -124,8 +124,8 @@ def test_settled_linear_vae_trials_agree_with_the_spectrum_exactly(tmp_path):
 
 def test_a_fixed_budget_run_says_whether_it_had_settled(tmp_path):
     from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.train.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", beta=1.0, lr=1e-2, epochs=2,
                       storage=str(tmp_path), name="f", iw_samples=0)
@@ -137,10 +137,10 @@ def test_a_fixed_budget_run_says_whether_it_had_settled(tmp_path):
 def test_settled_linear_vae_trials_agree_with_mnists_spectrum_exactly(data_dir, tmp_path):
     """The self-check on real data: MNIST (10,000 images), latent 5, decoder variance 1, betas away from the
     eigenvalues; every trial settles and keeps exactly the units theory keeps (5, 5, 1, 0)."""
-    from vae import collapse
+    from vae.tables import collapse
     from vae.config import TrainConfig
-    from vae.loop import train_loop
-    from vae.session import LocalSession
+    from vae.train.loop import train_loop
+    from vae.train.session import LocalSession
 
     for beta in (0.5, 2.0, 4.4, 6.0):
         cfg = TrainConfig(dataset="mnist", data_dir=data_dir, subset=10_000, model="linear", decoder_var="1",

@@ -6,7 +6,7 @@
     s = sweep(dataset="gaussian2d", model="linear", decoder_var=1, latent_dims="2", betas="0.3,1,3", epochs=5)
     s.collapse_map; s.plot("collapse_heatmaps")
 
-Imports: Ray (`ray.tune`, `tune.sweep`) and torch (`vae.data`) load inside the functions that run a sweep,
+Imports: Ray (`ray.tune`, `tune.sweep`) and torch (`vae.model.data`) load inside the functions that run a sweep,
 so building and checking a SweepConfig stays light.
 """
 
@@ -20,11 +20,12 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from vae import collapse, launch
+from vae import launch
+from vae.tables import collapse
 from vae.api import RunFailed, RunResults, open_results
 from vae.config import ConfigError, build
-from vae.results import Results, StorageError, run_root
-from vae.runs import RunError, RunLock, check_identity
+from vae.tables.results import Results, StorageError, run_root
+from vae.tables.runs import RunError, RunLock, check_identity
 
 from .space import SweepConfig, finish_parse
 
@@ -49,7 +50,7 @@ def run_sweep(sweep: SweepConfig, argv: list[str], resume: bool = False, retry_e
     Returns (exit code, last line): 0 done, 1 some trials errored, 2 refused."""
     from ray import tune as ray_tune
 
-    from vae.data import DataError, preflight  # torch
+    from vae.model.data import DataError, preflight  # torch
 
     root = run_root(sweep.storage, sweep.name)
     if resume and not ray_tune.Tuner.can_restore(root):

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from vae.collapse import crossings, reported_units_in_use
+from vae.tables.collapse import crossings, reported_units_in_use
 
 from .points import member_report, trial_key
 
@@ -42,7 +42,7 @@ class BoundarySearcher(Searcher):
         self.repeats, self.seed = repeats, seed
         self.constants = constants or {}
         self.max_concurrent = max(1, max_concurrent)
-        self.pack = max(1, pack)  # points of one cell trained as one packed trial (vae/pack.py)
+        self.pack = max(1, pack)  # points of one cell trained as one packed trial (vae/train/pack.py)
         self.cells = [{"latent_dim": int(z), "lr": float(lr), "outcomes": {}, "pending": 0, "done": False}
                       for z, lr in cells]
         self.queue: list[tuple[int, float, int]] = []  # (cell index, beta, seed)

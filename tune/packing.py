@@ -1,6 +1,6 @@
 """Pack policy for sweeps: which points share a pack, and how many members a pack holds.
 
-A pack (vae/pack.py) trains K configurations of one shape as one model; this module decides, for a sweep's
+A pack (vae/train/pack.py) trains K configurations of one shape as one model; this module decides, for a sweep's
 grid, which points go together (`groups`) and how large `--pack auto` makes them (`MAX_AUTO`,
 `member_bytes`). The library never needs it: a lone `train_loop` call is a pack of whatever it is handed.
 """
@@ -51,8 +51,8 @@ def member_bytes(cfg: Any) -> int:
     encoder outputs; one evaluation batch (2,048 examples)."""
     import torch  # the meta device: sizes without memory
 
-    from vae.data import INPUT_DIM, TEST_SIZE
-    from vae.models import build_model
+    from vae.model.data import INPUT_DIM, TEST_SIZE
+    from vae.model.models import build_model
 
     input_dim, n_test = INPUT_DIM[cfg.dataset], TEST_SIZE[cfg.dataset]
     with torch.device("meta"):

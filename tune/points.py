@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from vae.axes import POINT_KEYS
-from vae.results import SAFE_KEY
+from vae.tables.results import SAFE_KEY
 
 
 def point(config: dict[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from vae import launch
-from vae.collapse import reported_units_in_use
+from vae.tables.collapse import reported_units_in_use
 from vae.launch import error_line
-from vae.results import Results, file_key, run_root, trial_row
+from vae.tables.results import Results, file_key, run_root, trial_row
 
 from .points import member_report, trial_key
 from .space import SweepConfig
@@ -43,8 +43,8 @@ def trial(config: dict[str, Any]) -> None:
     if sweep.workers_per_trial == 1:
         import torch
 
-        from vae.loop import train_pack
-        from vae.session import TuneSession
+        from vae.train.loop import train_pack
+        from vae.train.session import TuneSession
 
         device = "cuda" if sweep.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
         train_pack([sweep.trial_config(trial_id=trial_key(p), **p) for p in points], TuneSession(device))
@@ -185,7 +185,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     slots = max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial))
     pack = sweep.pack_size(slots, trial_memory(sweep, slots))
     if pack > 1:
-        emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/pack.py)")
+        emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/train/pack.py)")
     if sweep.search == "boundary":
         from .boundary import BoundarySearcher
 

@@ -11,7 +11,7 @@
 message), and runs through the same function as the CLI (`run_training`). Sweeps: `tune.api.sweep`;
 trained models: `vae.trained.load_model`.
 
-Imports: torch (through `vae.data`) and matplotlib (`vae.plots`) load inside the one function each that
+Imports: torch (through `vae.model.data`) and matplotlib (`vae.figures.plots`) load inside the one function each that
 needs them, so `open_results` and the tables stay pandas-only (0.4 s to import, against about 3 s).
 """
 
@@ -24,11 +24,11 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from . import launch
-from .collapse import collapse_map, final_rows, recorded_thresholds
-from .config import ConfigError, TrainConfig, build, resolve
-from .results import SCHEMAS, Results, StorageError, run_root
-from .runs import RunError, RunLock, check_identity
+from vae import launch
+from vae.tables.collapse import collapse_map, final_rows, recorded_thresholds
+from vae.config import ConfigError, TrainConfig, build, resolve
+from vae.tables.results import SCHEMAS, Results, StorageError, run_root
+from vae.tables.runs import RunError, RunLock, check_identity
 
 EXIT_FOR = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -50,7 +50,7 @@ def run_training(cfg: TrainConfig, argv: list[str], verbose: bool = False, emit:
                  warn: Callable[[str], None] | None = None, handle_signals: bool = False) -> tuple[int, str]:
     """The training job: data check, identity and lock, Ray, resources, fit, summary. Returns (exit code,
     last line). Codes as `jobs.train`'s: 0, 1 failed or diverged, 2 refused, 130 / 143 interrupted."""
-    from .data import DataError, preflight  # torch
+    from vae.model.data import DataError, preflight  # torch
 
     warn = warn or emit
     root = run_root(cfg.storage, cfg.name)
@@ -185,9 +185,9 @@ class RunResults:
         return dict(self.info.get("config", {}))
 
     def plot(self, name: str, trial_id: str | None = None, ax=None, **kwargs: Any):
-        """A figure of `vae.plots` by name, drawn from the tables it needs (one trial's, for trial figures:
+        """A figure of `vae.figures.plots` by name, drawn from the tables it needs (one trial's, for trial figures:
         the run's own, or `trial_id`); returns the matplotlib Figure."""
-        from . import plots  # matplotlib
+        from vae import plots  # matplotlib
 
         fn = getattr(plots, name, None)
         if fn is None or name.startswith("_"):

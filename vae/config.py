@@ -22,7 +22,7 @@ import yaml
 DATASETS = ("mnist", "gaussian2d")
 MODELS = ("mlp", "gaussian-mlp", "linear")
 LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")
-TRACKERS = ("none", "tensorboard", "mlflow")  # vae/tracking.py
+TRACKERS = ("none", "tensorboard", "mlflow")  # vae/train/tracking.py
 DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
 DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE and the 2-D Gaussian toy
 DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
@@ -63,7 +63,7 @@ class TrainConfig:
     num_mc: int = 1
     # optimisation
     epochs: int = 10  # with until_settled: the minimum
-    until_settled: bool = False  # train until the collapse state has settled (vae/settle.py) or max_epochs
+    until_settled: bool = False  # train until the collapse state has settled (vae/train/settle.py) or max_epochs
     max_epochs: int = 0  # with until_settled: the budget (0: 10 x epochs)
     batch_size: int = 128  # global: split evenly over the workers
     lr: float = 1e-3

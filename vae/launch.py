@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import pyarrow.dataset as ds
 
-from .config import TrainConfig, config_yaml
-from .results import Results, run_root
-from .runs import RunError
+from vae.config import TrainConfig, config_yaml
+from vae.tables.results import Results, run_root
+from vae.tables.runs import RunError
 
 
 # Ray Train settings for the local cluster that `connect` starts (a cluster we attach to keeps its own):
@@ -169,7 +169,7 @@ def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
             + (f"  {num(speed, ',.0f')} samples/s" if speed is not None and not math.isnan(speed) else ""))
 
 
-# What the loop notes in run.json when it resumed other than from the latest checkpoint (vae/loop.py)
+# What the loop notes in run.json when it resumed other than from the latest checkpoint (vae/train/loop.py)
 RESUME_NOTES = ("restored_from", "redone")
 
 
@@ -253,7 +253,7 @@ def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: lis
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .loop import train_func
+    from vae.train.loop import train_func
 
     resources = {"CPU": cfg.cpus_per_worker or 1}
     if cfg.use_gpu:

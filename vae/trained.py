@@ -5,7 +5,7 @@
     mu, logvar = model.encode(x); x_hat = model.decode(mu); draws = model.sample(16, seed=0)
 
 Checkpoints hold weights only and are loaded with `torch.load(weights_only=True)`; a packed trial's
-checkpoint holds its whole pack, and the member asked for is sliced out of it (`vae.pack.member_slice`).
+checkpoint holds its whole pack, and the member asked for is sliced out of it (`vae.train.pack.member_slice`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any, Mapping
 import pyarrow.fs as pafs
 import torch
 
-from .checkpoint import CheckpointError, check_payload
-from .data import INPUT_DIM
-from .models import build_model
-from .pack import member_slice
-from .results import Results
+from vae.train.checkpoint import CheckpointError, check_payload
+from vae.model.data import INPUT_DIM
+from vae.model.models import build_model
+from vae.train.pack import member_slice
+from vae.tables.results import Results
 
 
 class TrainedVAE:

@@ -1,7 +1,7 @@
 """The one place where a model's ELBO terms meet their fast implementation.
 
-`vae/models.py` and `vae/losses.py` hold the plain math and stay the reference. `accelerate(model)` routes,
-in place, the parts of a training model that have a hand-written node in `vae/kernels.py`, each tested
+`vae/model/models.py` and `vae/model/losses.py` hold the plain math and stay the reference. `accelerate(model)` routes,
+in place, the parts of a training model that have a hand-written node in `vae/model/kernels.py`, each tested
 against the plain formula there (tests/test_kernels.py):
 
 | model                       | part           | fast implementation                                     |
@@ -10,7 +10,7 @@ against the plain formula there (tests/test_kernels.py):
 | the linear VAE, training with one sample of z | `forward` | `kernels.linear_squared_error`: decoder and squared error in one node |
 | a pack's Bernoulli decoder (logits [S, K, B, D]) | `recon_nll` | `kernels.bernoulli_nll`: softplus node (the logits do not fit in cache) |
 
-A pack's layers are `kernels.PackedLinear` already (`vae.pack.stack_models`); a plain model's layers stay
+A pack's layers are `kernels.PackedLinear` already (`vae.train.pack.stack_models`); a plain model's layers stay
 `nn.Linear`. The loop, a packed member taken out for evaluation and the benchmarks call `accelerate`; a
 model a user loads (`vae.load_model`) is the plain one.
 """
@@ -21,8 +21,8 @@ from types import MethodType
 
 import torch
 
-from . import kernels, losses
-from .models import VAE, LinearVAE
+from vae.model import kernels, losses
+from vae.model.models import VAE, LinearVAE
 
 
 def accelerate(model: VAE) -> VAE:

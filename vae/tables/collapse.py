@@ -1,7 +1,7 @@
 """Collapse classification and the collapse map: pure functions of the results tables.
 
 Two counts, one function each:
-- `active_units` (vae.diagnostics): units whose mean moves with x, Var_x E_q[z_j] > active threshold;
+- `active_units` (vae.model.diagnostics): units whose mean moves with x, Var_x E_q[z_j] > active threshold;
 - `units_in_use` (here): active *and* informative (test KL >= KL threshold): the map's definition,
   used by the loop's rows, the map, ASHA, the progress line, the boundary searcher and the report.
 
@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .axes import CELL_AXES
-from .config import ACTIVE_THRESHOLD, KL_THRESHOLD
-from .results import SCHEMAS, Results
+from vae.axes import CELL_AXES
+from vae.config import ACTIVE_THRESHOLD, KL_THRESHOLD
+from vae.tables.results import SCHEMAS, Results
 
 CLASSES = ("healthy", "partial", "collapsed", "diverged")
 THEORY_CLOSE = 1.1  # an eigenvalue within this factor of beta * sigma^2: too close to judge

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import streams
-from .config import DATA_DIR_ENV, OFFLINE_ENV, offline
+from vae.model import streams
+from vae.config import DATA_DIR_ENV, OFFLINE_ENV, offline
 
 GAUSSIAN_MEAN = (1.0, 0.5)
 GAUSSIAN_COV = ((1.0, 0.5), (0.5, 1.0))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .collapse import Thresholds, in_use
+from vae.tables.collapse import Thresholds, in_use
 
 MARGIN = 3.0  # "clearly": this factor away from a threshold
 WINDOW = 5  # epochs: the count must hold this long, and trends are fitted over it

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from . import streams
-from .data import Data
+from vae.model import streams
+from vae.model.data import Data
 
 N_ORIGINALS = 16
 N_PRIOR = 64

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses
+from vae.model import losses
 
 
 class VAE(nn.Module):
@@ -120,7 +120,7 @@ class GaussianMLPVAE(VAE):
         self.latent_dim = cfg.latent_dim
         self.encoder = GaussianMLP(cfg.input_dim, cfg.hidden_dim, cfg.latent_dim)
         self.decoder = GaussianMLP(cfg.latent_dim, cfg.hidden_dim, cfg.input_dim)
-        # a buffer (not saved: the config says it), so that packs (vae/pack.py) stack it; None: learned
+        # a buffer (not saved: the config says it), so that packs (vae/train/pack.py) stack it; None: learned
         self.register_buffer("fixed_logvar", None if cfg.decoder_var is None
                              else torch.tensor(math.log(cfg.decoder_var)), persistent=False)
 

@@ -1,7 +1,7 @@
 """Posterior-collapse diagnostics: pure functions of encoder outputs and models.
 
 - KL per latent dimension (test-set mean of the analytic KL),
-- active units (Burda et al. 2015): Var_x(E_q[z_j]) > threshold (units in use: vae.collapse),
+- active units (Burda et al. 2015): Var_x(E_q[z_j]) > threshold (units in use: vae.tables.collapse),
 - mutual information I(x; z) under q (He et al. 2019's estimator),
 - the importance-weighted NLL bound (Burda et al. 2015) at the end of training.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import losses
+from vae.model import losses
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def evaluate(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) 
 
 @torch.no_grad()
 def evaluate_members(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) -> list[Evaluation]:
-    """`evaluate` for every member of a pack at once (vae/pack.py): x [K, N, D], eps [S, K, N, L]; a plain
+    """`evaluate` for every member of a pack at once (vae/train/pack.py): x [K, N, D], eps [S, K, N, L]; a plain
     model takes x [N, D], eps [S, N, L] and gives a list of one."""
     recon_sum, kl_dims_sum = 0.0, 0.0
     mus, logvars = [], []

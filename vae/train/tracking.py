@@ -17,7 +17,7 @@ import pathlib
 import time
 from typing import Any
 
-from .results import config_row, run_root
+from vae.tables.results import config_row, run_root
 
 TRACKED = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "active_units",
            "units_in_use", "units_undecided", "mutual_info", "kl_weight", "lr_now", "samples_per_second")

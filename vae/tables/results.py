@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .axes import AXES
+from vae.axes import AXES
 
 # The run settings that become columns of `epochs/` and `trials/` (the science, not the plumbing).
 CONFIG_FIELDS = [
@@ -36,7 +36,7 @@ CONFIG_FIELDS = [
 CONFIG_COLUMNS = [name for name, _ in CONFIG_FIELDS]
 KEY = [("trial_id", pa.string())]
 # active_units: Var_x E_q[z_j] > active_threshold; units_in_use: active and test KL >= kl_threshold
-# (vae.collapse): each written where it is computed, under its own name.
+# (vae.tables.collapse): each written where it is computed, under its own name.
 UNIT_FIELDS = [("active_units", pa.int64()), ("units_in_use", pa.int64())]
 TEST_FIELDS = [("test_loss", pa.float64()), ("test_recon", pa.float64()), ("test_kl", pa.float64())]
 
@@ -44,9 +44,9 @@ METRIC_FIELDS = [
     ("kl_weight", pa.float64()), ("train_loss", pa.float64()), ("train_recon", pa.float64()),
     ("train_kl", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
     ("epoch_seconds", pa.float64()), ("samples_per_second", pa.float64()),
-    ("kernels", pa.string()),  # which implementation trained: "torch" (vae/fast.py; kept for older tables' readers)
+    ("kernels", pa.string()),  # which implementation trained: "torch" (vae/model/fast.py; kept for older tables' readers)
     ("lr_now", pa.float64()),  # the learning rate the epoch trained at (its schedule's)
-    ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/settle.py, after this epoch
+    ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/train/settle.py, after this epoch
 ]
 _ARROW = {int: pa.int64(), float: pa.float64()}
 
@@ -62,10 +62,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("error", pa.string()), ("epochs_done", pa.int64()),
         ("train_loss", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
         ("iw_nll", pa.float64()), ("wall_seconds", pa.float64()),
-        # vae/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
+        # vae/train/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
         ("settled", pa.bool_()), ("settle_epoch", pa.int64()), ("units_undecided", pa.int64()),
         ("end_reason", pa.string()),  # why training stopped: budget, settled at epoch N, diverged, ...
-        ("pack_id", pa.string()),  # the packed trial that trained it (vae/pack.py); its own id when alone
+        ("pack_id", pa.string()),  # the packed trial that trained it (vae/train/pack.py); its own id when alone
     ]),
     # test-set encoder means (latest epoch) with labels, for latent-space plots
     "latents": pa.schema(KEY + [("epoch", pa.int64()), ("index", pa.int64()), ("label", pa.int64()),

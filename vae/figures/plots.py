@@ -1,6 +1,6 @@
 """Figures drawn from the results tables alone (never from live models).
 
-Each function takes DataFrames with the contract's columns (`vae.results`). With a `path` it writes one
+Each function takes DataFrames with the contract's columns (`vae.tables.results`). With a `path` it writes one
 PNG, closes the figure and returns the path (the report); without one it returns the matplotlib Figure,
 which a notebook draws inline. `ax` draws into an existing axes (its place is split for multi-panel
 figures). None means the tables hold nothing to draw (the report then says so).
@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .config import KL_THRESHOLD  # noqa: E402
-from .data import GAUSSIAN_COV, GAUSSIAN_MEAN  # noqa: E402
+from vae.config import KL_THRESHOLD  # noqa: E402
+from vae.model.data import GAUSSIAN_COV, GAUSSIAN_MEAN  # noqa: E402
 
 DPI = 100
 STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,

@@ -1,9 +1,9 @@
 """Evaluation and its rows (rank 0): each epoch's test-set diagnostics of every member, written to the
-results tables (vae/results.py) and the member's tracker.
+results tables (vae/tables/results.py) and the member's tracker.
 
 Per member and epoch: the fixed-noise test loss, KL per unit, unit activity, units in use (with the run's
 thresholds), mutual information on `MI_SUBSET` test images, whether the collapse state has settled
-(vae/settle.py); at snapshot epochs, images and latents; at the end, the IW NLL on `iw_subset` test images.
+(vae/train/settle.py); at snapshot epochs, images and latents; at the end, the IW NLL on `iw_subset` test images.
 An epoch's rows of every member are written as one file per table (`flush`), keyed by the pack, so a redone
 epoch replaces them.
 """
@@ -16,17 +16,18 @@ from typing import Any, Sequence
 import pyarrow.dataset as ds
 import torch
 
-from . import diagnostics, fast, losses, snapshots, streams, tracking
-from .collapse import Thresholds
-from .config import TrainConfig
-from .data import Data
-from .models import VAE, build_model
-from .pack import Member, Members, member_model
-from .results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
+from vae.model import diagnostics, fast, losses, streams
+from vae.train import snapshots, tracking
+from vae.tables.collapse import Thresholds
+from vae.config import TrainConfig
+from vae.model.data import Data
+from vae.model.models import VAE, build_model
+from vae.train.pack import Member, Members, member_model
+from vae.tables.results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
 
 MI_SUBSET = 2000
 IW_BATCH = 250
-IMPLEMENTATION = "torch"  # the `kernels` column: which implementation trained (vae/fast.py: one since the probe went)
+IMPLEMENTATION = "torch"  # the `kernels` column: which implementation trained (vae/model/fast.py: one since the probe went)
 
 
 def build(cfg: TrainConfig, input_dim: int) -> VAE:
@@ -105,7 +106,7 @@ class Recorder:
         activity = diagnostics.unit_activity(ev.mu)
         active = diagnostics.active_units(activity, cfg.active_threshold)
         state = m.observe(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float), self.thresholds)
-        used = state.units_in_use  # counted by vae.collapse.in_use, with the run's thresholds
+        used = state.units_in_use  # counted by vae.tables.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
         row = self.epoch_row(m, epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
         self.pending["kl_per_dim"] += kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist())

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow.fs as pafs
 
-from .results import Results
+from vae.tables.results import Results
 
 LOCK = ".lock"
 HEARTBEAT_S = 10.0

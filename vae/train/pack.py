@@ -9,7 +9,7 @@ never mix (their gradients are separable: member k's loss depends on member k's 
 is not stacked: it is the plain model.
 
 The pack's members and where each stands (`Member`, `Members`) live here too: the loop asks them which are
-live, what to report, and what to save. The optimiser for packs is vae/pack_adam.py; which sweep points
+live, what to report, and what to save. The optimiser for packs is vae/train/pack_adam.py; which sweep points
 share a pack is tune/packing.py.
 """
 
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import settle
-from .collapse import Thresholds, units_in_use
-from .config import SHAPE_KEYS
-from .kernels import PackedLinear
-from .pack_adam import PackAdam
+from vae.train import settle
+from vae.tables.collapse import Thresholds, units_in_use
+from vae.config import SHAPE_KEYS
+from vae.model.kernels import PackedLinear
+from vae.train.pack_adam import PackAdam
 
 def check_members(cfgs: Sequence[Any]) -> None:
     """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
@@ -78,7 +78,7 @@ class Member:
         return self.cfg.run_id
 
     def observe(self, epoch: int, kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds) -> settle.SettleState:
-        """Whether its collapse state has settled after `epoch`, from its own history (vae/settle.py)."""
+        """Whether its collapse state has settled after `epoch`, from its own history (vae/train/settle.py)."""
         self.history[epoch] = (kl, activity)
         trained = sorted(e for e in self.history if e >= 1)
         if not trained:

@@ -1,4 +1,4 @@
-"""The HTML report: figures from `vae.plots` plus tables, all read from the Parquet tables.
+"""The HTML report: figures from `vae.figures.plots` plus tables, all read from the Parquet tables.
 
 `<root>/report/index.html` explains what was run and what it found; each
 trial gets `trial-<id>.html`. Images sit beside the pages (no network). Every
@@ -19,10 +19,10 @@ from typing import Callable
 import pandas as pd
 import pyarrow.dataset as ds
 
-from . import plots
-from .axes import CELL_AXES
-from .collapse import Thresholds, collapse_map, final_rows, recorded_thresholds, theory_agreement
-from .results import SAFE_KEY, Results
+from vae.figures import plots
+from vae.axes import CELL_AXES
+from vae.tables.collapse import Thresholds, collapse_map, final_rows, recorded_thresholds, theory_agreement
+from vae.tables.results import SAFE_KEY, Results
 
 AUTO_TRIAL_PAGES = 24  # trial pages drawn with the index; others with --trial
 

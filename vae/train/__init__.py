@@ -1,0 +1,1 @@
+"""Training: the loop, packs, evaluation and its rows, checkpoints, sessions, CPU tuning."""
