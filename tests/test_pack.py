@@ -227,3 +227,21 @@ def test_pack_auto_spreads_configurations_over_the_slots_within_memory():
     one = packing.member_bytes(big.trial_config(latent_dim=50))
     assert big.pack_size(slots=1, trial_memory=2 * 10 * one) == 10  # half the memory, by the estimate
     assert SweepConfig(dataset="gaussian2d", pack="7").pack_size(slots=64) == 7
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_a_packed_member_on_binarized_mnist_equals_its_run_alone_under_either_objective(objective, tmp_path, data_dir):
+    """Each member binarizes the training images with its own seed every epoch, and an IWAE member's bound is
+    its own: the pack's rows are the rows of the runs alone."""
+    kw = dict(dataset="binarized-mnist", model="mlp", hidden_widths="32,16", activation="tanh", latent_dim=4,
+              epochs=2, iw_samples=10, iw_subset=50, subset=300, storage=str(tmp_path), objective=objective,
+              objective_k=3 if objective == "iwae" else 1, data_dir=data_dir)
+    points = [dict(beta=1.0, lr=1e-3, seed=0), dict(beta=0.5, lr=3e-3, seed=1), dict(beta=2.0, lr=1e-3, seed=1)]
+    for i, p in enumerate(points):
+        train_loop(TrainConfig(**{**kw, **p}, name="alone", trial_id=f"t{i}"), LocalSession())
+    train_pack([TrainConfig(**{**kw, **p}, name="packed", trial_id=f"t{i}") for i, p in enumerate(points)],
+               LocalSession())
+    alone, packed = str(tmp_path / "alone"), str(tmp_path / "packed")
+    _same(_rows(alone, "epochs"), _rows(packed, "epochs"),
+          ["epoch", "train_loss", "train_kl", "test_loss", "test_kl", "mutual_info", "units_in_use", "objective"])
+    _same(_rows(alone, "trials"), _rows(packed, "trials"), ["status", "test_loss", "iw_nll"])

@@ -52,13 +52,12 @@ def member_bytes(cfg: Any) -> int:
     import torch  # the meta device: sizes without memory
 
     from vae.model.data import INPUT_DIM, TEST_SIZE
-    from vae.model.models import build_model
+    from vae.model.models import model_for
 
     input_dim, n_test = INPUT_DIM[cfg.dataset], TEST_SIZE[cfg.dataset]
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim,
-                                                    cfg.fixed_decoder_var).parameters())
-    per_example = cfg.num_mc * (3 * input_dim + 4 * cfg.hidden_dim + 6 * cfg.latent_dim) + input_dim
+        params = sum(p.numel() for p in model_for(cfg, input_dim).parameters())
+    per_example = cfg.train_samples * (3 * input_dim + 4 * sum(cfg.widths) + 6 * cfg.latent_dim) + input_dim
     floats = (4 * params + 3 * cfg.batch_size * per_example + n_test * cfg.latent_dim * (cfg.num_mc + 3)
               + 2048 * per_example)
     return 4 * int(floats)

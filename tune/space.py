@@ -11,8 +11,9 @@ import time
 from typing import Any, Sequence
 
 from vae.axes import AXES
-from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig, add_config_flags, check,
-                        check_choice, check_float, check_int, check_name, check_storage, finish, parse_args, resolve)
+from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig, add_config_flags, add_preset_flag,
+                        check, check_choice, check_float, check_int, check_name, check_storage, finish, parse_args,
+                        resolve)
 
 from .packing import MAX_AUTO, groups, member_bytes
 
@@ -20,9 +21,9 @@ SEARCHES = ("grid", "random", "boundary")
 SCHEDULERS = ("none", "asha", "settled")
 # Settings of one training run that a sweep passes through unchanged (their types, defaults and checks
 # are TrainConfig's), and the defaults a sweep changes: a cheaper final IW NLL per trial.
-PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "decoder_var", "num_mc", "epochs", "until_settled",
-                  "max_epochs", "lr_schedule", "batch_size", "seed", "active_threshold", "kl_threshold",
-                  "iw_samples", "iw_subset", "tracker")
+PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "hidden_widths", "activation", "decoder_var",
+                  "objective", "objective_k", "num_mc", "epochs", "until_settled", "max_epochs", "lr_schedule",
+                  "batch_size", "seed", "active_threshold", "kl_threshold", "iw_samples", "iw_subset", "tracker")
 SWEEP_DEFAULTS = {"iw_samples": 100, "iw_subset": 500}
 
 
@@ -227,6 +228,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log stream")
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config as YAML (what --config takes) and exit")
+    add_preset_flag(parser)
     add_config_flags(parser, SweepConfig, help=SWEEP_HELP)
     return parser
 

@@ -131,7 +131,9 @@ def _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes) -> tu
     if error is not None or trial.empty:
         return 1, f"failed: {launch.error_line(error)}; results so far in {root}"
     row = trial.iloc[0]
+    iw_on = "all" if not cfg.iw_subset else cfg.iw_subset
     line = (f"{row.status}: {cfg.name} test_loss={row.test_loss:.2f} iw_nll={row.iw_nll:.2f} "
+            f"(k={cfg.iw_samples} on {iw_on} test images, {row.iw_seconds:.0f}s) "
             f"units_in_use={row.units_in_use}/{cfg.latent_dim} (active {row.active_units}) epochs={row.epochs_done} "
             f"settled={'yes' if row.settled else 'no'} wall={row.wall_seconds:.0f}s results={root}"
             + (f" ({row.error})" if row.error else "") + (f" [{row.end_reason}]" if row.end_reason else ""))

@@ -19,15 +19,27 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-DATASETS = ("mnist", "gaussian2d")
+DATASETS = ("mnist", "binarized-mnist", "gaussian2d")
+IMAGE_DATASETS = ("mnist", "binarized-mnist")  # Bernoulli decoders' data
 MODELS = ("mlp", "gaussian-mlp", "linear")
-LR_SCHEDULES = ("auto", "constant", "cosine", "plateau")
+ACTIVATIONS = ("relu", "tanh")
+OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("auto", "constant", "cosine", "plateau", "burda")
 TRACKERS = ("none", "tensorboard", "mlflow")  # vae/train/tracking.py
-DEFAULT_MODEL = {"mnist": "mlp", "gaussian2d": "gaussian-mlp"}
-DEFAULT_LATENT = {"mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE and the 2-D Gaussian toy
-DEFAULT_HIDDEN = {"mnist": 400, "gaussian2d": 64}
+DEFAULT_MODEL = {"mnist": "mlp", "binarized-mnist": "mlp", "gaussian2d": "gaussian-mlp"}
+DEFAULT_LATENT = {"mnist": 20, "binarized-mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE, the 2-D toy
+DEFAULT_HIDDEN = {"mnist": 400, "binarized-mnist": 400, "gaussian2d": 64}
+# Named sets of flag values (`--preset`): given flags and --config keys override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Burda, Grosse & Salakhutdinov (2015), one stochastic layer: 784-200-200-50 with tanh, batch 20, Adam at
+    # 1e-3 * 10^(-i/7) for 3^i passes, i = 0..7 (3,280 epochs; `lr_schedule: burda` keeps the stages' shares
+    # of a shorter --epochs)
+    "burda2015": {"model": "mlp", "hidden_widths": "200,200", "activation": "tanh", "latent_dim": 50,
+                  "batch_size": 20, "lr": 1e-3, "lr_schedule": "burda", "epochs": 3280},
+}
 STORAGE_SCHEMES = ("", "file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 DATA_DIR_ENV, OFFLINE_ENV = "VAE_DATA_DIR", "VAE_OFFLINE"
+WIDTHS = re.compile(r"^(?:[1-9]\d{0,4}|65536)(?:,(?:[1-9]\d{0,4}|65536)){0,7}$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # The collapse thresholds' defaults, owned here; every reader takes the thresholds a run recorded.
 ACTIVE_THRESHOLD = 0.01  # Var_x E_q[z_j] above this: the unit is active (Burda et al. 2015)
@@ -36,9 +48,9 @@ KL_THRESHOLD = 0.01  # nats: a dimension with less test KL carries no informatio
 
 # What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
 # variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
-SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "batch_size", "num_mc", "epochs",
-              "until_settled", "max_epochs", "lr_schedule", "num_workers", "active_threshold", "kl_threshold",
-              "iw_samples", "iw_subset")
+SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "hidden_widths", "activation",
+              "objective", "objective_k", "batch_size", "num_mc", "epochs", "until_settled", "max_epochs",
+              "lr_schedule", "num_workers", "active_threshold", "kl_threshold", "iw_samples", "iw_subset")
 
 
 class ConfigError(ValueError):
@@ -55,8 +67,12 @@ class TrainConfig:
     model: str = ""  # "" -> the dataset's default model
     latent_dim: int = 0  # 0 -> 20 for mnist, 2 for gaussian2d
     hidden_dim: int = 0  # 0 -> 400 for mnist, 64 for gaussian2d
+    hidden_widths: str = ""  # "200,200": the MLP's hidden layers, decoder mirrored ("" -> one of hidden_dim)
+    activation: str = "relu"  # the MLP's hidden activation
     decoder_var: str = "learned"  # Gaussian decoders: "learned" or a fixed variance
     # objective
+    objective: str = "elbo"  # elbo, or iwae (Burda et al. 2015) with objective_k importance samples
+    objective_k: int = 1
     beta: float = 1.0
     kl_warmup_epochs: float = 0.0
     free_bits: float = 0.0
@@ -97,6 +113,16 @@ class TrainConfig:
     @property
     def fixed_decoder_var(self) -> float | None:
         return None if self.decoder_var == "learned" else float(self.decoder_var)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The MLP's hidden widths, input side first."""
+        return tuple(int(w) for w in self.hidden_widths.split(",")) if self.hidden_widths else (self.hidden_dim,)
+
+    @property
+    def train_samples(self) -> int:
+        """Samples of z per input in a training step: the IWAE's k, else --num-mc."""
+        return self.objective_k if self.objective == "iwae" else self.num_mc
 
     @property
     def budget(self) -> int:
@@ -165,11 +191,19 @@ def validate(c: TrainConfig) -> None:
     check_int("subset", c.subset, 0, 10_000_000)
     if c.model:
         check_choice("model", c.model, MODELS)
-        if c.model == "mlp" and c.dataset != "mnist":
+        if c.model == "mlp" and c.dataset not in IMAGE_DATASETS:
             raise ConfigError("--model: mlp has a Bernoulli decoder for [0, 1] pixels; "
                               f"use gaussian-mlp or linear with --dataset {c.dataset}")
     check_int("latent_dim", c.latent_dim, 0, 4096)
     check_int("hidden_dim", c.hidden_dim, 0, 65536)
+    check(isinstance(c.hidden_widths, str) and (c.hidden_widths == "" or bool(WIDTHS.fullmatch(c.hidden_widths))),
+          "hidden_widths", "a comma-separated list of 1 to 8 widths, each 1 to 65536 (e.g. 200,200)", c.hidden_widths)
+    check_choice("activation", c.activation, ACTIVATIONS)
+    check_choice("objective", c.objective, OBJECTIVES)
+    check_int("objective_k", c.objective_k, 1, 5000)
+    if c.objective == "iwae":
+        check(c.free_bits == 0, "free_bits", "0 with --objective iwae (free bits floor the analytic KL, which "
+              "the IWAE bound does not have)", c.free_bits)
     if c.decoder_var != "learned":
         try:
             var = float(c.decoder_var)
@@ -193,7 +227,7 @@ def validate(c: TrainConfig) -> None:
     check_float("active_threshold", c.active_threshold, 0.0, 1e6, lo_open=True)
     check_float("kl_threshold", c.kl_threshold, 0.0, 1e6, lo_open=True)
     check_int("iw_samples", c.iw_samples, 0, 100_000)
-    check_int("iw_subset", c.iw_subset, 1, 1_000_000)
+    check_int("iw_subset", c.iw_subset, 0, 1_000_000)
     check_int("num_workers", c.num_workers, 1, 4096)
     check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
     check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
@@ -285,13 +319,19 @@ def boolean(text: str) -> bool:
 
 
 HELP = {
-    "dataset": "mnist (the pytorch/examples VAE's data) or gaussian2d (the correlated 2-D Gaussian toy)",
+    "dataset": "mnist (grey, the pytorch/examples VAE's data), binarized-mnist (binarized afresh each epoch; the "
+               "test set once; the literature's data) or gaussian2d (the correlated 2-D Gaussian toy)",
     "subset": "train on the first N training examples only (0: all)",
     "data_dir": "MNIST root in torchvision's layout (default: $VAE_DATA_DIR or ./data; downloaded when absent)",
     "model": "mlp (Bernoulli decoder), gaussian-mlp (learned output variance) or linear "
              "(default: mlp for mnist, gaussian-mlp for gaussian2d)",
     "latent_dim": "latent size (0: 20 for mnist, 2 for gaussian2d)",
     "hidden_dim": "hidden layer width (0: 400 for mnist, 64 for gaussian2d)",
+    "hidden_widths": "the MLP's hidden layers as widths, input side first, the decoder mirrored (e.g. 200,200; "
+                     "default: one layer of --hidden-dim)",
+    "activation": "the MLP's hidden activation: relu (pytorch/examples) or tanh (Burda et al. 2015)",
+    "objective": "elbo, or iwae: the importance-weighted bound of Burda et al. (2015) with --objective-k samples",
+    "objective_k": "importance samples per input for --objective iwae (1: the ELBO)",
     "decoder_var": "Gaussian decoders: 'learned' or a fixed observation variance",
     "beta": "KL weight of the objective (recon + beta * KL)",
     "kl_warmup_epochs": "raise the KL weight linearly from 0 to beta over this many epochs",
@@ -301,15 +341,16 @@ HELP = {
     "until_settled": "train until every unit is clearly in use or unused and the count holds (see the README), "
                      "or --max-epochs",
     "max_epochs": "with --until-settled: the epoch budget (0: 10 x --epochs)",
-    "lr_schedule": "auto (cosine with --until-settled, else constant), constant, cosine (to 0 over the budget) "
-                   "or plateau (halve on a flat training loss)",
+    "lr_schedule": "auto (cosine with --until-settled, else constant), constant, cosine (to 0 over the budget), "
+                   "plateau (halve on a flat training loss) or burda (x 10^(-i/7) for stage i = 0..7 of 3^i "
+                   "passes, the stages scaled to the budget)",
     "batch_size": "global batch size (split evenly over the workers)",
     "lr": "Adam learning rate",
     "seed": "random seed (data order, initialisation, noise)",
     "active_threshold": "a latent unit is active when Var_x(E_q[z_j]) exceeds this",
     "kl_threshold": "nats: a unit is in use when it is active and its test KL is at least this",
     "iw_samples": "importance samples for the final IW NLL bound (0: skip it)",
-    "iw_subset": "test examples used for the IW NLL bound",
+    "iw_subset": "test examples used for the IW NLL bound (0: the whole test set)",
     "num_workers": "Ray Train data-parallel workers",
     "use_gpu": "true/false (default: GPU when the cluster has one)",
     "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",
@@ -395,8 +436,25 @@ def load_yaml(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def with_preset(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` over the preset they name (`preset: burda2015`), if any: the preset fills what they do not
+    give. A sweep takes a preset's single values for its lists (latent_dim -> latent_dims, lr -> lrs)."""
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset in (None, ""):
+        return values
+    check_choice("preset", preset, tuple(PRESETS))
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in PRESETS[preset].items():
+        target = key if key in names else key + "s" if key + "s" in names else None
+        if target and target not in values:
+            values[target] = value if target == key else str(value)
+    return values
+
+
 def build(cls: type, values: Mapping[str, Any], source: str = "--config") -> Any:
-    """Make a config dataclass from plain values, with one-line errors."""
+    """Make a config dataclass from plain values (over the preset they name), with one-line errors."""
+    values = with_preset(cls, values)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -426,6 +484,8 @@ def parse_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] |
     try:
         values = load_yaml(args.config) if getattr(args, "config", None) else {}
         values.update(given)
+        if getattr(args, "preset", None):
+            values["preset"] = args.preset
         return build(cls, values), args
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
@@ -435,6 +495,12 @@ ENV_HELP = ("environment: VAE_DATA_DIR: MNIST's folder (default ./data); VAE_OFF
             "VAE_STORAGE: the default --storage.")
 
 
+def add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", metavar="NAME", help="a named set of flag values that given flags override: "
+                        + "; ".join(f"{k} = " + " ".join(f"--{f.replace('_', '-')} {v}" for f, v in p.items())
+                                    for k, p in PRESETS.items()))
+
+
 def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description="Train a VAE with Ray Train and write Parquet tables.",
                            epilog=ENV_HELP)
@@ -442,6 +508,7 @@ def train_parser(prog: str = "jobs.train") -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log stream")
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config as YAML (what --config takes) and exit")
+    add_preset_flag(parser)
     add_config_flags(parser, TrainConfig)
     return parser
 

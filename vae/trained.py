@@ -16,11 +16,12 @@ from typing import Any, Mapping
 import pyarrow.fs as pafs
 import torch
 
-from vae.train.checkpoint import CheckpointError, check_payload
+from vae.config import TrainConfig
 from vae.model.data import INPUT_DIM
-from vae.model.models import build_model
+from vae.model.models import model_for
+from vae.tables.results import CONFIG_COLUMNS, Results
+from vae.train.checkpoint import CheckpointError, check_payload
 from vae.train.pack import member_slice
-from vae.tables.results import Results
 
 
 class TrainedVAE:
@@ -106,8 +107,8 @@ def load_model(path_or_uri: str, trial_id: str | None = None, epoch: int | None 
         raise FileNotFoundError(f"no checkpoint of trial {trial_id!r}" + (f" at epoch {epoch}" if epoch is not None else "")
                                 + f" under {path_or_uri} (Ray keeps the latest two)")
     payload = max(found, key=lambda p: int(p["epoch"]))
-    decoder_var = None if row.decoder_var == "learned" else float(row.decoder_var)
-    model = build_model(row.model, INPUT_DIM[row.dataset], int(row.latent_dim), int(row.hidden_dim), decoder_var)
+    saved = {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in CONFIG_COLUMNS}  # numpy -> Python
+    model = model_for(TrainConfig(**saved), INPUT_DIM[row.dataset])
     members = [m.get("trial_id") for m in payload["extra"].get("members", [])]
     if len(members) > 1:  # a packed trial's checkpoint holds its whole pack: this member's slice
         model.load_state_dict(member_slice(payload["model"], members.index(trial_id), model.state_dict()))

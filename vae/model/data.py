@@ -22,8 +22,10 @@ from vae.config import DATA_DIR_ENV, OFFLINE_ENV, offline
 GAUSSIAN_MEAN = (1.0, 0.5)
 GAUSSIAN_COV = ((1.0, 0.5), (0.5, 1.0))
 GAUSSIAN_TRAIN, GAUSSIAN_TEST = 10_000, 2_000
-INPUT_DIM = {"mnist": 784, "gaussian2d": len(GAUSSIAN_MEAN)}  # features of one example
-TEST_SIZE = {"mnist": 10_000, "gaussian2d": GAUSSIAN_TEST}  # examples in the test split
+INPUT_DIM = {"mnist": 784, "binarized-mnist": 784, "gaussian2d": len(GAUSSIAN_MEAN)}  # features of one example
+TEST_SIZE = {"mnist": 10_000, "binarized-mnist": 10_000, "gaussian2d": GAUSSIAN_TEST}  # examples in the test split
+# binarized-mnist's test set is binarized once, with this seed, for every run (streams.test_binarization)
+BINARIZED_TEST_SEED = 0
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_SIZES = dict(zip(MNIST_FILES, (47_040_016, 60_008, 7_840_016, 10_008)))
@@ -51,6 +53,22 @@ class Data:
     train: Split
     test: Split
     image_shape: tuple[int, ...] | None  # (28, 28) for images, None for points
+    dynamic: bool = False  # train.x holds probabilities, binarized afresh every epoch (`binarize`)
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each value 1 with probability x (dynamic binarization of grey MNIST, as the literature trains on it):
+    uint8 of 0 and 1, shaped as x. The generator's device is where the draws are made."""
+    return (torch.rand(x.shape, generator=generator, device=generator.device) < x.to(generator.device)).to(torch.uint8)
+
+
+def binarized_mnist(root: str, subset: int = 0) -> Data:
+    """MNIST for the Bernoulli likelihood: training images as intensities that the loop binarizes every epoch
+    (seeded by run seed and epoch: vae.model.streams.binarization), the test set binarized once
+    (BINARIZED_TEST_SEED), the same for every run."""
+    grey = load_mnist(root, subset)
+    test = binarize(grey.test.x, streams.test_binarization(BINARIZED_TEST_SEED)).to(torch.float32)
+    return Data(grey.train, Split(test, grey.test.y), grey.image_shape, dynamic=True)
 
 
 def check_mnist_files(root: str) -> dict[str, torch.Tensor]:
@@ -159,7 +177,7 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
 
 def preflight(dataset: str, data_dir: str) -> None:
     """Fail early, naming the file, if the data cannot be had; cheap when MNIST is already there."""
-    if dataset == "mnist":
+    if dataset in ("mnist", "binarized-mnist"):
         if mnist_present(data_dir):
             check_mnist_files(data_dir)
         else:
@@ -178,6 +196,8 @@ def load(dataset: str, data_dir: str, seed: int, subset: int = 0) -> Data:
 def _load(dataset: str, data_dir: str, seed: int, subset: int) -> Data:
     if dataset == "mnist":
         return load_mnist(data_dir, subset)
+    if dataset == "binarized-mnist":
+        return binarized_mnist(data_dir, subset)
     if dataset == "gaussian2d":
         return gaussian2d(seed, subset)
     raise ValueError(f"unknown dataset {dataset!r}")

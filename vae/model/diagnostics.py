@@ -101,20 +101,22 @@ def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, chunk: 
 
 @torch.no_grad()
 def iw_nll(model, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
-           chunk: int = 100) -> float:
+           chunk: int = 100, eps: torch.Tensor | None = None) -> float:
     """-log p(x) bounded with K importance samples, mean over examples (nats).
 
-    log p(x) >= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K.
+    log p(x) >= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, accumulated `chunk` samples
+    at a time (a running logsumexp), so memory stays that of `chunk` samples whatever K is. `eps` [K, B, L]:
+    given noise instead of draws from `generator`.
     """
     mu, logvar = model.encode(x)
     total = torch.full((len(x),), -math.inf, device=x.device)
     done = 0
     while done < num_samples:
         k = min(chunk, num_samples - done)
-        eps = torch.randn((k, *mu.shape), generator=generator, device="cpu").to(x.device)
-        z = losses.reparameterize(mu, logvar, eps)  # [k, B, L]
-        log_w = (-model.recon_nll(x, model.decode(z)) + losses.log_standard_normal(z)
-                 - losses.log_normal_diag(z, mu, logvar))
+        noise = (eps[done:done + k].to(x.device) if eps is not None else
+                 torch.randn((k, *mu.shape), generator=generator, device="cpu").to(x.device))
+        z = losses.reparameterize(mu, logvar, noise)  # [k, B, L]
+        log_w = losses.log_importance_weights(model.recon_nll(x, model.decode(z)), z, mu, logvar)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
         done += k
     return float(-(total - math.log(num_samples)).mean())

@@ -8,7 +8,7 @@ against the plain formula there (tests/test_kernels.py):
 |-----------------------------|----------------|---------------------------------------------------------|
 | a Gaussian decoder whose variance is shared by every feature (fixed, or one learned) | `recon_nll` | `kernels.squared_error`: sum_d (x_d - mean_d)^2 in one node |
 | the linear VAE, training with one sample of z | `forward` | `kernels.linear_squared_error`: decoder and squared error in one node |
-| a pack's Bernoulli decoder (logits [S, K, B, D]) | `recon_nll` | `kernels.bernoulli_nll`: softplus node (the logits do not fit in cache) |
+| a Bernoulli decoder in a pack (logits [S, K, B, D]) or evaluated | `recon_nll` | `kernels.bernoulli_nll`: softplus, a sum and a dot (the logits do not fit in cache; BCE makes about nine passes) |
 
 A pack's layers are `kernels.PackedLinear` already (`vae.train.pack.stack_models`); a plain model's layers stay
 `nn.Linear`. The loop, a packed member taken out for evaluation and the benchmarks call `accelerate`; a
@@ -28,8 +28,7 @@ from vae.model.models import VAE, LinearVAE
 def accelerate(model: VAE) -> VAE:
     """`model` with its fast implementations installed (in place; returned for chaining)."""
     if model.likelihood == "bernoulli":
-        if is_packed(model):
-            model.recon_nll = MethodType(_packed_bernoulli_nll, model)
+        model.recon_nll = MethodType(_bernoulli_nll, model)
     else:
         model.recon_nll = MethodType(_gaussian_nll, model)
     if isinstance(model, LinearVAE):
@@ -41,8 +40,10 @@ def is_packed(model: torch.nn.Module) -> bool:
     return any(isinstance(m, kernels.PackedLinear) for m in model.modules())
 
 
-def _packed_bernoulli_nll(model: VAE, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    if logits.dim() >= 4 and not x.requires_grad:  # a pack's logits [S, K, B, D]
+def _bernoulli_nll(model: VAE, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The softplus node for a pack's logits [S, K, B, D] (out of cache) and wherever nothing is differentiated
+    (evaluation, the IW NLL: half the time of BCE's passes); BCE-with-logits while a model alone trains."""
+    if (logits.dim() >= 4 or not torch.is_grad_enabled()) and not x.requires_grad:
         return kernels.bernoulli_nll(x, logits)
     return losses.bernoulli_nll(x, logits)
 
@@ -55,11 +56,12 @@ def _gaussian_nll(model: VAE, x: torch.Tensor, decoded: tuple[torch.Tensor, torc
     return losses.gaussian_nll(x, mean, logvar)
 
 
-def _linear_forward(model: LinearVAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE.forward; while training with one sample of z, the squared error comes from one node with the
-    decoder, which never forms the mean."""
-    if eps.shape[0] != 1 or x.requires_grad or not torch.is_grad_enabled():
-        return VAE.forward(model, x, eps)
+def _linear_forward(model: LinearVAE, x: torch.Tensor, eps: torch.Tensor,
+                    iw_weight: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE.forward; while training the ELBO with one sample of z, the squared error comes from one node with
+    the decoder, which never forms the mean."""
+    if iw_weight is not None or eps.shape[0] != 1 or x.requires_grad or not torch.is_grad_enabled():
+        return VAE.forward(model, x, eps, iw_weight)
     mu, logvar = model.encode(x)
     z = losses.reparameterize(mu, logvar, eps)
     se = kernels.linear_squared_error(x, z, model.dec.weight, model.dec.bias)  # [1, B] or [1, K, B]

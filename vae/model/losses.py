@@ -80,6 +80,21 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float | torch.Tensor) -> torc
     return per_example.sum(-1)
 
 
+def log_importance_weights(recon_nll: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                           weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """log w_s = log p(x|z_s) + weight * (log p(z_s) - log q(z_s|x)) for z_s ~ q(z|x): [S, ..., B].
+
+    recon_nll [S, ..., B]; z [S, ..., B, L]; mu, logvar [..., B, L]; weight a number or [..., 1] (a pack's KL
+    weights). At weight 1 the importance weights of p(x, z) / q(z|x) (Burda et al. 2015)."""
+    return -recon_nll + weight * (log_standard_normal(z) - log_normal_diag(z, mu, logvar))
+
+
+def negative_iwae(log_w: torch.Tensor) -> torch.Tensor:
+    """-log (1/S) sum_s w_s over the leading sample axis: the IWAE bound per example [..., B] (Burda et al.
+    2015). With S = 1 it is the negative ELBO estimated with that one sample."""
+    return -(torch.logsumexp(log_w, 0) - math.log(log_w.shape[0]))
+
+
 def negative_elbo(recon_nll: torch.Tensor, kl_dims: torch.Tensor, weight: float | torch.Tensor,
                   free_bits: float | torch.Tensor = 0.0) -> torch.Tensor:
     """The training objective, averaged over the batch: mean(recon + weight * KL).

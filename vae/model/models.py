@@ -19,6 +19,9 @@ from torch import nn
 from vae.model import losses
 
 
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
+
+
 class VAE(nn.Module):
     likelihood = "gaussian"
     latent_dim: int
@@ -50,12 +53,18 @@ class VAE(nn.Module):
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         return mean + torch.exp(0.5 * logvar) * noise
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, D], eps [S, B, L] -> (recon NLL averaged over the S samples [B], KL per dim [B, L])."""
+    def forward(self, x: torch.Tensor, eps: torch.Tensor,
+                iw_weight: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, D], eps [S, B, L] -> (recon NLL averaged over the S samples [B], KL per dim [B, L]).
+
+        With `iw_weight` (the IWAE objective): (the log importance weights [S, B], KL per dim [B, L]), the
+        prior and posterior terms weighted by it (losses.log_importance_weights)."""
         mu, logvar = self.encode(x)
         z = losses.reparameterize(mu, logvar, eps)
-        recon = self.recon_nll(x, self.decode(z)).mean(0)
-        return recon, losses.kl_per_dim(mu, logvar)
+        recon = self.recon_nll(x, self.decode(z))
+        if iw_weight is not None:
+            return losses.log_importance_weights(recon, z, mu, logvar, iw_weight), losses.kl_per_dim(mu, logvar)
+        return recon.mean(0), losses.kl_per_dim(mu, logvar)
 
 
 # ------------------------------------------------------------------ the pytorch/examples VAE
@@ -63,30 +72,40 @@ class VAE(nn.Module):
 @dataclass(frozen=True)
 class MLPConfig:
     input_dim: int = 784
-    hidden_dim: int = 400
+    hidden_widths: tuple[int, ...] = (400,)  # the encoder's hidden layers; the decoder mirrors them
     latent_dim: int = 20
+    activation: str = "relu"
 
 
 class MLPVAE(VAE):
-    """The pytorch/examples VAE: 784-400-(mu, logvar) encoder, 400-784 decoder giving Bernoulli logits."""
+    """An MLP VAE with a Bernoulli decoder. The default is the pytorch/examples VAE (784-400-(mu, logvar)
+    encoder, 400-784 decoder, ReLU); `hidden_widths` (200, 200) and tanh is Burda et al. (2015)'s model."""
 
     likelihood = "bernoulli"
 
     def __init__(self, cfg: MLPConfig):
         super().__init__()
         self.latent_dim = cfg.latent_dim
-        self.fc1 = nn.Linear(cfg.input_dim, cfg.hidden_dim)
-        self.fc_mu = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
-        self.fc_logvar = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
-        self.fc3 = nn.Linear(cfg.latent_dim, cfg.hidden_dim)
-        self.fc4 = nn.Linear(cfg.hidden_dim, cfg.input_dim)
+        self.act = ACTIVATIONS[cfg.activation]
+        widths = list(cfg.hidden_widths)
+        self.enc = nn.ModuleList(nn.Linear(a, b) for a, b in zip([cfg.input_dim] + widths[:-1], widths))
+        self.fc_mu = nn.Linear(widths[-1], cfg.latent_dim)
+        self.fc_logvar = nn.Linear(widths[-1], cfg.latent_dim)
+        back = widths[::-1]
+        self.dec = nn.ModuleList(nn.Linear(a, b) for a, b in zip([cfg.latent_dim] + back[:-1], back))
+        self.fc_out = nn.Linear(back[-1], cfg.input_dim)
 
     def encode(self, x):
-        h = F.relu(self.fc1(x))
+        h = x
+        for layer in self.enc:
+            h = self.act(layer(h))
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z):
-        return self.fc4(F.relu(self.fc3(z)))
+        h = z
+        for layer in self.dec:
+            h = self.act(layer(h))
+        return self.fc_out(h)
 
 
 # ------------------------------------------------------------------ the 2-D Gaussian toy's VAE
@@ -180,11 +199,18 @@ REGISTRY = {
 }
 
 
+def model_for(cfg, input_dim: int) -> VAE:
+    """The model a run config (a `TrainConfig`) describes, for data of `input_dim` features."""
+    return build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim, cfg.fixed_decoder_var, cfg.widths,
+                       cfg.activation)
+
+
 def build_model(name: str, input_dim: int, latent_dim: int, hidden_dim: int,
-                decoder_var: float | None) -> VAE:
+                decoder_var: float | None, hidden_widths: tuple[int, ...] = (), activation: str = "relu") -> VAE:
     """The model `name` with the settings its config type has (others are ignored)."""
     cls, cfg_cls = REGISTRY[name]
     offered = {"input_dim": input_dim, "latent_dim": latent_dim, "hidden_dim": hidden_dim,
-               "decoder_var": decoder_var}
+               "decoder_var": decoder_var, "hidden_widths": tuple(hidden_widths) or (hidden_dim,),
+               "activation": activation}
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
     return cls(cfg_cls(**{k: v for k, v in offered.items() if k in fields}))

@@ -50,6 +50,16 @@ def shuffle(seed: int, epoch: int) -> torch.Generator:
     return _gen(seed * _PRIME + epoch)
 
 
+def binarization(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """One epoch's binarization of the training images (binarized-mnist): the same on every rank."""
+    return _gen(_mixed(seed, 5, epoch), device)
+
+
+def test_binarization(seed: int) -> torch.Generator:
+    """The one binarization of binarized-mnist's test set."""
+    return _gen(_mixed(seed, 6))
+
+
 def toy_data(seed: int) -> torch.Generator:
     """The 2-D Gaussian toy's points."""
     return _gen(10_007 + seed)

@@ -26,7 +26,8 @@ from vae.axes import AXES
 # The run settings that become columns of `epochs/` and `trials/` (the science, not the plumbing).
 CONFIG_FIELDS = [
     ("dataset", pa.string()), ("model", pa.string()), ("latent_dim", pa.int64()),
-    ("hidden_dim", pa.int64()), ("decoder_var", pa.string()), ("beta", pa.float64()),
+    ("hidden_dim", pa.int64()), ("hidden_widths", pa.string()), ("activation", pa.string()),
+    ("decoder_var", pa.string()), ("objective", pa.string()), ("objective_k", pa.int64()), ("beta", pa.float64()),
     ("kl_warmup_epochs", pa.float64()), ("free_bits", pa.float64()), ("num_mc", pa.int64()),
     ("epochs", pa.int64()), ("until_settled", pa.bool_()), ("max_epochs", pa.int64()),
     ("batch_size", pa.int64()), ("lr", pa.float64()), ("lr_schedule", pa.string()),
@@ -62,6 +63,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("error", pa.string()), ("epochs_done", pa.int64()),
         ("train_loss", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
         ("iw_nll", pa.float64()), ("wall_seconds", pa.float64()),
+        ("iw_seconds", pa.float64()),  # the IW NLL bound's own wall time
         # vae/train/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
         ("settled", pa.bool_()), ("settle_epoch", pa.int64()), ("units_undecided", pa.int64()),
         ("end_reason", pa.string()),  # why training stopped: budget, settled at epoch N, diverged, ...
@@ -159,7 +161,7 @@ def trial_row(config: Any, trial_id: str, status: str, error: str, epochs_done: 
            "epochs_done": int(epochs_done), "wall_seconds": float(wall_seconds),
            "settled": bool(final.get("settled", False)), "settle_epoch": int(final.get("settle_epoch", -1)),
            "units_undecided": int(final.get("units_undecided", 0)), "end_reason": str(final.get("end_reason", ""))}
-    for k in ("train_loss", "test_loss", "test_recon", "test_kl", "mutual_info", "iw_nll"):
+    for k in ("train_loss", "test_loss", "test_recon", "test_kl", "mutual_info", "iw_nll", "iw_seconds"):
         row[k] = float(final.get(k, NAN))
     for k in ("active_units", "units_in_use"):
         row[k] = int(final.get(k, 0))

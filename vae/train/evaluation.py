@@ -19,19 +19,14 @@ import torch
 from vae.model import diagnostics, fast, losses, streams
 from vae.train import snapshots, tracking
 from vae.tables.collapse import Thresholds
-from vae.config import TrainConfig
 from vae.model.data import Data
-from vae.model.models import VAE, build_model
+from vae.model.models import VAE, model_for
 from vae.train.pack import Member, Members, member_model
 from vae.tables.results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
 
 MI_SUBSET = 2000
 IW_BATCH = 250
 IMPLEMENTATION = "torch"  # the `kernels` column: which implementation trained (vae/model/fast.py: one since the probe went)
-
-
-def build(cfg: TrainConfig, input_dim: int) -> VAE:
-    return build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim, cfg.fixed_decoder_var)
 
 
 class Recorder:
@@ -150,22 +145,23 @@ class Recorder:
     # ------------------------------------------------------------- a member's end
     def member_model(self, model: VAE, m: Member) -> VAE:
         """Member m as a plain model (the pack's weights for it), for snapshots and the final IW NLL."""
-        plain = member_model(model, build(m.cfg, self.datas[0].train.x.shape[1]), m.k)
+        plain = member_model(model, model_for(m.cfg, self.datas[0].train.x.shape[1]), m.k)
         if plain is not model:
             fast.accelerate(plain).eval()
         return plain
 
     def finish(self, m: Member, model: VAE) -> None:
-        """A member that ended well: its IW NLL on the test set, and its trial row."""
-        cfg, iw = m.cfg, float("nan")
+        """A member that ended well: its IW NLL on `iw_subset` test images (0: all), and its trial row."""
+        cfg, iw, t0 = m.cfg, float("nan"), time.perf_counter()
         if cfg.iw_samples:
             plain = self.member_model(model, m)
-            x = (self.test_x if self.test_x.dim() == 2 else self.test_x[m.k])[:cfg.iw_subset]
+            x = self.test_x if self.test_x.dim() == 2 else self.test_x[m.k]
+            x = x[:cfg.iw_subset] if cfg.iw_subset else x
             gen = streams.iw_noise(cfg.seed)
             parts = [diagnostics.iw_nll(plain, x[s:s + IW_BATCH], cfg.iw_samples, gen) * len(x[s:s + IW_BATCH])
                      for s in range(0, len(x), IW_BATCH)]
             iw = sum(parts) / len(x)
-        m.last["iw_nll"] = iw
+        m.last.update(iw_nll=iw, iw_seconds=time.perf_counter() - t0)
         self.write_trial(m, "finished", "", int(m.last["epoch"]), m.last)
 
     def diverged(self, m: Member, epoch: int, train: dict[str, float], seconds: float) -> None:

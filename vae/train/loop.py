@@ -21,11 +21,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from vae.train import cpu, pack, restore
-from vae.model import fast, losses, streams
 from vae.config import TrainConfig, is_resolved, resolve
-from vae.model.data import Data, load, shard_indices
-from vae.train.evaluation import Recorder, build
+from vae.model import fast, losses, streams
+from vae.model.data import Data, binarize, load, shard_indices
+from vae.model.models import model_for
+from vae.train import cpu, pack, restore
+from vae.train.evaluation import Recorder
 from vae.train.faults import FaultPlan
 from vae.train.pack import LIVE, Members
 from vae.train.session import RayTrainSession, from_rank0
@@ -42,13 +43,20 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def train_step(model: torch.nn.Module, opt, xb: torch.Tensor, eps: torch.Tensor, weight: float | torch.Tensor,
-               free_bits: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on the negative ELBO; returns the batch's (recon NLL [B], KL per dim [B, L]).
+               free_bits: float | torch.Tensor, iwae: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the negative ELBO (or, `iwae`, the negative IWAE bound over eps's S samples);
+    returns the batch's (recon NLL [B], KL per dim [B, L]); for the IWAE, recon is the bound less the KL.
 
     A pack: x [K, B, D] (or [B, D] shared), eps [S, K, B, L]; the members' objectives are summed. Their
     gradients stay separable, and `PackAdam` leaves a frozen member's weights alone, so nothing is masked."""
-    recon, kl_dims = model(xb, eps)
-    loss = losses.negative_elbo(recon, kl_dims, weight, free_bits).sum()
+    if iwae:
+        log_w, kl_dims = model(xb, eps, weight)
+        bound = losses.negative_iwae(log_w)  # [..., B]
+        loss = bound.mean(-1).sum()
+        recon = bound.detach() - kl_dims.detach().sum(-1)
+    else:
+        recon, kl_dims = model(xb, eps)
+        loss = losses.negative_elbo(recon, kl_dims, weight, free_bits).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -149,7 +157,7 @@ def _set_up(cfgs: list[TrainConfig], session) -> _Run:
     models = []
     for c in cfgs:
         torch.manual_seed(c.seed)  # the same initial weights on every rank, and as its own run would
-        models.append(build(c, train_x.shape[1]))
+        models.append(model_for(c, train_x.shape[1]))
     model = fast.accelerate(pack.stack(models).to(device))
     lrs = [c.lr for c in cfgs]
     # Fixed test noise (as the 2-D Gaussian toy's tutorial does): the same eps every epoch, so test losses
@@ -172,8 +180,9 @@ def _train_epoch(run: _Run, epoch: int) -> list[dict[str, float]]:
     lrs = run.schedules.lrs()
     pack.set_lrs(run.opt, lrs)
     drawing = members[:1] if run.shared else list(members)  # one seed: one shuffle, one noise stream
+    source, offsets = _epoch_source(run, epoch)
     idx = torch.stack([shard_indices(run.n_train, rank, world, epoch, m.cfg.seed) for m in drawing])  # [K, n] or [1, n]
-    flat = (idx + run.offsets[:len(drawing)]).to(device)
+    flat = (idx + offsets[:len(drawing)]).to(device)
     n = idx.shape[1]
     batch = cfg.batch_size // world
     steps = -(-n // batch)
@@ -189,23 +198,24 @@ def _train_epoch(run: _Run, epoch: int) -> list[dict[str, float]]:
     weight = kl_weights(epoch - 1)
     recon_sum, kl_sum = torch.zeros(k, device=device), torch.zeros(k, device=device)
     kill_at = run.fault.step_in(epoch, steps, rank)
+    samples, iwae = cfg.train_samples, cfg.objective == "iwae"
     dim = run.train_x.shape[1]
     for step in range(steps):
         if step == kill_at:
             run.fault.kill()
         rows = flat[:, step * batch:(step + 1) * batch]
-        xb = torch.index_select(run.train_x, 0, rows.reshape(-1))  # 3x x[idx]
+        xb = torch.index_select(source, 0, rows.reshape(-1)).to(run.train_x.dtype)  # 3x x[idx]
         size = rows.shape[1]
         if len(drawing) == 1:  # every member's own stream, which is the same stream
-            eps = pack.shared_by_members(torch.randn(cfg.num_mc, size, cfg.latent_dim, generator=gens[0],
+            eps = pack.shared_by_members(torch.randn(samples, size, cfg.latent_dim, generator=gens[0],
                                                      device=device), k, 1)
         else:
             xb = xb.view(k, size, dim)
-            eps = torch.stack([torch.randn(cfg.num_mc, size, cfg.latent_dim, generator=g, device=device)
+            eps = torch.stack([torch.randn(samples, size, cfg.latent_dim, generator=g, device=device)
                                for g in gens], 1)
         if warm:
             weight = kl_weights(epoch - 1 + step / steps)
-        recon, kl_dims = train_step(run.model, run.opt, xb, eps, weight, free_bits)
+        recon, kl_dims = train_step(run.model, run.opt, xb, eps, weight, free_bits, iwae)
         recon_sum += recon.detach().sum(-1).reshape(k)  # stays on the device: one host sync per epoch
         kl_sum += kl_dims.detach().sum((-2, -1)).reshape(k)
     sums = torch.stack([recon_sum, kl_sum])
@@ -217,6 +227,17 @@ def _train_epoch(run: _Run, epoch: int) -> list[dict[str, float]]:
              "kl_weight": losses.kl_weight(m.cfg.beta, epoch, m.cfg.kl_warmup_epochs), "samples": n_all,
              "lr": lrs[m.k], "shard_digest": digests[min(m.k, len(digests) - 1)]}
             for m, (r, kl) in zip(members, sums.T.tolist())]
+
+
+def _epoch_source(run: _Run, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples this epoch's batches are gathered from, and each member's offset into them: the
+    splits as loaded, or (binarized-mnist) one binarization of them per seed that draws (data.binarize, seeded
+    by seed and epoch, so every rank and a resumed run see the same images)."""
+    if not run.datas[0].dynamic:
+        return run.train_x, run.offsets
+    seeds = list(dict.fromkeys(m.cfg.seed for m in run.members))
+    bits = torch.cat([binarize(run.train_x, streams.binarization(s, epoch, run.device)) for s in seeds])
+    return bits, torch.tensor([seeds.index(m.cfg.seed) * run.n_train for m in run.members])[:, None]
 
 
 def _end_diverged(run: _Run, epoch: int, trains: list[dict[str, float]], seconds: float) -> None:

@@ -229,6 +229,21 @@ def member_model(packed: nn.Module, plain: nn.Module, k: int) -> nn.Module:
 
 # ------------------------------------------------------------------ per-member schedules
 
+BURDA_STAGES = 8
+
+
+def burda_factor(epochs_done: int, budget: int) -> float:
+    """The learning-rate factor 10^(-i/7) of Burda et al. (2015)'s stage i (3^i passes of 3,280 in all) that
+    epoch `epochs_done + 1` falls in, the stages keeping their shares of a `budget` of epochs."""
+    total = (3 ** BURDA_STAGES - 1) // 2  # 1 + 3 + ... + 3^7 = 3280
+    position = (epochs_done + 0.5) * total / budget
+    stage, end = 0, 1
+    while position > end and stage < BURDA_STAGES - 1:
+        stage += 1
+        end += 3 ** stage
+    return 10 ** (-stage / 7)
+
+
 class MemberSchedules:
     """Each member's learning rate under its schedule (`constant`, `cosine`, `plateau`): the standard
     `torch.optim.lr_scheduler` classes, each driving a one-number holder optimiser, stepped once per epoch.
@@ -239,6 +254,8 @@ class MemberSchedules:
         self.holders = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr) for lr in lrs]
         if schedule == "cosine":  # to zero at the end of the budget: lowers the optimiser's noise floor
             self.schedulers = [sched.CosineAnnealingLR(h, T_max=budget) for h in self.holders]
+        elif schedule == "burda":  # Burda et al. 2015: stage i of 3^i passes at lr * 10^(-i/7), i = 0..7
+            self.schedulers = [sched.LambdaLR(h, lambda epoch: burda_factor(epoch, budget)) for h in self.holders]
         elif schedule == "plateau":  # on each member's own training loss
             self.schedulers = [sched.ReduceLROnPlateau(h, factor=0.5, patience=3, threshold=1e-3)
                                for h in self.holders]
