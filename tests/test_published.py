@@ -12,7 +12,8 @@ from torch.distributions import Normal
 from vae.config import PRESETS, TrainConfig, resolve
 from vae.model import data, diagnostics, losses, streams
 from vae.model.models import MLPConfig, MLPVAE, model_for
-from vae.train.loop import _epoch_source, _set_up
+from vae.train.batches import epoch_source as _epoch_source
+from vae.train.loop import _set_up
 from vae.train.session import LocalSession
 
 

@@ -19,7 +19,8 @@ def shape_key(point: dict[str, Any], shared: dict[str, Any] | None = None) -> tu
     """The values a point must share with its pack-mates (`shared` fills the keys the point lacks)."""
     merged = {**(shared or {}), **point}
     learned = merged.get("decoder_var") in (None, "learned", "")
-    return tuple(merged.get(k) for k in SHAPE_KEYS) + (learned,)
+    context = merged.get("decoder") == "autoregressive" and (merged.get("decoder_context") or 0) > 0
+    return tuple(merged.get(k) for k in SHAPE_KEYS) + (learned, context, merged.get("mitigation") == "aggressive")
 
 
 def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:

@@ -21,7 +21,8 @@ SEARCHES = ("grid", "random", "boundary")
 SCHEDULERS = ("none", "asha", "settled")
 # Settings of one training run that a sweep passes through unchanged (their types, defaults and checks
 # are TrainConfig's), and the defaults a sweep changes: a cheaper final IW NLL per trial.
-PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "hidden_widths", "activation", "decoder_var",
+PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "hidden_widths", "activation", "decoder_var", "decoder",
+                  "decoder_layers",
                   "objective", "objective_k", "num_mc", "epochs", "until_settled", "max_epochs", "lr_schedule",
                   "batch_size", "seed", "active_threshold", "kl_threshold", "iw_samples", "iw_subset", "tracker")
 SWEEP_DEFAULTS = {"iw_samples": 100, "iw_subset": 500}
@@ -36,7 +37,9 @@ class _Sweep:
             if a.required and not values and not (a.key == "beta" and self.search == "boundary"):
                 raise ConfigError(f"--{a.flag.replace('_', '-')}: must list at least one value")
             for v in values:
-                if a.kind is int:
+                if a.kind is str:
+                    check_choice(a.flag, v, a.choices)
+                elif a.kind is int:
                     check_int(a.flag, v, int(a.low), int(a.high))
                 else:
                     check_float(a.flag, v, a.low, a.high, lo_open=a.low_open)
@@ -65,6 +68,8 @@ class _Sweep:
                   "a pack's members stop on their own with --until-settled)", self.scheduler)
             check(self.workers_per_trial == 1, "workers_per_trial", "1 with --pack (a pack trains in its trial's "
                   "process; packs are for models too small to spread)", self.workers_per_trial)
+            check(self.decoder != "pixelcnn", "pack", "1 with --decoder pixelcnn (its convolutions are not stacked)",
+                  self.pack)
         check_storage(self.storage)
         check_name("name", self.name)
         self.trial_config()  # every per-trial setting through TrainConfig's own checks
@@ -181,6 +186,9 @@ def parse_list(flag: str, text: Any, kind: type) -> list:
         return []
     out = []
     for item in items:
+        if kind is str:
+            out.append(str(item).strip())
+            continue
         try:
             value = kind(str(item).strip()) if kind is int else float(str(item).strip())
             if kind is int and str(item).strip() != str(value):

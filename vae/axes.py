@@ -11,7 +11,7 @@ from dataclasses import dataclass
 class Axis:
     flag: str  # the sweep's comma-separated list flag, as a field name (latent_dims -> --latent-dims)
     key: str  # the TrainConfig field a trial gets, and the column in the tables
-    kind: type  # int or float
+    kind: type  # int, float or str
     cell: bool  # splits a map cell (beta is the map's own axis inside a cell)
     required: bool  # grid and random search need at least one value
     log: bool  # random search draws it log-uniform between the list's smallest and largest values
@@ -20,6 +20,7 @@ class Axis:
     low_open: bool
     default: str  # the sweep's default list ("" for an optional axis)
     help: str
+    choices: tuple[str, ...] = ()  # a str axis: the values allowed
 
 
 AXES = (
@@ -35,6 +36,11 @@ AXES = (
          "optional axis: comma-separated KL warm-up lengths in epochs"),
     Axis("free_bits", "free_bits", float, True, False, False, 0.0, 1e3, False, "",
          "optional axis: comma-separated free-bits floors (nats)"),
+    Axis("decoder_contexts", "decoder_context", int, True, False, False, 0, 1_000_000, False, "",
+         "optional axis: comma-separated contexts W of --decoder autoregressive (the decoder's strength)"),
+    Axis("mitigations", "mitigation", str, True, False, False, 0, 0, False, "",
+         "optional axis: comma-separated mitigations of posterior collapse (none, warmup, cyclical, free-bits, "
+         "aggressive)", ("none", "warmup", "cyclical", "free-bits", "aggressive")),
 )
 BY_KEY = {a.key: a for a in AXES}
 CELL_AXES = [a.key for a in AXES if a.cell]  # with beta, these name one cell of the map

@@ -24,6 +24,13 @@ IMAGE_DATASETS = ("mnist", "binarized-mnist")  # Bernoulli decoders' data
 MODELS = ("mlp", "gaussian-mlp", "linear")
 ACTIVATIONS = ("relu", "tanh")
 OBJECTIVES = ("elbo", "iwae")
+DECODERS = ("factorised", "autoregressive", "pixelcnn")
+# Posterior-collapse mitigations (each also an axis of a sweep): KL warm-up and free bits take their own flags'
+# values, or these defaults when those are 0; cyclical KL annealing (Fu et al. 2019); aggressive inference-network
+# training (He et al. 2019).
+MITIGATIONS = ("none", "warmup", "cyclical", "free-bits", "aggressive")
+WARMUP_SHARE = 0.1  # --mitigation warmup without --kl-warmup-epochs: the first tenth of the budget
+FREE_BITS_DEFAULT = 0.5  # --mitigation free-bits without --free-bits: nats per latent dimension
 LR_SCHEDULES = ("auto", "constant", "cosine", "plateau", "burda")
 TRACKERS = ("none", "tensorboard", "mlflow")  # vae/train/tracking.py
 DEFAULT_MODEL = {"mnist": "mlp", "binarized-mnist": "mlp", "gaussian2d": "gaussian-mlp"}
@@ -49,7 +56,7 @@ KL_THRESHOLD = 0.01  # nats: a dimension with less test KL carries no informatio
 # What members of one pack must share (the rest: lr, beta, seed, warm-up, free bits, fixed decoder
 # variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
 SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "hidden_widths", "activation",
-              "objective", "objective_k", "batch_size", "num_mc", "epochs", "until_settled", "max_epochs",
+              "decoder", "decoder_layers", "objective", "objective_k", "batch_size", "num_mc", "epochs", "until_settled", "max_epochs",
               "lr_schedule", "num_workers", "active_threshold", "kl_threshold", "iw_samples", "iw_subset")
 
 
@@ -70,6 +77,10 @@ class TrainConfig:
     hidden_widths: str = ""  # "200,200": the MLP's hidden layers, decoder mirrored ("" -> one of hidden_dim)
     activation: str = "relu"  # the MLP's hidden activation
     decoder_var: str = "learned"  # Gaussian decoders: "learned" or a fixed variance
+    decoder: str = "factorised"  # Bernoulli decoders: factorised, autoregressive (MADE) or pixelcnn
+    decoder_context: int = 784  # autoregressive: each pixel also sees the previous W pixels (0: factorised)
+    decoder_layers: int = 4  # pixelcnn: gated masked-convolution layers
+    mitigation: str = "none"  # none, warmup, cyclical, free-bits, aggressive
     # objective
     objective: str = "elbo"  # elbo, or iwae (Burda et al. 2015) with objective_k importance samples
     objective_k: int = 1
@@ -199,6 +210,14 @@ def validate(c: TrainConfig) -> None:
     check(isinstance(c.hidden_widths, str) and (c.hidden_widths == "" or bool(WIDTHS.fullmatch(c.hidden_widths))),
           "hidden_widths", "a comma-separated list of 1 to 8 widths, each 1 to 65536 (e.g. 200,200)", c.hidden_widths)
     check_choice("activation", c.activation, ACTIVATIONS)
+    check_choice("decoder", c.decoder, DECODERS)
+    check_int("decoder_context", c.decoder_context, 0, 1_000_000)
+    check_int("decoder_layers", c.decoder_layers, 1, 64)
+    check_choice("mitigation", c.mitigation, MITIGATIONS)
+    if c.decoder != "factorised" or c.mitigation == "aggressive":
+        check(c.model in ("", "mlp") and c.dataset in IMAGE_DATASETS, "decoder" if c.decoder != "factorised"
+              else "mitigation", f"used with --model mlp on an image data set ({c.decoder} decoder, "
+              f"{c.mitigation} training)", c.decoder if c.decoder != "factorised" else c.mitigation)
     check_choice("objective", c.objective, OBJECTIVES)
     check_int("objective_k", c.objective_k, 1, 5000)
     if c.objective == "iwae":
@@ -255,8 +274,12 @@ def resolve(c: TrainConfig) -> TrainConfig:
           "used with a local --storage (TensorBoard writes its event files locally)", c.tracker)
     check(c.tracker != "mlflow" or "://" not in storage or bool(os.environ.get("MLFLOW_TRACKING_URI")), "tracker",
           "given MLFLOW_TRACKING_URI with a bucket --storage (its default store is <run>/mlruns, local)", c.tracker)
+    context = c.decoder_context if c.decoder == "autoregressive" else 0  # only an autoregressive decoder has one
+    budget = (c.max_epochs or 10 * c.epochs) if c.until_settled else c.epochs
+    warmup = c.kl_warmup_epochs or (max(1.0, round(WARMUP_SHARE * budget)) if c.mitigation == "warmup" else 0.0)
+    free_bits = c.free_bits or (FREE_BITS_DEFAULT if c.mitigation == "free-bits" else 0.0)
     return c.replace(model=model, latent_dim=latent_dim, hidden_dim=hidden_dim, data_dir=data_dir, name=name,
-                     storage=storage)
+                     storage=storage, kl_warmup_epochs=float(warmup), free_bits=float(free_bits), decoder_context=context)
 
 
 def is_resolved(c: TrainConfig) -> bool:
@@ -330,6 +353,15 @@ HELP = {
     "hidden_widths": "the MLP's hidden layers as widths, input side first, the decoder mirrored (e.g. 200,200; "
                      "default: one layer of --hidden-dim)",
     "activation": "the MLP's hidden activation: relu (pytorch/examples) or tanh (Burda et al. 2015)",
+    "decoder": "Bernoulli decoders: factorised (each pixel from z alone), autoregressive (a MADE layer also reads "
+               "the previous --decoder-context pixels) or pixelcnn (a small gated PixelCNN on z)",
+    "decoder_context": "autoregressive decoder: W, the previous pixels in raster order each pixel sees (0: the "
+                       "factorised decoder; 784: fully autoregressive)",
+    "decoder_layers": "pixelcnn decoder: gated masked-convolution layers",
+    "mitigation": "against posterior collapse: none, warmup (KL warm-up: --kl-warmup-epochs, default a tenth of the "
+                  "budget), cyclical (KL weight 0 -> beta over the first half of each of 4 cycles; Fu et al. 2019), "
+                  "free-bits (--free-bits, default 0.5 nats) or aggressive (encoder-only steps until the bound "
+                  "stops improving, while I(x; z) rises; He et al. 2019)",
     "objective": "elbo, or iwae: the importance-weighted bound of Burda et al. (2015) with --objective-k samples",
     "objective_k": "importance samples per input for --objective iwae (1: the ELBO)",
     "decoder_var": "Gaussian decoders: 'learned' or a fixed observation variance",

@@ -47,7 +47,7 @@ def evaluate_members(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int 
         xb = x[..., start:start + batch_size, :]
         mu, logvar = model.encode(xb)
         z = losses.reparameterize(mu, logvar, eps[..., start:start + batch_size, :])
-        recon_sum = recon_sum + model.recon_nll(xb, model.decode(z)).mean(0).sum(-1)
+        recon_sum = recon_sum + model.recon_nll(xb, model.decode(z, xb)).mean(0).sum(-1)
         kl_dims_sum = kl_dims_sum + losses.kl_per_dim(mu, logvar).sum(-2)
         mus.append(mu)
         logvars.append(logvar)
@@ -116,7 +116,7 @@ def iw_nll(model, x: torch.Tensor, num_samples: int, generator: torch.Generator 
         noise = (eps[done:done + k].to(x.device) if eps is not None else
                  torch.randn((k, *mu.shape), generator=generator, device="cpu").to(x.device))
         z = losses.reparameterize(mu, logvar, noise)  # [k, B, L]
-        log_w = losses.log_importance_weights(model.recon_nll(x, model.decode(z)), z, mu, logvar)
+        log_w = losses.log_importance_weights(model.recon_nll(x, model.decode(z, x)), z, mu, logvar)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
         done += k
     return float(-(total - math.log(num_samples)).mean())

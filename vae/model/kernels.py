@@ -86,16 +86,21 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` of a pack: K members' weights stacked ([K, out, in], bias [K, out]) under the names an
-    `nn.Linear` has, so that a member's state dict is a slice of the pack's (vae/train/pack.py)."""
+    """An `nn.Linear` (or a masked one, vae.model.models.MaskedLinear) of a pack: K members' weights stacked
+    ([K, out, in], bias [K, out], mask [K, out, in]) under the names the plain layer has, so that a member's
+    state dict is a slice of the pack's (vae/train/pack.py)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
+        if mask is not None:
+            self.register_buffer("mask", mask)
+        else:
+            self.mask = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.weight, self.bias)
+        return packed_linear(x, self.weight if self.mask is None else self.weight * self.mask, self.bias)
 
 
 def _row_dot(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

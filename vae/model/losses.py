@@ -60,6 +60,17 @@ def kl_weight(beta: float, epochs_done: float, warmup_epochs: float) -> float:
     return beta * min(1.0, max(0.0, epochs_done) / warmup_epochs)
 
 
+def cyclical_kl_weight(beta: float, epochs_done: float, budget: float, cycles: int = 4, ratio: float = 0.5) -> float:
+    """Cyclical KL annealing (Fu et al. 2019): the budget split into `cycles` equal cycles; in each, the weight
+    rises linearly from 0 to beta over the first `ratio` of the cycle, then holds at beta."""
+    period = budget / cycles
+    done = max(0.0, epochs_done)
+    within = (done % period) / period
+    if within == 0 and done > 0:  # the end of a cycle (as an epoch's row reports it) is at beta, not back at 0
+        within = 1.0
+    return beta * min(1.0, within / ratio)
+
+
 def free_bits_kl(kl_dims: torch.Tensor, free_bits: float | torch.Tensor) -> torch.Tensor:
     """Total KL for the objective with a per-dimension floor (Kingma et al. 2016).
 

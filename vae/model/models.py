@@ -25,12 +25,18 @@ ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 class VAE(nn.Module):
     likelihood = "gaussian"
     latent_dim: int
+    autoregressive = False  # the decoder also reads x (teacher forcing): decode(z, x); sampling is sequential
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor):
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None):
+        """p(x|z)'s parameters; an autoregressive decoder's for each pixel given the pixels of `x` before it."""
         raise NotImplementedError
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters of q(z|x) (aggressive training steps them alone); the rest are the decoder's."""
+        raise NotImplementedError(f"{type(self).__name__} does not split encoder and decoder")
 
     def recon_nll(self, x: torch.Tensor, decoded) -> torch.Tensor:
         """-log p(x|z) summed over features, for every leading axis of z."""
@@ -39,10 +45,26 @@ class VAE(nn.Module):
         mean, logvar = decoded
         return losses.gaussian_nll(x, mean, logvar)
 
-    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x|z]: pixel intensities for Bernoulli, the mean for Gaussian decoders."""
+    def decode_mean(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """E[x|z]: pixel intensities for Bernoulli, the mean for Gaussian decoders. An autoregressive decoder
+        samples x pixel by pixel (`sample_x`) and gives each pixel's probability along that path."""
+        if self.autoregressive:
+            return self.sample_x(z, generator)[1]
         decoded = self.decode(z)
         return torch.sigmoid(decoded) if self.likelihood == "bernoulli" else decoded[0]
+
+    @torch.no_grad()
+    def sample_x(self, z: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ~ p(x|z) pixel by pixel in raster order, for an autoregressive Bernoulli decoder: (x, each pixel's
+        probability given the pixels drawn before it), both [..., D]."""
+        shape = (*z.shape[:-1], self.input_dim)
+        x = torch.zeros(shape, device=z.device)
+        probs = torch.zeros(shape, device=z.device)
+        for i in range(self.input_dim):
+            p = torch.sigmoid(self.decode(z, x)[..., i])
+            probs[..., i] = p
+            x[..., i] = (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
+        return x, probs
 
     def decode_sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x ~ p(x|z) for Gaussian decoders (with the learned noise); E[x|z] otherwise."""
@@ -61,7 +83,7 @@ class VAE(nn.Module):
         prior and posterior terms weighted by it (losses.log_importance_weights)."""
         mu, logvar = self.encode(x)
         z = losses.reparameterize(mu, logvar, eps)
-        recon = self.recon_nll(x, self.decode(z))
+        recon = self.recon_nll(x, self.decode(z, x))
         if iw_weight is not None:
             return losses.log_importance_weights(recon, z, mu, logvar, iw_weight), losses.kl_per_dim(mu, logvar)
         return recon.mean(0), losses.kl_per_dim(mu, logvar)
@@ -101,11 +123,141 @@ class MLPVAE(VAE):
             h = self.act(layer(h))
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def decode(self, z):
+    def decode(self, z, x=None):
         h = z
         for layer in self.dec:
             h = self.act(layer(h))
         return self.fc_out(h)
+
+    def encoder_parameters(self):
+        return [p for name, p in self.named_parameters() if name.split(".")[0] in ("enc", "fc_mu", "fc_logvar")]
+
+
+# ------------------------------------------------------------------ stronger decoders: autoregressive, PixelCNN
+
+class MaskedLinear(nn.Module):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (MADE, Germain et al. 2015)."""
+
+    def __init__(self, n_in: int, n_out: int, mask: torch.Tensor):
+        super().__init__()
+        layer = nn.Linear(n_in, n_out)  # nn.Linear's initialisation
+        self.weight, self.bias = layer.weight, layer.bias
+        self.register_buffer("mask", mask.to(layer.weight.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def made_masks(dims: int, hidden: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of a one-hidden-layer MADE over `dims` pixels in raster order whose output i sees only pixels
+    j with i - context <= j < i (all j < i when context >= dims): (input -> hidden [H, D], hidden -> output [D, H]).
+
+    Hidden unit h has degree m_h (spread evenly over 0..D-2) and reads pixels m_h - w + 1 .. m_h, w = ceil(context
+    / 2) (all pixels up to m_h when the context is the whole image); output i reads the units with m_h < i whose
+    first pixel is within the context, m_h - w + 1 >= i - context: every path from j to i has i - context <= j < i."""
+    full = context >= dims
+    width = dims if full else (context + 1) // 2
+    degree = torch.arange(hidden) * (dims - 1) // hidden  # [H], in 0..D-2
+    pixel = torch.arange(dims)
+    into = (pixel[None, :] <= degree[:, None]) & (pixel[None, :] > degree[:, None] - width)  # [H, D]
+    out = degree[None, :] < pixel[:, None]  # [D, H]
+    if not full:
+        out &= degree[None, :] - width + 1 >= pixel[:, None] - context
+    return into.float(), out.float()
+
+
+@dataclass(frozen=True)
+class AutoregressiveConfig(MLPConfig):
+    context: int = 784  # W: each pixel's logit also sees the W pixels before it
+
+
+MADE_HIDDEN = 128  # the autoregressive decoder's masked hidden layer: at most this wide (its cost, measured)
+
+
+def context_mask(dims: int, context: int) -> torch.Tensor:
+    """[D, D]: 1 where output i reads input j, i - context <= j < i (raster order)."""
+    i, j = torch.arange(dims)[:, None], torch.arange(dims)[None, :]
+    return ((j < i) & (j >= i - context)).float()
+
+
+class AutoregressiveMLPVAE(MLPVAE):
+    """The MLP VAE whose Bernoulli decoder also reads the previous W pixels of x in raster order:
+    logits_i = MLP(z)_i + sum_{i-W <= j < i} A_ij x_j + MADE(x_{i-W}, ..., x_{i-1})_i, built from masked layers
+    (Germain et al. 2015) so a training step is one pass: direct connections to every pixel of the context,
+    and one masked hidden layer (at most MADE_HIDDEN wide) for interactions within it. W = 0 is MLPVAE exactly
+    (no masked layers); W = 784 is fully autoregressive. The decoder's strength is the one number W."""
+
+    autoregressive = True
+
+    def __init__(self, cfg: AutoregressiveConfig):
+        super().__init__(cfg)
+        self.input_dim, self.context = cfg.input_dim, cfg.context
+        self.autoregressive = cfg.context > 0
+        if cfg.context > 0:  # after the MLP's layers: their initialisation is MLPVAE's
+            hidden = min(cfg.hidden_widths[0], MADE_HIDDEN)
+            into, out = made_masks(cfg.input_dim, hidden, cfg.context)
+            self.direct = MaskedLinear(cfg.input_dim, cfg.input_dim, context_mask(cfg.input_dim, cfg.context))
+            self.made_in = MaskedLinear(cfg.input_dim, hidden, into)
+            self.made_out = MaskedLinear(hidden, cfg.input_dim, out)
+
+    def decode(self, z, x=None):
+        logits = super().decode(z)
+        if self.context > 0:
+            if x is None:
+                raise ValueError("an autoregressive decoder needs x (the pixels before each one): decode(z, x)")
+            logits = logits + self.direct(x) + self.made_out(self.act(self.made_in(x)))
+        return logits
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A PixelCNN convolution (van den Oord et al. 2016): each output pixel sees the pixels above it and those
+    to its left (type A: not itself; type B: itself too, for layers after the first)."""
+
+    def __init__(self, kind: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = self.kernel_size[0]
+        mask = torch.ones_like(self.weight)
+        mask[:, :, k // 2, k // 2 + (kind == "B"):] = 0
+        mask[:, :, k // 2 + 1:] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+
+@dataclass(frozen=True)
+class PixelCNNConfig(MLPConfig):
+    layers: int = 4  # gated masked-convolution layers after the first
+    channels: int = 32
+
+
+class PixelCNNVAE(MLPVAE):
+    """The MLP encoder with a small gated PixelCNN decoder conditioned on z (van den Oord et al. 2016; the
+    decoder of He et al. 2019): a 7x7 type-A masked convolution, `layers` gated residual 3x3 type-B layers
+    (tanh(W_f * h + V_f z) . sigmoid(W_g * h + V_g z)), then 1x1 convolutions to each pixel's logit."""
+
+    autoregressive = True
+
+    def __init__(self, cfg: PixelCNNConfig):
+        super().__init__(cfg)
+        del self.dec, self.fc_out  # the MLP's decoder is replaced
+        self.input_dim, self.side, c = cfg.input_dim, int(round(cfg.input_dim ** 0.5)), cfg.channels
+        self.first = MaskedConv2d("A", 1, c, 7, padding=3)
+        self.gated = nn.ModuleList(MaskedConv2d("B", c, 2 * c, 3, padding=1) for _ in range(cfg.layers))
+        self.cond = nn.ModuleList(nn.Linear(cfg.latent_dim, 2 * c) for _ in range(cfg.layers))
+        self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, 1, 1))
+
+    def decode(self, z, x=None):
+        if x is None:
+            raise ValueError("a PixelCNN decoder needs x (the pixels before each one): decode(z, x)")
+        lead = z.shape[:-1]
+        img = x.expand(*lead, self.input_dim).reshape(-1, 1, self.side, self.side)
+        zf = z.reshape(-1, z.shape[-1])
+        h = self.first(img)
+        for conv, cond in zip(self.gated, self.cond):
+            f, g = (conv(h) + cond(zf)[:, :, None, None]).chunk(2, 1)
+            h = h + torch.tanh(f) * torch.sigmoid(g)
+        return self.out(h).reshape(*lead, self.input_dim)
 
 
 # ------------------------------------------------------------------ the 2-D Gaussian toy's VAE
@@ -146,7 +298,7 @@ class GaussianMLPVAE(VAE):
     def encode(self, x):
         return self.encoder(x)
 
-    def decode(self, z):
+    def decode(self, z, x=None):
         mean, logvar = self.decoder(z)
         if self.fixed_logvar is not None:
             logvar = self.fixed_logvar.expand_as(mean)
@@ -185,7 +337,7 @@ class LinearVAE(VAE):
         mu = self.enc(x)
         return mu, self.enc_logvar.expand_as(mu)
 
-    def decode(self, z):
+    def decode(self, z, x=None):
         mean = self.dec(z)
         return mean, self.dec_logvar.expand_as(mean)
 
@@ -194,23 +346,28 @@ class LinearVAE(VAE):
 
 REGISTRY = {
     "mlp": (MLPVAE, MLPConfig),
+    "mlp-autoregressive": (AutoregressiveMLPVAE, AutoregressiveConfig),
+    "mlp-pixelcnn": (PixelCNNVAE, PixelCNNConfig),
     "gaussian-mlp": (GaussianMLPVAE, GaussianMLPConfig),
     "linear": (LinearVAE, LinearConfig),
 }
 
 
 def model_for(cfg, input_dim: int) -> VAE:
-    """The model a run config (a `TrainConfig`) describes, for data of `input_dim` features."""
-    return build_model(cfg.model, input_dim, cfg.latent_dim, cfg.hidden_dim, cfg.fixed_decoder_var, cfg.widths,
-                       cfg.activation)
+    """The model a run config (a `TrainConfig`) describes, for data of `input_dim` features: its --model with
+    its --decoder (factorised, autoregressive with --decoder-context, pixelcnn with --decoder-layers)."""
+    name = cfg.model if cfg.decoder == "factorised" else f"{cfg.model}-{cfg.decoder}"
+    return build_model(name, input_dim, cfg.latent_dim, cfg.hidden_dim, cfg.fixed_decoder_var, cfg.widths,
+                       cfg.activation, context=cfg.decoder_context, layers=cfg.decoder_layers)
 
 
 def build_model(name: str, input_dim: int, latent_dim: int, hidden_dim: int,
-                decoder_var: float | None, hidden_widths: tuple[int, ...] = (), activation: str = "relu") -> VAE:
+                decoder_var: float | None, hidden_widths: tuple[int, ...] = (), activation: str = "relu",
+                context: int = 0, layers: int = 4) -> VAE:
     """The model `name` with the settings its config type has (others are ignored)."""
     cls, cfg_cls = REGISTRY[name]
     offered = {"input_dim": input_dim, "latent_dim": latent_dim, "hidden_dim": hidden_dim,
                "decoder_var": decoder_var, "hidden_widths": tuple(hidden_widths) or (hidden_dim,),
-               "activation": activation}
+               "activation": activation, "context": context, "layers": layers}
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
     return cls(cfg_cls(**{k: v for k, v in offered.items() if k in fields}))

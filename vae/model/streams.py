@@ -60,6 +60,11 @@ def test_binarization(seed: int) -> torch.Generator:
     return _gen(_mixed(seed, 6))
 
 
+def aggressive_batches(seed: int, epoch: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random batches (and their noise) of aggressive training's encoder-only steps before one step."""
+    return _gen(_mixed(seed, 7, epoch, step, rank), device)
+
+
 def toy_data(seed: int) -> torch.Generator:
     """The 2-D Gaussian toy's points."""
     return _gen(10_007 + seed)

@@ -27,7 +27,9 @@ from vae.axes import AXES
 CONFIG_FIELDS = [
     ("dataset", pa.string()), ("model", pa.string()), ("latent_dim", pa.int64()),
     ("hidden_dim", pa.int64()), ("hidden_widths", pa.string()), ("activation", pa.string()),
-    ("decoder_var", pa.string()), ("objective", pa.string()), ("objective_k", pa.int64()), ("beta", pa.float64()),
+    ("decoder_var", pa.string()), ("decoder", pa.string()), ("decoder_context", pa.int64()),
+    ("decoder_layers", pa.int64()), ("mitigation", pa.string()), ("objective", pa.string()), ("objective_k", pa.int64()),
+    ("beta", pa.float64()),
     ("kl_warmup_epochs", pa.float64()), ("free_bits", pa.float64()), ("num_mc", pa.int64()),
     ("epochs", pa.int64()), ("until_settled", pa.bool_()), ("max_epochs", pa.int64()),
     ("batch_size", pa.int64()), ("lr", pa.float64()), ("lr_schedule", pa.string()),
@@ -49,7 +51,7 @@ METRIC_FIELDS = [
     ("lr_now", pa.float64()),  # the learning rate the epoch trained at (its schedule's)
     ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/train/settle.py, after this epoch
 ]
-_ARROW = {int: pa.int64(), float: pa.float64()}
+_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 SCHEMAS: dict[str, pa.Schema] = {
     # one row per (trial_id, epoch); epoch 0 is the test before the first step

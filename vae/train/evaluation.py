@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import torch
 
 from vae.model import diagnostics, fast, losses, streams
-from vae.train import snapshots, tracking
+from vae.train import aggressive, snapshots, tracking
 from vae.tables.collapse import Thresholds
 from vae.model.data import Data
 from vae.model.models import VAE, model_for
@@ -98,6 +98,7 @@ class Recorder:
         n_mi = len(self.mi_eps[m.k])
         mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
         mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k]))
+        aggressive.end_of_epoch(m, mi)  # aggressive training's phase ends once I(x; z) stops rising
         activity = diagnostics.unit_activity(ev.mu)
         active = diagnostics.active_units(activity, cfg.active_threshold)
         state = m.observe(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float), self.thresholds)

@@ -13,7 +13,6 @@ each epoch with a checkpoint (vae/train/restore.py).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -22,14 +21,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from vae.config import TrainConfig, is_resolved, resolve
-from vae.model import fast, losses, streams
-from vae.model.data import Data, binarize, load, shard_indices
+from vae.model import fast, streams
+from vae.model.data import Data, load
 from vae.model.models import model_for
-from vae.train import cpu, pack, restore
+from vae.train import aggressive, cpu, pack, restore
+from vae.train.batches import Batches
 from vae.train.evaluation import Recorder
 from vae.train.faults import FaultPlan
 from vae.train.pack import LIVE, Members
 from vae.train.session import RayTrainSession, from_rank0
+from vae.train.step import train_step
 
 
 def train_loop(config: TrainConfig | Mapping[str, Any], session=None) -> dict[str, Any]:
@@ -40,27 +41,6 @@ def train_loop(config: TrainConfig | Mapping[str, Any], session=None) -> dict[st
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     train_loop(config)
-
-
-def train_step(model: torch.nn.Module, opt, xb: torch.Tensor, eps: torch.Tensor, weight: float | torch.Tensor,
-               free_bits: float | torch.Tensor, iwae: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on the negative ELBO (or, `iwae`, the negative IWAE bound over eps's S samples);
-    returns the batch's (recon NLL [B], KL per dim [B, L]); for the IWAE, recon is the bound less the KL.
-
-    A pack: x [K, B, D] (or [B, D] shared), eps [S, K, B, L]; the members' objectives are summed. Their
-    gradients stay separable, and `PackAdam` leaves a frozen member's weights alone, so nothing is masked."""
-    if iwae:
-        log_w, kl_dims = model(xb, eps, weight)
-        bound = losses.negative_iwae(log_w)  # [..., B]
-        loss = bound.mean(-1).sum()
-        recon = bound.detach() - kl_dims.detach().sum(-1)
-    else:
-        recon, kl_dims = model(xb, eps)
-        loss = losses.negative_elbo(recon, kl_dims, weight, free_bits).sum()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return recon, kl_dims
 
 
 def train_pack(configs: Sequence[TrainConfig | Mapping[str, Any]], session=None) -> dict[str, Any]:
@@ -160,6 +140,7 @@ def _set_up(cfgs: list[TrainConfig], session) -> _Run:
         models.append(model_for(c, train_x.shape[1]))
     model = fast.accelerate(pack.stack(models).to(device))
     lrs = [c.lr for c in cfgs]
+    split = cfg.mitigation == "aggressive"  # one optimiser for the encoder, one for the decoder
     # Fixed test noise (as the 2-D Gaussian toy's tutorial does): the same eps every epoch, so test losses
     # compare across epochs; each member draws its own, as its own run would.
     test_eps = pack.stack_tensors([torch.randn(cfg.num_mc, test_x.shape[-2], cfg.latent_dim,
@@ -167,77 +148,46 @@ def _set_up(cfgs: list[TrainConfig], session) -> _Run:
     return _Run(session=session, members=members, cfg=cfg, device=device, datas=datas, train_x=train_x, n_train=n_train,
                 offsets=torch.tensor([u * n_train for u in data_of])[:, None],
                 shared=len(cfgs) > 1 and len({c.seed for c in cfgs}) == 1, model=model,
-                opt=pack.optimizer(model, lrs), schedules=pack.MemberSchedules(lrs, cfg.schedule, cfg.budget),
+                opt=pack.optimizer(model, lrs, split), schedules=pack.MemberSchedules(lrs, cfg.schedule, cfg.budget),
                 test_eps=test_eps, recorder=Recorder(members, datas, data_of, test_x) if session.rank == 0 else None,
                 fault=FaultPlan.from_env())
 
 
 def _train_epoch(run: _Run, epoch: int) -> list[dict[str, float]]:
     """One epoch for every live member: each with its own shuffle and noise stream, as its own run."""
-    cfg, members, device, session = run.cfg, run.members, run.device, run.session
-    k, rank, world = len(members), session.rank, session.world_size
+    cfg, members, device, world = run.cfg, run.members, run.device, run.session.world_size
     run.model.train()
     lrs = run.schedules.lrs()
     pack.set_lrs(run.opt, lrs)
-    drawing = members[:1] if run.shared else list(members)  # one seed: one shuffle, one noise stream
-    source, offsets = _epoch_source(run, epoch)
-    idx = torch.stack([shard_indices(run.n_train, rank, world, epoch, m.cfg.seed) for m in drawing])  # [K, n] or [1, n]
-    flat = (idx + offsets[:len(drawing)]).to(device)
-    n = idx.shape[1]
-    batch = cfg.batch_size // world
-    steps = -(-n // batch)
-    gens = [streams.train_noise(m.cfg.seed, epoch, rank, device) for m in drawing]  # per epoch: resume replays exactly
+    batches = Batches(run, epoch)
     floors = [m.cfg.free_bits for m in members]
     free_bits = floors[0] if max(floors) <= 0 else pack.per_member(floors, device, 1, 1)  # <= 0: no floor
-    warm = any(m.cfg.kl_warmup_epochs > 0 for m in members)
-
-    def kl_weights(progress: float) -> float | torch.Tensor:
-        return pack.per_member([losses.kl_weight(m.cfg.beta, progress, m.cfg.kl_warmup_epochs) for m in members],
-                               device, 1)
-
-    weight = kl_weights(epoch - 1)
-    recon_sum, kl_sum = torch.zeros(k, device=device), torch.zeros(k, device=device)
-    kill_at = run.fault.step_in(epoch, steps, rank)
-    samples, iwae = cfg.train_samples, cfg.objective == "iwae"
-    dim = run.train_x.shape[1]
-    for step in range(steps):
+    varying = any(m.cfg.kl_warmup_epochs > 0 or m.cfg.mitigation == "cyclical" for m in members)
+    weight = pack.kl_weights(members, epoch - 1, device)
+    sums = torch.zeros(2, len(members), device=device)  # recon, KL: on the device, one host sync an epoch
+    kill_at = run.fault.step_in(epoch, batches.steps, run.session.rank)
+    iwae = cfg.objective == "iwae"
+    for step, (xb, eps) in enumerate(batches):
         if step == kill_at:
             run.fault.kill()
-        rows = flat[:, step * batch:(step + 1) * batch]
-        xb = torch.index_select(source, 0, rows.reshape(-1)).to(run.train_x.dtype)  # 3x x[idx]
-        size = rows.shape[1]
-        if len(drawing) == 1:  # every member's own stream, which is the same stream
-            eps = pack.shared_by_members(torch.randn(samples, size, cfg.latent_dim, generator=gens[0],
-                                                     device=device), k, 1)
-        else:
-            xb = xb.view(k, size, dim)
-            eps = torch.stack([torch.randn(samples, size, cfg.latent_dim, generator=g, device=device)
-                               for g in gens], 1)
-        if warm:
-            weight = kl_weights(epoch - 1 + step / steps)
-        recon, kl_dims = train_step(run.model, run.opt, xb, eps, weight, free_bits, iwae)
-        recon_sum += recon.detach().sum(-1).reshape(k)  # stays on the device: one host sync per epoch
-        kl_sum += kl_dims.detach().sum((-2, -1)).reshape(k)
-    sums = torch.stack([recon_sum, kl_sum])
+        if varying:
+            weight = pack.kl_weights(members, epoch - 1 + step / batches.steps, device)
+        parts = {}
+        if cfg.mitigation == "aggressive" and aggressive.in_phase(members):  # encoder first, then the decoder alone
+            ahead = aggressive.in_phase(members)
+            aggressive.encoder_steps(run, batches, epoch, step, weight, free_bits, iwae, ahead)
+            parts = {"encoder_for": [m.k for m in members if m.k not in ahead]}
+        recon, kl_dims = train_step(run.model, run.opt, xb, eps, weight, free_bits, iwae, **parts)
+        sums[0] += recon.detach().sum(-1).reshape(-1)
+        sums[1] += kl_dims.detach().sum((-2, -1)).reshape(-1)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
-    n_all = float(n * world)
-    digests = [shard_digest(i) for i in idx]  # one per order drawn
+    n_all = float(batches.idx.shape[1] * world)
+    digests = batches.digests()
     return [{"loss": (r + kl) / n_all, "recon": r / n_all, "kl": kl / n_all,
-             "kl_weight": losses.kl_weight(m.cfg.beta, epoch, m.cfg.kl_warmup_epochs), "samples": n_all,
-             "lr": lrs[m.k], "shard_digest": digests[min(m.k, len(digests) - 1)]}
+             "kl_weight": pack.kl_weight(m.cfg, epoch), "samples": n_all, "lr": lrs[m.k],
+             "shard_digest": digests[min(m.k, len(digests) - 1)]}
             for m, (r, kl) in zip(members, sums.T.tolist())]
-
-
-def _epoch_source(run: _Run, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training examples this epoch's batches are gathered from, and each member's offset into them: the
-    splits as loaded, or (binarized-mnist) one binarization of them per seed that draws (data.binarize, seeded
-    by seed and epoch, so every rank and a resumed run see the same images)."""
-    if not run.datas[0].dynamic:
-        return run.train_x, run.offsets
-    seeds = list(dict.fromkeys(m.cfg.seed for m in run.members))
-    bits = torch.cat([binarize(run.train_x, streams.binarization(s, epoch, run.device)) for s in seeds])
-    return bits, torch.tensor([seeds.index(m.cfg.seed) * run.n_train for m in run.members])[:, None]
 
 
 def _end_diverged(run: _Run, epoch: int, trains: list[dict[str, float]], seconds: float) -> None:
@@ -255,11 +205,14 @@ def _end_diverged(run: _Run, epoch: int, trains: list[dict[str, float]], seconds
 
 def _decide(run: _Run, epoch: int) -> None:
     """Rank 0's decisions, agreed on every rank: the whole job stops after this epoch (a stop was asked for:
-    the tables and the checkpoint agree on it), or members end (settled, or their budget spent)."""
+    the tables and the checkpoint agree on it), members end (settled, or their budget spent), aggressive phases end."""
     rec, members = run.recorder, run.members
     asked = rec.results.stop_requested() if rec and members.live() else None
-    stop, *ending = from_rank0([asked is not None] + [m.status == LIVE and bool(m.last.get("final")) for m in members],
-                               run.session.world_size, run.device)
+    stop, *flags = from_rank0([asked is not None] + [m.status == LIVE and bool(m.last.get("final")) for m in members]
+                              + [m.aggressive for m in members], run.session.world_size, run.device)
+    ending = flags[:len(members)]
+    for m, still in zip(members, flags[len(members):]):
+        m.aggressive = bool(still)
     for m, ends in zip(members, ending):
         if m.status != LIVE:
             continue
@@ -284,8 +237,3 @@ def _param_checksum(model: torch.nn.Module) -> float:
     """Sum of all weights: equal on every rank when DDP keeps the replicas in step."""
     with torch.no_grad():
         return float(sum(p.double().sum() for p in model.parameters()))
-
-
-def shard_digest(idx: torch.Tensor) -> str:
-    """A short fingerprint of the indices a rank trained on in one epoch."""
-    return hashlib.sha1(idx.cpu().numpy().tobytes()).hexdigest()[:16]

@@ -30,8 +30,10 @@ from torch import nn
 from vae.train import settle
 from vae.tables.collapse import Thresholds, units_in_use
 from vae.config import SHAPE_KEYS
+from vae.model import losses
 from vae.model.kernels import PackedLinear
-from vae.train.pack_adam import PackAdam
+from vae.model.models import MaskedLinear
+from vae.train.pack_adam import EncoderDecoderAdam, PackAdam
 
 def check_members(cfgs: Sequence[Any]) -> None:
     """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
@@ -42,6 +44,10 @@ def check_members(cfgs: Sequence[Any]) -> None:
                 raise ValueError(f"a pack's members must share {key} ({getattr(first, key)!r} vs {getattr(c, key)!r})")
         if (c.fixed_decoder_var is None) != (first.fixed_decoder_var is None):
             raise ValueError("a pack's members must all learn the decoder variance or all fix it")
+        if (c.decoder_context > 0) != (first.decoder_context > 0) or c.decoder == "pixelcnn":
+            raise ValueError("a pack's members must all have a decoder context or none, and no PixelCNN decoder")
+        if (c.mitigation == "aggressive") != (first.mitigation == "aggressive"):
+            raise ValueError("a pack's members must all train aggressively or none")
     ids = [c.run_id for c in cfgs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"a pack's members must have distinct trial ids (got {ids})")
@@ -72,6 +78,8 @@ class Member:
     settle_epoch: int = -1  # the first epoch of the current settled run of epochs
     history: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # epoch -> (KL, activity)
     last: dict[str, Any] = field(default_factory=dict)  # the last metrics it reported
+    aggressive: bool = False  # in aggressive training's first phase (vae/train/aggressive.py)
+    best_mi: float = float("-inf")  # the highest I(x; z) of that phase so far
 
     @property
     def trial_id(self) -> str:
@@ -100,7 +108,7 @@ class Member:
 
     def saved(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "status": self.status, "settle_epoch": self.settle_epoch,
-                "metrics": self.last}
+                "metrics": self.last, "aggressive": self.aggressive, "best_mi": self.best_mi}
 
 
 class Members(list):
@@ -108,7 +116,7 @@ class Members(list):
 
     def __init__(self, cfgs: Sequence[Any]):
         check_members(cfgs)
-        super().__init__(Member(k, c) for k, c in enumerate(cfgs))
+        super().__init__(Member(k, c, aggressive=c.mitigation == "aggressive") for k, c in enumerate(cfgs))
         self.pack_id = pack_id([m.trial_id for m in self])
 
     def live(self) -> list[Member]:
@@ -153,32 +161,59 @@ def shared_by_members(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return t if k == 1 else t.unsqueeze(dim).expand(*t.shape[:dim], k, *t.shape[dim:])
 
 
-def optimizer(model: nn.Module, lrs: Sequence[float]):
+def optimizer(model: nn.Module, lrs: Sequence[float], split: bool = False):
     """Adam for the pack: torch's fused Adam for a pack of one (one kernel for every parameter: 0.45 ms a step
-    instead of 1.3 ms on 2 CPU cores), else `PackAdam` (a learning rate, step count and freeze per member)."""
-    if len(lrs) == 1:
-        return torch.optim.Adam(model.parameters(), lr=lrs[0], fused=True)
-    return PackAdam(model.parameters(), lrs)
+    instead of 1.3 ms on 2 CPU cores), else `PackAdam` (a learning rate, step count and freeze per member);
+    `split`: one of them for the encoder and one for the decoder (aggressive training)."""
+    def adam(params):
+        return torch.optim.Adam(params, lr=lrs[0], fused=True) if len(lrs) == 1 else PackAdam(params, lrs)
+
+    if not split:
+        return adam(model.parameters())
+    encoder = {id(p) for p in model.encoder_parameters()}
+    return EncoderDecoderAdam(adam([p for p in model.parameters() if id(p) in encoder]),
+                              adam([p for p in model.parameters() if id(p) not in encoder]))
+
+
+def _parts(opt) -> list:
+    return [opt.enc, opt.dec] if isinstance(opt, EncoderDecoderAdam) else [opt]
 
 
 def set_lrs(opt, lrs: Sequence[float]) -> None:
-    if isinstance(opt, PackAdam):
-        opt.set_lrs(lrs)
-    else:
-        opt.param_groups[0]["lr"] = lrs[0]
+    for part in _parts(opt):
+        if isinstance(part, PackAdam):
+            part.set_lrs(lrs)
+        else:
+            part.param_groups[0]["lr"] = lrs[0]
 
 
 def freeze(opt, k: int, frozen: bool = True) -> None:
     """Member k's weights are left alone from now on (a pack of one has nothing left to train instead)."""
-    if isinstance(opt, PackAdam):
-        opt.freeze(k, frozen)
+    for part in _parts(opt):
+        if isinstance(part, PackAdam):
+            part.freeze(k, frozen)
 
 
 def moments(opt) -> list[torch.Tensor]:
     """The optimiser's Adam moments (for clearing denormals)."""
-    if isinstance(opt, PackAdam):
-        return opt.exp_avg + opt.exp_avg_sq
-    return [t for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    out = []
+    for part in _parts(opt):
+        out += (part.exp_avg + part.exp_avg_sq if isinstance(part, PackAdam) else
+                [t for st in part.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")])
+    return out
+
+
+def kl_weights(members: Sequence[Member], progress: float, device: Any) -> float | torch.Tensor:
+    """Each member's KL weight after `progress` epochs, as the pack's math takes it (`per_member`)."""
+    return per_member([kl_weight(m.cfg, progress) for m in members], device, 1)
+
+
+def kl_weight(cfg: Any, progress: float) -> float:
+    """A run's KL weight after `progress` epochs: cyclical annealing under --mitigation cyclical, else beta after
+    the linear warm-up (vae.model.losses)."""
+    if cfg.mitigation == "cyclical":
+        return losses.cyclical_kl_weight(cfg.beta, progress, cfg.budget)
+    return losses.kl_weight(cfg.beta, progress, cfg.kl_warmup_epochs)
 
 
 # ------------------------------------------------------------------ stacked models
@@ -196,11 +231,12 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     k = len(models)
     tensors = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in models]
     for name, module in list(template.named_modules()):
-        if isinstance(module, nn.Linear):  # same names, same place: a member's state dict is a slice of the pack's
+        if isinstance(module, (nn.Linear, MaskedLinear)):  # same names, same place: a member's state dict is a slice
             weight = torch.stack([t[f"{name}.weight"].detach() for t in tensors]).clone()
             bias = None if module.bias is None else torch.stack([t[f"{name}.bias"].detach() for t in tensors]).clone()
+            mask = torch.stack([t[f"{name}.mask"] for t in tensors]).clone() if isinstance(module, MaskedLinear) else None
             owner, leaf = _owner(template, name)
-            setattr(owner, leaf, PackedLinear(weight, bias))
+            setattr(owner, leaf, PackedLinear(weight, bias, mask))
     for name, value in tensors[0].items():
         owner, leaf = _owner(template, name)
         if isinstance(owner, PackedLinear):

@@ -143,3 +143,38 @@ class PackAdam:
         self.frozen = state["frozen"].clone()
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src.to(dst.device))
+
+
+class EncoderDecoderAdam:
+    """Two Adams, one over q(z|x)'s parameters and one over the decoder's, for aggressive training (He et al.
+    2019): a step may update the decoder alone, or the encoders of some members only (`encoder_for`)."""
+
+    def __init__(self, encoder, decoder):
+        self.enc, self.dec = encoder, decoder
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.enc.zero_grad(set_to_none=set_to_none)
+        self.dec.zero_grad(set_to_none=set_to_none)
+
+    def step(self, encoder_for: Sequence[int] | None = None, decoder: bool = True) -> None:
+        """The decoder's step (unless `decoder` is False), and the encoder's of members `encoder_for` (None: all)."""
+        if decoder:
+            self.dec.step()
+        if encoder_for is None:
+            self.enc.step()
+        elif isinstance(self.enc, PackAdam):
+            before = self.enc.frozen.clone()
+            for k in range(self.enc.k):
+                if k not in encoder_for:
+                    self.enc.frozen[k] = True
+            self.enc.step()
+            self.enc.frozen = before
+        elif 0 in encoder_for:
+            self.enc.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"encoder": self.enc.state_dict(), "decoder": self.dec.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.enc.load_state_dict(state["encoder"])
+        self.dec.load_state_dict(state["decoder"])
