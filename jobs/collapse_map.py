@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 
-from vae.tables.collapse import Thresholds, build, recorded_thresholds
+from vae.tables.collapse import Thresholds, build, method_table, recorded_thresholds
 from vae.config import OneLineParser
 from vae.tables.results import Results, StorageError
 
@@ -44,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     source = "the run's own" if thresholds == recorded else f"overridden (the run recorded {recorded.active:g} / {recorded.kl:g})"
     print(f"{PROG}: units in use = activity > {thresholds.active:g} and test KL >= {thresholds.kl:g} nats ({source})")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table[["latent_dim", "lr", "beta", "n_trials", "units_in_use_mean", "fraction_in_use", "total_kl",
-                     "test_loss", "status", "critical_beta"]].to_string(index=False))
+        print(table[["latent_dim", "lr", *[k for k in ("decoder_context", "mitigation") if table[k].nunique() > 1],
+                     "beta", "n_trials", "units_in_use_mean", "fraction_in_use", "total_kl", "test_loss", "status",
+                     "critical_beta"]].to_string(index=False))
+        methods = method_table(res.read("trials"))
+        if methods.mitigation.nunique() > 1:
+            print(f"{PROG}: mitigations compared (IW NLL, test KL, I(x; z) on 2,000 test images, units in use, "
+                  "wall time relative to none):")
+            print(methods.to_string(index=False))
     return 0
 
 

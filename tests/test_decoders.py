@@ -130,3 +130,21 @@ def test_a_pack_refuses_members_with_and_without_a_context():
     assert resolve(TrainConfig(**base, mitigation="warmup", epochs=30)).kl_warmup_epochs == 3.0
     assert resolve(TrainConfig(**base, mitigation="free-bits")).free_bits == 0.5
     assert resolve(TrainConfig(dataset="binarized-mnist", name="f")).decoder_context == 0  # factorised: none
+
+
+def test_the_method_table_sets_each_mitigation_beside_the_plain_vae_of_its_decoder():
+    import pandas as pd
+
+    from vae.tables.collapse import method_table
+
+    rows = []
+    for mitigation, wall, kl in (("none", 10.0, 1.0), ("aggressive", 25.0, 4.0), ("cyclical", 11.0, 3.0)):
+        for seed in (0, 1):
+            rows.append(dict(trial_id=f"{mitigation}{seed}", status="finished", decoder="autoregressive",
+                             decoder_context=784, beta=1.0, mitigation=mitigation, iw_nll=90.0 + seed,
+                             test_kl=kl, mutual_info=kl / 2, units_in_use=2, latent_dim=32, wall_seconds=wall))
+    rows.append(dict(rows[0], trial_id="bad", status="diverged", wall_seconds=1.0))
+    table = method_table(pd.DataFrame(rows))
+    assert list(table.mitigation) == ["none", "cyclical", "aggressive"] and (table.n_trials == 2).all()
+    assert list(table.relative_cost) == [1.0, 1.1, 2.5] and list(table.kl) == [1.0, 3.0, 4.0]
+    assert list(table.iw_nll) == [90.5] * 3

@@ -396,3 +396,26 @@ def brackets(table: pd.DataFrame, path: str | None = None, ax=None) -> Any:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         return _finish(fig, path)
+
+
+def decoder_strength(table: pd.DataFrame, path: str | None = None, ax=None) -> Any:
+    """Units in use and test KL over the autoregressive decoder's context W x beta (from `collapse_map/`, the
+    plain method's cells): where collapse sets in as the decoder gets stronger."""
+    t = table[(table.get("mitigation", "none") == "none")] if "mitigation" in table else table
+    if t.empty or t.decoder_context.nunique() < 2:
+        return None
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = _subplots(1, 2, figsize=(11, 4.2), squeeze=False, ax=ax)
+        for ax, (value, label, cmap) in zip(axes[0], (("units_in_use_mean", "units in use", "RdYlGn"),
+                                                      ("total_kl", "test KL (nats)", "viridis"))):
+            grid = t.pivot_table(index="decoder_context", columns="beta", values=value, aggfunc="mean")
+            im = ax.imshow(grid.values, origin="lower", aspect="auto", cmap=cmap)
+            ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
+            ax.set_yticks(range(grid.shape[0]), [str(w) for w in grid.index])
+            ax.set(xlabel="beta (KL weight)", ylabel="decoder context W (pixels)", title=label)
+            for (r, c), v in np.ndenumerate(grid.values):
+                if not math.isnan(v):
+                    ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=9, fontweight="bold",
+                            color="black", bbox={"facecolor": "white", "alpha": 0.6, "lw": 0})
+            fig.colorbar(im, ax=ax)
+        return _finish(fig, path)

@@ -21,7 +21,8 @@ import pyarrow.dataset as ds
 
 from vae.figures import plots
 from vae.axes import CELL_AXES
-from vae.tables.collapse import Thresholds, collapse_map, final_rows, recorded_thresholds, theory_agreement
+from vae.tables.collapse import (METHOD_KEYS, Thresholds, collapse_map, final_rows, method_table, recorded_thresholds,
+                                 theory_agreement)
 from vae.tables.results import SAFE_KEY, Results
 
 AUTO_TRIAL_PAGES = 24  # trial pages drawn with the index; others with --trial
@@ -343,6 +344,22 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
                 caption="Fraction of units in use against beta, one panel per learning rate and a line per latent "
                         "size; dotted lines mark each latent size's critical beta, where the line crosses one "
                         "half.")))
+        if not table.empty and table.decoder_context.nunique() > 1:
+            page.sections.append(figure_html(_draw(
+                out, "decoder-strength.png", plots.decoder_strength, table, title="Decoder strength",
+                caption="Units in use and test KL of the plain VAE over the autoregressive decoder's context W (the "
+                        "previous pixels each pixel's Bernoulli sees; 0: the factorised decoder) and beta: "
+                        "where a decoder strong enough to model the data without z makes the posterior collapse.")))
+        methods = method_table(trials)
+        if methods.mitigation.nunique() > 1:
+            page.sections.append(
+                "<h2>Mitigations compared (in the form of He et al. 2019, Table 1)</h2><p>NLL: the importance-"
+                "weighted bound with each run's --iw-samples; KL: test-set KL; MI: I(x; z) by He et al.'s estimator "
+                "on 2,000 test images (the aggregate posterior as the mixture of their q(z|x), so at most "
+                "log 2000 = 7.6 nats; He et al.'s is per minibatch, at most log of its size); cost: wall time "
+                "relative to the plain VAE (none) of the same decoder, context and beta.</p>" + table_html(
+                    methods[METHOD_KEYS + ["n_trials", "iw_nll", "kl", "mutual_info", "units_in_use",
+                                           "relative_cost"]]))
         page.sections.append(figure_html(_draw(
             out, "rate-distortion.png", plots.rate_distortion, final, title="Rate and distortion",
             caption="Each trial's test KL (rate) against reconstruction (distortion); collapsed trials (x) sit at "

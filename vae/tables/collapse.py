@@ -226,3 +226,26 @@ def build(root: str, thresholds: Thresholds | None = None) -> pd.DataFrame:
                          res.read("spectrum"))
     res.write("collapse_map", table, "collapse_map.parquet")
     return table
+
+
+METHOD_KEYS = ["decoder", "decoder_context", "beta", "mitigation"]
+
+
+def method_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per method (mitigation) of each (decoder, context, beta), in the form of He et al. (2019)'s Table 1: the IW
+    NLL bound, test KL, I(x; z), units in use and wall time relative to the plain VAE (mitigation none) of the
+    same decoder, context and beta; means over seeds. Finished trials only."""
+    done = trials[trials.status == "finished"]
+    if done.empty:
+        return pd.DataFrame(columns=METHOD_KEYS + ["n_trials", "iw_nll", "kl", "mutual_info", "units_in_use",
+                                                   "latent_dim", "wall_seconds", "relative_cost"])
+    table = done.groupby(METHOD_KEYS, dropna=False).agg(
+        n_trials=("trial_id", "size"), iw_nll=("iw_nll", "mean"), kl=("test_kl", "mean"),
+        mutual_info=("mutual_info", "mean"), units_in_use=("units_in_use", "mean"), latent_dim=("latent_dim", "first"),
+        wall_seconds=("wall_seconds", "mean")).reset_index()
+    plain = table[table.mitigation == "none"].set_index(METHOD_KEYS[:3]).wall_seconds
+    base = [plain.get(tuple(k), float("nan")) for k in table[METHOD_KEYS[:3]].itertuples(index=False)]
+    table["relative_cost"] = table.wall_seconds / pd.Series(base, index=table.index)
+    order = {m: i for i, m in enumerate(("none", "warmup", "cyclical", "free-bits", "aggressive"))}
+    return table.sort_values(METHOD_KEYS[:3] + ["mitigation"], key=lambda s: s.map(order) if s.name == "mitigation"
+                             else s).reset_index(drop=True)

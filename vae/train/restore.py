@@ -45,7 +45,8 @@ def restore(session, members: Members, model: torch.nn.Module, opt, schedules, r
     done = int(state["epoch"])
     for m, s in zip(members, resume.saved_members(extra)):
         m.settle_epoch, m.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
-        m.aggressive, m.best_mi = bool(s["aggressive"]), float(s["best_mi"])
+        m.aggressive = bool(s.get("aggressive", m.aggressive))  # a checkpoint from before aggressive training: as set up
+        m.best_mi = float(s.get("best_mi", m.best_mi))
         # diverged stays so; finished is judged again (a rerun may raise the budget); interrupted goes on
         m.status = "diverged" if s.get("status") == "diverged" else m.ended_by(done)
         freeze(opt, m.k, m.status != LIVE)
