@@ -36,7 +36,7 @@ def _module_path(name: str) -> Path | None:
 
 
 def _absolute(node: ast.ImportFrom, path: Path) -> list[str]:
-    if node.level == 0:  # `from vae import kernels` imports vae.model.kernels
+    if node.level == 0:  # `from vae.model import kernels` imports vae.model.kernels
         return [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-node.level])
     base = f"{package}.{node.module}" if node.module else package

@@ -189,7 +189,7 @@ class RunResults:
     def plot(self, name: str, trial_id: str | None = None, ax=None, **kwargs: Any):
         """A figure of `vae.figures.plots` by name, drawn from the tables it needs (one trial's, for trial figures:
         the run's own, or `trial_id`); returns the matplotlib Figure."""
-        from vae import plots  # matplotlib
+        from vae.figures import plots  # matplotlib
 
         fn = getattr(plots, name, None)
         if fn is None or name.startswith("_"):

@@ -10,7 +10,6 @@ checkpoint holds its whole pack, and the member asked for is sliced out of it (`
 
 from __future__ import annotations
 
-import io
 from typing import Any, Mapping
 
 import pyarrow.fs as pafs
@@ -20,7 +19,7 @@ from vae.config import TrainConfig
 from vae.model.data import INPUT_DIM
 from vae.model.models import model_for
 from vae.tables.results import CONFIG_COLUMNS, Results
-from vae.train.checkpoint import CheckpointError, check_payload
+from vae.train.checkpoint import CheckpointError, from_bytes
 from vae.train.pack import member_slice
 
 
@@ -91,18 +90,22 @@ def load_model(path_or_uri: str, trial_id: str | None = None, epoch: int | None 
     if match.empty:
         raise KeyError(f"no trial {trial_id!r} in {path_or_uri}")
     row = match.iloc[0]
-    found = []
+    found, refused = [], []
     pack_id = str(row.pack_id) if isinstance(row.get("pack_id"), str) and row.pack_id else trial_id
     for path in _checkpoints(res):
         with res.fs.open_input_file(path) as src:
             try:
-                payload = check_payload(torch.load(io.BytesIO(src.read()), map_location="cpu", weights_only=True),
-                                        path, pack_id)
-            except CheckpointError:
-                continue  # another trial's (or pack's), or not ours
+                payload = from_bytes(src.read(), path, pack_id)
+            except CheckpointError as e:
+                if "belongs to trial" not in str(e):  # not another trial's (or pack's): not ours at all
+                    refused.append(path)
+                continue
         found.append(payload)
     if epoch is not None:
         found = [p for p in found if int(p["epoch"]) == epoch]
+    if not found and refused:
+        raise CheckpointError(f"{refused[0]} is not a checkpoint this project wrote (it does not hold tensors and "
+                              "plain data only, or is cut short) and was not loaded")
     if not found:
         raise FileNotFoundError(f"no checkpoint of trial {trial_id!r}" + (f" at epoch {epoch}" if epoch is not None else "")
                                 + f" under {path_or_uri} (Ray keeps the latest two)")

@@ -9,13 +9,18 @@ differing field with both values, and nothing is written (`check_identity`).
 job runs. A second job that starts the same run is refused with the holder's record. A holder that died
 does not block forever: on its own host a lock whose pid is gone is taken over at once; from another host
 (or on bucket storage, where the pid cannot be checked) a lock whose heartbeat (the holder rewrites it
-every `HEARTBEAT_S`) is older than `STALE_S` is stale. On a local path the lock is created atomically
-(O_EXCL); on bucket storage pyarrow.fs has no create-if-absent, so the lock is written and read back, which
-narrows but does not close the window in which two starts at the same instant could both proceed.
+every `HEARTBEAT_S`) is older than `STALE_S` is stale. On a local path the holder also keeps an exclusive
+`flock` on the file for its whole run: a starter checks and rewrites the record only while it holds that
+kernel lock, so of any number of jobs starting at once exactly one proceeds, a dead holder's lock is freed by
+the kernel, and a take-over never deletes a file another job may have just written. On bucket storage
+pyarrow.fs has no create-if-absent, so the lock is written and read back, which narrows but does not close the
+window in which two starts at the same instant could both proceed. A run folder that cannot be created or
+written (a read-only mount, a parent that is a file) is refused in one line naming it, before Ray starts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -92,6 +97,7 @@ class RunLock:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self.took_over: dict | None = None
+        self._fd: int | None = None  # a local lock's file, flock-ed while the job runs
 
     def _read(self) -> dict | None:
         try:
@@ -112,28 +118,68 @@ class RunLock:
 
     def _write(self, exclusive: bool) -> bool:
         payload = json.dumps(self.record).encode()
-        if self.local:
-            os.makedirs(self.res.path, exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
+        if self._fd is not None:  # the local lock's heartbeat: the same file, rewritten (its mtime is the beat)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, payload, 0)
             return True
         self.res.fs.create_dir(self.res.path, recursive=True)
         with self.res.fs.open_output_stream(self.path) as out:
             out.write(payload)
         return self._read() == self.record  # read back: another writer in the same instant loses here
 
+    def _refuse(self, holder: dict | None) -> RunError:
+        who = (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}" if holder
+               else "starting at this moment")
+        return RunError(f"--name: {self.res.root} is being written by another job ({who}); wait for it or pick "
+                        "another --name")
+
     def acquire(self) -> None:
-        """Take the lock or raise RunError naming its live holder."""
+        """Take the lock or raise RunError naming its live holder, or the folder that cannot be written."""
+        try:
+            if self.local:
+                self._acquire_local()
+            else:
+                self._acquire_remote()
+        except OSError as e:
+            raise RunError(f"--storage: cannot write the run folder {self.res.path}: "
+                           f"{e.strerror or type(e).__name__}") from None
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+
+    def _acquire_local(self) -> None:
+        """Check the record and write ours while holding the file's flock (kept until `release`)."""
+        os.makedirs(self.res.path, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refuse(self._read()) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # a holder released (unlinked) the file we opened: open the one there now
+                os.close(fd)
+                continue
+            holder = self._read()
+            if holder and holder != self.record and not self._stale(holder):  # alive, if without the flock
+                os.close(fd)
+                raise self._refuse(holder)
+            self.took_over = holder or None
+            payload = json.dumps(self.record).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, payload, 0)
+            self._fd = fd
+            return
+        raise RunError(f"--name: could not take the lock {self.path}; try again")
+
+    def _acquire_remote(self) -> None:
         for _ in range(3):
             holder = self._read() if self.res.fs.get_file_info(self.path).type == pafs.FileType.File else None
             if holder is not None and not self._stale(holder):
-                raise RunError(f"--name: {self.res.root} is being written by another job (host {holder.get('host')}, "
-                               f"pid {holder.get('pid')}, started {holder.get('started')}); wait for it or pick "
-                               "another --name")
+                raise self._refuse(holder)
             if holder is not None:
                 self.took_over = holder
                 try:
@@ -141,8 +187,6 @@ class RunLock:
                 except OSError:
                     pass
             if self._write(exclusive=True):
-                self._beat = threading.Thread(target=self._heartbeat, daemon=True)
-                self._beat.start()
                 return
         raise RunError(f"--name: could not take the lock {self.path}; try again")
 
@@ -155,6 +199,14 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._fd is not None:  # unlink while still holding the flock, then let go
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+            return
         if self._read() == self.record:
             try:
                 self.res.fs.delete_file(self.path)

@@ -8,6 +8,7 @@ file that is not ours (or is truncated) is refused with the reason.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from typing import Any
@@ -44,8 +45,14 @@ def load(folder: str, trial_id: str | None = None) -> dict[str, Any]:
     path = os.path.join(folder, FILENAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {folder} has no {FILENAME}")
+    with open(path, "rb") as fh:
+        return from_bytes(fh.read(), path, trial_id)
+
+
+def from_bytes(data: bytes, path: str, trial_id: str | None = None) -> dict[str, Any]:
+    """A checkpoint file's bytes, loaded as tensors and plain data only (nothing in it runs) and checked."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects, RuntimeError/EOFError for truncation
         raise CheckpointError(f"checkpoint {path} refused: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'unreadable'}") from None

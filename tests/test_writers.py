@@ -1,0 +1,98 @@
+"""One writer per run, for real: many processes starting at once, unwritable storage, foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTER = """
+import os, sys, time
+from pathlib import Path
+from vae.tables.runs import RunError, RunLock
+room, n = Path(sys.argv[2]), int(sys.argv[3])
+(room / f"ready-{os.getpid()}").touch()
+while len(list(room.glob("ready-*"))) < n:  # a barrier: every starter reaches acquire() together
+    pass
+lock = RunLock(sys.argv[1])
+try:
+    lock.acquire()
+except RunError as e:
+    (room / f"done-{os.getpid()}").touch()
+    print("refused", e, flush=True)
+    sys.exit(0)
+print("took" + (" over" if lock.took_over else ""), flush=True)
+while len(list(room.glob("done-*"))) < n - 1:  # hold it until every other starter has been answered
+    time.sleep(0.01)
+lock.release()
+"""
+
+
+class Foreign:
+    """An object a checkpoint file might hold: torch.load(weights_only=True) refuses to build it."""
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_of_many_jobs_starting_at_once_exactly_one_proceeds(tmp_path, stale):
+    """Eight processes race for the lock, five times; with a dead holder's record in place (stale), the
+    take-over is atomic too: never two holders, never a record deleted under a fresh one."""
+    for round_ in range(5):
+        root = tmp_path / f"r{round_}"
+        if stale:
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            root.mkdir()
+            (root / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
+        room = tmp_path / f"room{round_}"
+        room.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(root), str(room), "8"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(8)]
+        outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+        took = [o for o in outs if o.startswith("took")]
+        assert len(took) == 1, outs
+        assert all(o.startswith("refused") and "being written by another job" in o for o in outs if o not in took)
+        assert took[0] == ("took over" if stale else "took")
+        assert not (root / ".lock").exists()  # released by its one holder
+
+
+def test_storage_that_cannot_be_written_is_refused_in_one_line_before_ray(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for job in ("jobs.train", "jobs.sweep"):
+        extra = ["--latent-dims", "2", "--betas", "1"] if job == "jobs.sweep" else []
+        proc = subprocess.run([sys.executable, "-m", job, "--dataset", "gaussian2d", "--epochs", "1", *extra,
+                               "--storage", str(blocker / "results"), "--name", "n"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.strip()]
+        assert proc.returncode == 2, (job, proc.stdout, proc.stderr)
+        assert len([line for line in lines if "cannot write" in line]) == 1 and "Traceback" not in proc.stderr
+        assert str(blocker) in proc.stderr + proc.stdout and "Not a directory" in proc.stderr + proc.stdout
+        assert "Ray" not in proc.stderr  # refused before any cluster work
+
+
+def test_load_model_refuses_a_file_that_holds_objects_in_one_line(tmp_path):
+    import torch
+
+    import vae
+    from vae.config import TrainConfig
+    from vae.train.checkpoint import CheckpointError
+    from vae.train.loop import train_loop
+    from vae.train.session import LocalSession
+
+    cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=1, iw_samples=0,
+                      storage=str(tmp_path), name="m")
+    train_loop(cfg, LocalSession(str(tmp_path / "m" / "checkpoint_000000")))
+    assert vae.load_model(str(tmp_path / "m")).epoch == 1
+
+    torch.save({"format": "vae-collapse-checkpoint/1", "payload": Foreign()},
+               tmp_path / "m" / "checkpoint_000000" / "state.pt")
+    with pytest.raises(CheckpointError) as refused:
+        vae.load_model(str(tmp_path / "m"))
+    message = str(refused.value)
+    assert "\n" not in message and "not a checkpoint this project wrote" in message and "not loaded" in message
