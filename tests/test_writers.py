@@ -17,8 +17,9 @@ import os, sys, time
 from pathlib import Path
 from vae.tables.runs import RunError, RunLock
 room, n = Path(sys.argv[2]), int(sys.argv[3])
+deadline = time.time() + 60  # never spin past the test's own limit
 (room / f"ready-{os.getpid()}").touch()
-while len(list(room.glob("ready-*"))) < n:  # a barrier: every starter reaches acquire() together
+while len(list(room.glob("ready-*"))) < n and time.time() < deadline:  # a barrier: every starter at acquire()
     pass
 lock = RunLock(sys.argv[1])
 try:
@@ -28,7 +29,7 @@ except RunError as e:
     print("refused", e, flush=True)
     sys.exit(0)
 print("took" + (" over" if lock.took_over else ""), flush=True)
-while len(list(room.glob("done-*"))) < n - 1:  # hold it until every other starter has been answered
+while len(list(room.glob("done-*"))) < n - 1 and time.time() < deadline:  # hold it until the others are answered
     time.sleep(0.01)
 lock.release()
 """
@@ -53,7 +54,11 @@ def test_of_many_jobs_starting_at_once_exactly_one_proceeds(tmp_path, stale):
         room.mkdir()
         procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(root), str(room), "8"], cwd=ROOT,
                                   stdout=subprocess.PIPE, text=True) for _ in range(8)]
-        outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+        try:
+            outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
         took = [o for o in outs if o.startswith("took")]
         assert len(took) == 1, outs
         assert all(o.startswith("refused") and "being written by another job" in o for o in outs if o not in took)
