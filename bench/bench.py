@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from vae.config import TrainConfig
-from vae.train.loop import train_loop
+from vae.training.loop import train_loop
 from vae.tables.results import Results
-from vae.train.session import LocalSession
+from vae.training.session import LocalSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 128
@@ -190,7 +190,7 @@ def run_job(args: list[str], env: dict[str, str]) -> float:
 
 def peak_rss_mb(data_dir: str, storage: str) -> float:
     code = ("import resource, sys; sys.path.insert(0, %r)\n"
-            "from vae.config import TrainConfig; from vae.train.loop import train_loop; from vae.train.session import LocalSession\n"
+            "from vae.config import TrainConfig; from vae.training.loop import train_loop; from vae.training.session import LocalSession\n"
             "train_loop(TrainConfig(dataset='mnist', data_dir=%r, epochs=1, storage=%r, name='rss', iw_samples=100),"
             " LocalSession())\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (ROOT, data_dir, storage)

@@ -20,7 +20,7 @@ import torch
 from vae.config import TrainConfig, resolve
 from vae.model import fast
 from vae.model.models import model_for
-from vae.train.step import train_step
+from vae.training.step import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 128

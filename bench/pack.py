@@ -1,4 +1,4 @@
-"""python -m bench.pack: packed trials (vae/train/pack.py) against the same configurations trained one per trial.
+"""python -m bench.pack: packed trials (vae/training/pack.py) against the same configurations trained one per trial.
 
 Every figure is a ratio within this one command, on this machine:
 1. the 2-D toy, linear VAE, 48 log-spaced betas x 2 learning rates, 15 epochs: whole `jobs.sweep` wall
@@ -78,8 +78,8 @@ def toy_sweep(storage: str, name: str, pack: int, betas: int, epochs: int, env: 
 def run_pack(spec: dict[str, Any]) -> dict[str, float]:
     """A child process: train `spec["points"]` as one pack (or each alone, `spec["alone"]`) and report
     the training rate and the process's peak RSS."""
-    from vae.train.loop import train_loop, train_pack
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop, train_pack
+    from vae.training.session import LocalSession
 
     common = {k: v for k, v in spec["common"].items()}
     cfgs = [TrainConfig(**common, **p, storage=spec["storage"], name=spec["name"], trial_id=f"m{i}")
@@ -112,10 +112,10 @@ def packed_vs_alone(storage: str, name: str, common: dict, points: list[dict], a
 # ------------------------------------------------------------------ 5. bmm against vmap
 def step_times(k: int, reps: int = 30) -> dict[str, float]:
     """Seconds per forward + backward of a pack of k seed MLPs at batch 128: stacked batched products (ours,
-    vae/train/pack.py) against torch.func.vmap over torch.func.functional_call of the plain model."""
+    vae/training/pack.py) against torch.func.vmap over torch.func.functional_call of the plain model."""
     import torch
 
-    from vae.train import pack
+    from vae.training import pack
     from vae.model.models import build_model
 
     models = []

@@ -79,9 +79,9 @@ def test_tensorboard_tracking_holds_the_parquet_rows(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
+    from vae.training.loop import train_loop
     from vae.tables.results import Results
-    from vae.train.session import LocalSession
+    from vae.training.session import LocalSession
 
     train_loop(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=3, iw_samples=0,
                            tracker="tensorboard", storage=str(tmp_path), name="tb"), LocalSession())
@@ -105,9 +105,9 @@ def test_mlflow_tracking_holds_the_parquet_rows_one_run_per_trial(tmp_path, monk
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks readers of a file store too
 
     from vae.config import TrainConfig
-    from vae.train.loop import train_pack
+    from vae.training.loop import train_pack
     from vae.tables.results import Results
-    from vae.train.session import LocalSession
+    from vae.training.session import LocalSession
 
     kw = dict(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0, tracker="mlflow",
               storage=str(tmp_path), name="ml")

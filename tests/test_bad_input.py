@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 from tune.space import parse_sweep_args
-from vae.train import checkpoint
+from vae.training import checkpoint
 from vae.config import TrainConfig, parse_train_args
 from vae.tables.results import Results
 
@@ -72,9 +72,10 @@ def test_every_numeric_flag_refuses_negative_nan_huge_and_text(flag, value):
 
 
 def test_zero_is_refused_where_it_means_nothing():
-    for flag in ["--lr", "--epochs", "--num-mc", "--batch-size", "--num-workers", "--iw-subset"]:
+    for flag in ["--lr", "--epochs", "--num-mc", "--batch-size", "--num-workers", "--objective-k", "--decoder-layers"]:
         with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
             parse_train_args([flag, "0"])
+    assert parse_train_args(["--iw-subset", "0"])[0].iw_subset == 0  # the whole test set
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -111,7 +112,7 @@ def test_truncated_foreign_or_misplaced_checkpoints_are_refused(tmp_path):
 WRITER = """
 import sys, numpy as np, pandas as pd, torch
 sys.path.insert(0, {root!r})
-from vae.train import checkpoint
+from vae.training import checkpoint
 from vae.tables.results import Results, SCHEMAS
 res = Results({path!r})
 weights = {{"w": torch.randn(2000, 500)}}
@@ -147,9 +148,9 @@ def test_a_writer_killed_mid_write_leaves_only_whole_files(tmp_path):
 
 
 def test_unwritable_storage_stops_the_run_naming_the_path(tmp_path):
-    from vae.train.loop import train_loop
+    from vae.training.loop import train_loop
     from vae.tables.results import StorageError
-    from vae.train.session import LocalSession
+    from vae.training.session import LocalSession
 
     storage = tmp_path / "store"
     (storage / "run").mkdir(parents=True)
@@ -161,9 +162,9 @@ def test_unwritable_storage_stops_the_run_naming_the_path(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_naming_the_path_and_keeps_what_was_written(tmp_path):
-    from vae.train.loop import train_loop
+    from vae.training.loop import train_loop
     from vae.tables.results import StorageError
-    from vae.train.session import LocalSession
+    from vae.training.session import LocalSession
 
     disk = tmp_path / "small-disk"
     disk.mkdir()

@@ -108,8 +108,8 @@ def test_print_config_gives_yaml_that_config_takes_back_as_is(prog, tmp_path):
 
 
 def test_a_resolved_config_is_not_resolved_again_on_its_way_into_the_loop(tmp_path, monkeypatch):
-    from vae.train import loop
-    from vae.train.session import LocalSession
+    from vae.training import loop
+    from vae.training.session import LocalSession
 
     cfg = resolve(TrainConfig(dataset="gaussian2d", epochs=1, iw_samples=0, storage=str(tmp_path), name="once"))
 

@@ -12,9 +12,9 @@ import torch
 from vae.config import TrainConfig, resolve
 from vae.model import losses
 from vae.model.models import AutoregressiveConfig, AutoregressiveMLPVAE, MLPConfig, MLPVAE, PixelCNNConfig, PixelCNNVAE
-from vae.train import aggressive
-from vae.train.loop import train_loop, train_pack
-from vae.train.session import LocalSession
+from vae.training import aggressive
+from vae.training.loop import train_loop, train_pack
+from vae.training.session import LocalSession
 from tests.test_pack import _rows, _same
 
 D = 784
@@ -74,7 +74,7 @@ def test_cyclical_annealing_rises_over_half_of_each_of_four_cycles():
 
 
 def test_the_aggressive_phase_ends_when_mutual_information_stops_rising_and_is_shown_in_training(tmp_path, data_dir):
-    from vae.train.pack import Member
+    from vae.training.pack import Member
 
     m = Member(0, None, aggressive=True)
     for mi in (1.0, 2.0, 2.5):
@@ -120,7 +120,7 @@ def test_a_packed_sweep_over_decoder_contexts_equals_its_members_trained_alone(t
 
 
 def test_a_pack_refuses_members_with_and_without_a_context():
-    from vae.train.pack import Members
+    from vae.training.pack import Members
 
     base = dict(dataset="binarized-mnist", decoder="autoregressive", name="p")
     with pytest.raises(ValueError, match="decoder context"):

@@ -149,8 +149,8 @@ def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume
     from jobs import report
     from jobs import collapse_map
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     train_loop(TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="d"),
                LocalSession())
@@ -176,8 +176,8 @@ def test_a_resume_redoes_an_epoch_whose_rows_were_set_aside_from_the_checkpoint_
     import shutil
 
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="r")
     root = tmp_path / "r"
@@ -205,8 +205,8 @@ def test_a_resume_redoes_an_epoch_whose_rows_were_set_aside_from_the_checkpoint_
 
 def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_the_start(tmp_path, capsys):
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", epochs=3, iw_samples=0, storage=str(tmp_path), name="s")
     root = tmp_path / "s"
@@ -224,7 +224,7 @@ def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_
 
 
 def test_first_gap_finds_the_earliest_missing_epoch_over_a_packs_members():
-    from vae.train.resume import first_gap
+    from vae.training.resume import first_gap
 
     def rows(pairs):
         return {"epochs": set(pairs), "kl_per_dim": set(pairs)}
@@ -309,8 +309,8 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     import shutil
 
     from vae.config import TrainConfig, resolve
-    from vae.train.loop import _set_up, train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import _set_up, train_loop
+    from vae.training.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=2, iw_samples=0,
                       storage=str(tmp_path), name="ck")

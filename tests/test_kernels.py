@@ -1,5 +1,5 @@
 """The hand-written nodes compute what the plain PyTorch ops compute, values and gradients; vae/model/fast.py routes
-a model to them, and torch's private fused Adam still takes the arguments vae/train/pack_adam.py gives it."""
+a model to them, and torch's private fused Adam still takes the arguments vae/training/pack_adam.py gives it."""
 
 import math
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae.train import cpu, pack
+from vae.training import cpu, pack
 from vae.model import fast, kernels, losses
 from vae.model.models import VAE, build_model
-from vae.train.pack_adam import FUSED_ADAM, fused_adam
+from vae.training.pack_adam import FUSED_ADAM, fused_adam
 
 
 def _grads(fn, *tensors):

@@ -9,9 +9,9 @@ import torch
 
 from vae.config import TrainConfig, resolve
 from vae.model.data import GAUSSIAN_COV, GAUSSIAN_MEAN
-from vae.train.loop import train_loop
+from vae.training.loop import train_loop
 from vae.tables.results import IMAGE_KINDS, SCHEMAS, Results
-from vae.train.session import LocalSession
+from vae.training.session import LocalSession
 
 
 def toy(tmp_path, **kw) -> TrainConfig:
@@ -66,7 +66,7 @@ def test_rerun_with_a_checkpoint_resumes_and_writes_each_epoch_once(tmp_path):
     train_loop(toy(tmp_path, epochs=2), LocalSession(ckpt))
     straight = toy(tmp_path, epochs=4, name="straight")
     train_loop(straight, LocalSession())
-    from vae.train.loop import _set_up
+    from vae.training.loop import _set_up
 
     probe = _set_up([resolve(toy(tmp_path, epochs=4))], LocalSession(ckpt))
     assert probe.restore() == 2  # the optimiser's state comes back with the weights: Adam's step count
@@ -91,7 +91,7 @@ def test_a_diverging_trial_is_recorded_with_its_reason(tmp_path):
 def test_data_model_and_noise_move_to_the_sessions_device(tmp_path):
     """The GPU path's placement logic, without a GPU: on the `meta` device (not the CPU default), so a
     tensor left behind on the CPU fails this test."""
-    from vae.train.loop import _set_up
+    from vae.training.loop import _set_up
 
     session = LocalSession(device="meta")
     run = _set_up([resolve(toy(tmp_path, epochs=1))], session)
@@ -104,8 +104,8 @@ def test_the_loop_flushes_denormal_floats_while_it_runs_and_restores_the_callers
     """Denormals (below 1.2e-38) build up in long runs and take the CPU's slow path: flushed while training,
     cleared from weights and moments every epoch; the caller's floating-point mode comes back after."""
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     seen = []
 
@@ -122,10 +122,10 @@ def test_the_loop_flushes_denormal_floats_while_it_runs_and_restores_the_callers
 
 
 def test_denormal_weights_and_moments_are_cleared_after_an_epoch(tmp_path):
-    from vae.train import cpu, pack
+    from vae.training import cpu, pack
     from vae.config import TrainConfig, resolve
-    from vae.train.loop import _set_up, _train_epoch
-    from vae.train.session import LocalSession
+    from vae.training.loop import _set_up, _train_epoch
+    from vae.training.session import LocalSession
 
     run = _set_up([resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=1,
                                        storage=str(tmp_path), name="c"))], LocalSession())

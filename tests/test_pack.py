@@ -1,4 +1,4 @@
-"""Packed trials (vae/train/pack.py): the stacked optimiser against torch's, a pack's rows against its members run
+"""Packed trials (vae/training/pack.py): the stacked optimiser against torch's, a pack's rows against its members run
 alone, and a diverging member's isolation."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import torch
 
 from tune import packing
 from vae.model import kernels
-from vae.train import pack
-from vae.train import pack_adam
-from vae.train.pack_adam import PackAdam
+from vae.training import pack
+from vae.training import pack_adam
+from vae.training.pack_adam import PackAdam
 from vae.config import TrainConfig
-from vae.train.loop import train_loop, train_pack
+from vae.training.loop import train_loop, train_pack
 from vae.model.models import build_model
 from vae.tables.results import Results
-from vae.train.session import LocalSession
+from vae.training.session import LocalSession
 
 
 @pytest.mark.parametrize("fused", [False, True])

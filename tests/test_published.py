@@ -12,9 +12,9 @@ from torch.distributions import Normal
 from vae.config import PRESETS, TrainConfig, resolve
 from vae.model import data, diagnostics, losses, streams
 from vae.model.models import MLPConfig, MLPVAE, model_for
-from vae.train.batches import epoch_source as _epoch_source
-from vae.train.loop import _set_up
-from vae.train.session import LocalSession
+from vae.training.batches import epoch_source as _epoch_source
+from vae.training.loop import _set_up
+from vae.training.session import LocalSession
 
 
 def _grey(n: int = 64) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_the_burda_preset_is_a_named_set_of_flags_that_given_flags_override(caps
 
 
 def test_the_burda_schedule_spends_three_to_the_i_passes_at_each_rate():
-    from vae.train.pack import burda_factor
+    from vae.training.pack import burda_factor
 
     factors = [burda_factor(e, 3280) for e in range(3280)]
     for i in range(8):
@@ -131,7 +131,7 @@ def test_the_burda_schedule_spends_three_to_the_i_passes_at_each_rate():
 
 def test_iw_subset_zero_takes_the_whole_test_set_and_the_trial_row_says_how_long(tmp_path):
     from vae.tables.results import Results
-    from vae.train.loop import train_loop
+    from vae.training.loop import train_loop
 
     cfg = TrainConfig(dataset="gaussian2d", model="gaussian-mlp", epochs=1, iw_samples=30, iw_subset=0,
                       storage=str(tmp_path), name="w")

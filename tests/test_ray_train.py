@@ -11,8 +11,8 @@ import tests
 from vae import launch
 from vae.config import TrainConfig, resolve
 from vae.model.data import shard_indices
-from vae.train.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
-from vae.train.batches import shard_digest
+from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+from vae.training.batches import shard_digest
 from vae.tables.results import Results
 
 

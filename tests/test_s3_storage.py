@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vae.train.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ around it, reviving."""
 import numpy as np
 
 from vae.tables.collapse import Thresholds
-from vae.train.settle import epochs_to_cross, settle_state, unit_sides
+from vae.training.settle import epochs_to_cross, settle_state, unit_sides
 
 TH = Thresholds(active=0.01, kl=0.01)
 
@@ -102,9 +102,9 @@ def test_settled_linear_vae_trials_agree_with_the_spectrum_exactly(tmp_path):
     eigenvalues (1.5 and 0.5); the map records the theory beside the measurement."""
     from vae.tables import collapse
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
+    from vae.training.loop import train_loop
     from vae.tables.results import Results
-    from vae.train.session import LocalSession
+    from vae.training.session import LocalSession
 
     for beta in (0.3, 1.0, 3.0):
         cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", beta=beta, lr=1e-2, epochs=6,
@@ -124,8 +124,8 @@ def test_settled_linear_vae_trials_agree_with_the_spectrum_exactly(tmp_path):
 
 def test_a_fixed_budget_run_says_whether_it_had_settled(tmp_path):
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", beta=1.0, lr=1e-2, epochs=2,
                       storage=str(tmp_path), name="f", iw_samples=0)
@@ -139,8 +139,8 @@ def test_settled_linear_vae_trials_agree_with_mnists_spectrum_exactly(data_dir, 
     eigenvalues; every trial settles and keeps exactly the units theory keeps (5, 5, 1, 0)."""
     from vae.tables import collapse
     from vae.config import TrainConfig
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     for beta in (0.5, 2.0, 4.4, 6.0):
         cfg = TrainConfig(dataset="mnist", data_dir=data_dir, subset=10_000, model="linear", decoder_var="1",

@@ -138,7 +138,7 @@ def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
 
 
 def test_an_errored_trial_is_recorded_failed_and_retried_on_resume(tmp_path):
-    from vae.train.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+    from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
     env = {**os.environ, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
     env.pop("RAY_ADDRESS", None)

@@ -86,9 +86,9 @@ def test_load_model_refuses_a_file_that_holds_objects_in_one_line(tmp_path):
 
     import vae
     from vae.config import TrainConfig
-    from vae.train.checkpoint import CheckpointError
-    from vae.train.loop import train_loop
-    from vae.train.session import LocalSession
+    from vae.training.checkpoint import CheckpointError
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
 
     cfg = TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", epochs=1, iw_samples=0,
                       storage=str(tmp_path), name="m")

@@ -42,7 +42,7 @@ class BoundarySearcher(Searcher):
         self.repeats, self.seed = repeats, seed
         self.constants = constants or {}
         self.max_concurrent = max(1, max_concurrent)
-        self.pack = max(1, pack)  # points of one cell trained as one packed trial (vae/train/pack.py)
+        self.pack = max(1, pack)  # points of one cell trained as one packed trial (vae/training/pack.py)
         self.cells = [{"latent_dim": int(z), "lr": float(lr), "outcomes": {}, "pending": 0, "done": False}
                       for z, lr in cells]
         self.queue: list[tuple[int, float, int]] = []  # (cell index, beta, seed)

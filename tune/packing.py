@@ -1,6 +1,6 @@
 """Pack policy for sweeps: which points share a pack, and how many members a pack holds.
 
-A pack (vae/train/pack.py) trains K configurations of one shape as one model; this module decides, for a sweep's
+A pack (vae/training/pack.py) trains K configurations of one shape as one model; this module decides, for a sweep's
 grid, which points go together (`groups`) and how large `--pack auto` makes them (`MAX_AUTO`,
 `member_bytes`). The library never needs it: a lone `train_loop` call is a pack of whatever it is handed.
 """

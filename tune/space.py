@@ -170,7 +170,7 @@ SweepConfig = dataclasses.make_dataclass(
         ("max_concurrent", "int", dataclasses.field(default=0)),  # 0: as many as the cluster fits
         ("scheduler", "str", dataclasses.field(default="none")),
         ("max_failures", "int", dataclasses.field(default=1)),  # retries of an errored trial
-        ("pack", "str", dataclasses.field(default="1")),  # configurations per trial (vae/train/pack.py), or auto
+        ("pack", "str", dataclasses.field(default="1")),  # configurations per trial (vae/training/pack.py), or auto
         # where results go
         ("storage", "str", dataclasses.field(default="")),  # "" -> $VAE_STORAGE or ./results
         ("name", "str", dataclasses.field(default="")),

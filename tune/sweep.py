@@ -43,8 +43,8 @@ def trial(config: dict[str, Any]) -> None:
     if sweep.workers_per_trial == 1:
         import torch
 
-        from vae.train.loop import train_pack
-        from vae.train.session import TuneSession
+        from vae.training.loop import train_pack
+        from vae.training.session import TuneSession
 
         device = "cuda" if sweep.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
         train_pack([sweep.trial_config(trial_id=trial_key(p), **p) for p in points], TuneSession(device))
@@ -185,7 +185,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     slots = max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial))
     pack = sweep.pack_size(slots, trial_memory(sweep, slots))
     if pack > 1:
-        emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/train/pack.py)")
+        emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/training/pack.py)")
     if sweep.search == "boundary":
         from .boundary import BoundarySearcher
 

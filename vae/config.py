@@ -32,7 +32,7 @@ MITIGATIONS = ("none", "warmup", "cyclical", "free-bits", "aggressive")
 WARMUP_SHARE = 0.1  # --mitigation warmup without --kl-warmup-epochs: the first tenth of the budget
 FREE_BITS_DEFAULT = 0.5  # --mitigation free-bits without --free-bits: nats per latent dimension
 LR_SCHEDULES = ("auto", "constant", "cosine", "plateau", "burda")
-TRACKERS = ("none", "tensorboard", "mlflow")  # vae/train/tracking.py
+TRACKERS = ("none", "tensorboard", "mlflow")  # vae/training/tracking.py
 DEFAULT_MODEL = {"mnist": "mlp", "binarized-mnist": "mlp", "gaussian2d": "gaussian-mlp"}
 DEFAULT_LATENT = {"mnist": 20, "binarized-mnist": 20, "gaussian2d": 2}  # the pytorch/examples VAE, the 2-D toy
 DEFAULT_HIDDEN = {"mnist": 400, "binarized-mnist": 400, "gaussian2d": 64}
@@ -90,7 +90,7 @@ class TrainConfig:
     num_mc: int = 1
     # optimisation
     epochs: int = 10  # with until_settled: the minimum
-    until_settled: bool = False  # train until the collapse state has settled (vae/train/settle.py) or max_epochs
+    until_settled: bool = False  # train until the collapse state has settled (vae/training/settle.py) or max_epochs
     max_epochs: int = 0  # with until_settled: the budget (0: 10 x epochs)
     batch_size: int = 128  # global: split evenly over the workers
     lr: float = 1e-3

@@ -169,7 +169,7 @@ def format_epoch(row: dict[str, Any], total: int, latent_dim: int) -> str:
             + (f"  {num(speed, ',.0f')} samples/s" if speed is not None and not math.isnan(speed) else ""))
 
 
-# What the loop notes in run.json when it resumed other than from the latest checkpoint (vae/train/loop.py)
+# What the loop notes in run.json when it resumed other than from the latest checkpoint (vae/training/loop.py)
 RESUME_NOTES = ("restored_from", "redone")
 
 
@@ -253,7 +253,7 @@ def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: lis
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from vae.train.loop import train_func
+    from vae.training.loop import train_func
 
     resources = {"CPU": cfg.cpus_per_worker or 1}
     if cfg.use_gpu:

@@ -5,7 +5,7 @@
     mu, logvar = model.encode(x); x_hat = model.decode(mu); draws = model.sample(16, seed=0)
 
 Checkpoints hold weights only and are loaded with `torch.load(weights_only=True)`; a packed trial's
-checkpoint holds its whole pack, and the member asked for is sliced out of it (`vae.train.pack.member_slice`).
+checkpoint holds its whole pack, and the member asked for is sliced out of it (`vae.training.pack.member_slice`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from vae.config import TrainConfig
 from vae.model.data import INPUT_DIM
 from vae.model.models import model_for
 from vae.tables.results import CONFIG_COLUMNS, Results
-from vae.train.checkpoint import CheckpointError, from_bytes
-from vae.train.pack import member_slice
+from vae.training.checkpoint import CheckpointError, from_bytes
+from vae.training.pack import member_slice
 
 
 class TrainedVAE:

@@ -38,7 +38,7 @@ def evaluate(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) 
 
 @torch.no_grad()
 def evaluate_members(model, x: torch.Tensor, eps: torch.Tensor, batch_size: int = 2048) -> list[Evaluation]:
-    """`evaluate` for every member of a pack at once (vae/train/pack.py): x [K, N, D], eps [S, K, N, L]; a plain
+    """`evaluate` for every member of a pack at once (vae/training/pack.py): x [K, N, D], eps [S, K, N, L]; a plain
     model takes x [N, D], eps [S, N, L] and gives a list of one."""
     recon_sum, kl_dims_sum = 0.0, 0.0
     mus, logvars = [], []

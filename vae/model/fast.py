@@ -10,7 +10,7 @@ against the plain formula there (tests/test_kernels.py):
 | the linear VAE, training with one sample of z | `forward` | `kernels.linear_squared_error`: decoder and squared error in one node |
 | a Bernoulli decoder in a pack (logits [S, K, B, D]) or evaluated | `recon_nll` | `kernels.bernoulli_nll`: softplus, a sum and a dot (the logits do not fit in cache; BCE makes about nine passes) |
 
-A pack's layers are `kernels.PackedLinear` already (`vae.train.pack.stack_models`); a plain model's layers stay
+A pack's layers are `kernels.PackedLinear` already (`vae.training.pack.stack_models`); a plain model's layers stay
 `nn.Linear`. The loop, a packed member taken out for evaluation and the benchmarks call `accelerate`; a
 model a user loads (`vae.load_model`) is the plain one.
 """

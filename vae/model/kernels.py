@@ -2,7 +2,7 @@
 for, each gradchecked and tested against the plain formula (tests/test_kernels.py). Nothing here is
 chosen by a flag or a probe: `vae/model/fast.py` is the one place that maps a model and its loss to these.
 
-- `_PackedLinear`: a packed layer (vae/train/pack.py: weight [K, out, in]) with its weight gradient in W's layout
+- `_PackedLinear`: a packed layer (vae/training/pack.py: weight [K, out, in]) with its weight gradient in W's layout
   and wide products for a batch every member shares.
 - `_SoftplusBernoulliNLL`: a pack's Bernoulli NLL (its logits do not fit in cache).
 - `_SquaredError`, `_LinearSquaredError`: a Gaussian decoder's squared error with a variance shared by every
@@ -70,7 +70,7 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W_k.T + b_k for a packed layer (vae/train/pack.py: weight [K, out, in], bias [K, out]).
+    """x @ W_k.T + b_k for a packed layer (vae/training/pack.py: weight [K, out, in], bias [K, out]).
 
     x [..., K, B, in]: one batched product per call, `baddbmm` for x [K, B, in]; leading sample axes are
     joined to the batch. Or x [B, in] that every member shares (members with one data order): one wide
@@ -88,7 +88,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class PackedLinear(nn.Module):
     """An `nn.Linear` (or a masked one, vae.model.models.MaskedLinear) of a pack: K members' weights stacked
     ([K, out, in], bias [K, out], mask [K, out, in]) under the names the plain layer has, so that a member's
-    state dict is a slice of the pack's (vae/train/pack.py)."""
+    state dict is a slice of the pack's (vae/training/pack.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None = None):
         super().__init__()
@@ -188,7 +188,7 @@ class _LinearSquaredError(torch.autograd.Function):
 def linear_squared_error(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """sum over features of (z W^T + b - x)^2: a linear decoder's mean against x, for one sample of z.
 
-    A plain model: z [1, B, L], W [D, L], b [D], x [B, D] -> [1, B]. A pack (vae/train/pack.py): z [1, K, B, L],
+    A plain model: z [1, B, L], W [D, L], b [D], x [B, D] -> [1, B]. A pack (vae/training/pack.py): z [1, K, B, L],
     W [K, D, L], b [K, D], x [B, D] (shared) or [K, B, D] -> [1, K, B]. x takes no gradient."""
     if weight.dim() == 2:
         return _LinearSquaredError.apply(x, z, weight.unsqueeze(0), bias.view(1, 1, -1)).view(1, -1)

@@ -77,7 +77,7 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float | torch.Tensor) -> torc
     kl_dims: [..., B, L]. The floor applies to each dimension's batch-mean KL, so a
     dimension below `free_bits` nats gets no push towards the prior. Returns
     the per-example total [..., B] whose batch mean equals sum_j max(mean_b kl_bj, lambda).
-    A pack (vae/train/pack.py) passes one floor per member as a tensor [K, 1, 1]; a floor <= 0 is no floor.
+    A pack (vae/training/pack.py) passes one floor per member as a tensor [K, 1, 1]; a floor <= 0 is no floor.
     """
     if not torch.is_tensor(free_bits):
         if free_bits <= 0:

@@ -291,7 +291,7 @@ class GaussianMLPVAE(VAE):
         self.latent_dim = cfg.latent_dim
         self.encoder = GaussianMLP(cfg.input_dim, cfg.hidden_dim, cfg.latent_dim)
         self.decoder = GaussianMLP(cfg.latent_dim, cfg.hidden_dim, cfg.input_dim)
-        # a buffer (not saved: the config says it), so that packs (vae/train/pack.py) stack it; None: learned
+        # a buffer (not saved: the config says it), so that packs (vae/training/pack.py) stack it; None: learned
         self.register_buffer("fixed_logvar", None if cfg.decoder_var is None
                              else torch.tensor(math.log(cfg.decoder_var)), persistent=False)
 

@@ -49,7 +49,7 @@ METRIC_FIELDS = [
     ("epoch_seconds", pa.float64()), ("samples_per_second", pa.float64()),
     ("kernels", pa.string()),  # which implementation trained: "torch" (vae/model/fast.py; kept for older tables' readers)
     ("lr_now", pa.float64()),  # the learning rate the epoch trained at (its schedule's)
-    ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/train/settle.py, after this epoch
+    ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/training/settle.py, after this epoch
 ]
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
 
@@ -66,10 +66,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("train_loss", pa.float64()), *TEST_FIELDS, *UNIT_FIELDS, ("mutual_info", pa.float64()),
         ("iw_nll", pa.float64()), ("wall_seconds", pa.float64()),
         ("iw_seconds", pa.float64()),  # the IW NLL bound's own wall time
-        # vae/train/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
+        # vae/training/settle.py: had the collapse state settled when the trial ended, and since when (-1: never)
         ("settled", pa.bool_()), ("settle_epoch", pa.int64()), ("units_undecided", pa.int64()),
         ("end_reason", pa.string()),  # why training stopped: budget, settled at epoch N, diverged, ...
-        ("pack_id", pa.string()),  # the packed trial that trained it (vae/train/pack.py); its own id when alone
+        ("pack_id", pa.string()),  # the packed trial that trained it (vae/training/pack.py); its own id when alone
     ]),
     # test-set encoder means (latest epoch) with labels, for latent-space plots
     "latents": pa.schema(KEY + [("epoch", pa.int64()), ("index", pa.int64()), ("label", pa.int64()),

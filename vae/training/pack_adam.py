@@ -1,4 +1,4 @@
-"""`PackAdam`: Adam over a pack's stacked parameters (vae/train/pack.py), one learning rate, step count and freeze
+"""`PackAdam`: Adam over a pack's stacked parameters (vae/training/pack.py), one learning rate, step count and freeze
 flag per member; tested against `torch.optim.Adam` run member by member (tests/test_pack.py).
 
 `fused_adam` is the one door to torch's private fused Adam kernel (`torch._fused_adam_`, what

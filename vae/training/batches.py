@@ -15,7 +15,7 @@ import torch
 
 from vae.model import streams
 from vae.model.data import binarize, shard_indices
-from vae.train import pack
+from vae.training import pack
 
 
 def shard_digest(idx: torch.Tensor) -> str:

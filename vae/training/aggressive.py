@@ -4,16 +4,16 @@ While a member is in its aggressive phase, each training step is preceded by enc
 batches, each batch's loss measured before the encoder steps on it (held out from that step), until that loss
 stops falling: the summed loss of the last `WINDOW` inner steps is no lower than that of the `WINDOW` before, or
 `MAX_INNER` steps. The step itself then updates the decoder alone. The phase ends, member by member, after the
-first epoch whose I(x; z) on the test subset (vae/train/evaluation.py) does not exceed the phase's best; from
+first epoch whose I(x; z) on the test subset (vae/training/evaluation.py) does not exceed the phase's best; from
 then on the member trains as a plain VAE. The optimiser is split in two (pack_adam.EncoderDecoderAdam).
 """
 
 from __future__ import annotations
 
 from vae.model import streams
-from vae.train.batches import Batches
-from vae.train.pack import LIVE, Member
-from vae.train.step import train_step
+from vae.training.batches import Batches
+from vae.training.pack import LIVE, Member
+from vae.training.step import train_step
 
 MAX_INNER = 100  # He et al.'s cap on the inner loop
 WINDOW = 10  # inner steps whose summed loss is compared with the window before

@@ -16,7 +16,7 @@ import glob
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from vae.train import checkpoint
+from vae.training import checkpoint
 
 Say = Callable[[str, str], None]
 # The per-epoch tables a finished epoch must have rows in (images/ only at snapshot epochs: not checked).

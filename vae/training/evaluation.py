@@ -3,7 +3,7 @@ results tables (vae/tables/results.py) and the member's tracker.
 
 Per member and epoch: the fixed-noise test loss, KL per unit, unit activity, units in use (with the run's
 thresholds), mutual information on `MI_SUBSET` test images, whether the collapse state has settled
-(vae/train/settle.py); at snapshot epochs, images and latents; at the end, the IW NLL on `iw_subset` test images.
+(vae/training/settle.py); at snapshot epochs, images and latents; at the end, the IW NLL on `iw_subset` test images.
 An epoch's rows of every member are written as one file per table (`flush`), keyed by the pack, so a redone
 epoch replaces them.
 """
@@ -17,11 +17,11 @@ import pyarrow.dataset as ds
 import torch
 
 from vae.model import diagnostics, fast, losses, streams
-from vae.train import aggressive, snapshots, tracking
+from vae.training import aggressive, snapshots, tracking
 from vae.tables.collapse import Thresholds
 from vae.model.data import Data
 from vae.model.models import VAE, model_for
-from vae.train.pack import Member, Members, member_model
+from vae.training.pack import Member, Members, member_model
 from vae.tables.results import Results, epoch_row, file_key, kl_rows, run_root, trial_row
 
 MI_SUBSET = 2000

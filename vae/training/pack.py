@@ -9,7 +9,7 @@ never mix (their gradients are separable: member k's loss depends on member k's 
 is not stacked: it is the plain model.
 
 The pack's members and where each stands (`Member`, `Members`) live here too: the loop asks them which are
-live, what to report, and what to save. The optimiser for packs is vae/train/pack_adam.py; which sweep points
+live, what to report, and what to save. The optimiser for packs is vae/training/pack_adam.py; which sweep points
 share a pack is tune/packing.py.
 """
 
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from vae.train import settle
+from vae.training import settle
 from vae.tables.collapse import Thresholds, units_in_use
 from vae.config import SHAPE_KEYS
 from vae.model import losses
 from vae.model.kernels import PackedLinear
 from vae.model.models import MaskedLinear
-from vae.train.pack_adam import EncoderDecoderAdam, PackAdam
+from vae.training.pack_adam import EncoderDecoderAdam, PackAdam
 
 def check_members(cfgs: Sequence[Any]) -> None:
     """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
@@ -78,7 +78,7 @@ class Member:
     settle_epoch: int = -1  # the first epoch of the current settled run of epochs
     history: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # epoch -> (KL, activity)
     last: dict[str, Any] = field(default_factory=dict)  # the last metrics it reported
-    aggressive: bool = False  # in aggressive training's first phase (vae/train/aggressive.py)
+    aggressive: bool = False  # in aggressive training's first phase (vae/training/aggressive.py)
     best_mi: float = float("-inf")  # the highest I(x; z) of that phase so far
 
     @property
@@ -86,7 +86,7 @@ class Member:
         return self.cfg.run_id
 
     def observe(self, epoch: int, kl: np.ndarray, activity: np.ndarray, thresholds: Thresholds) -> settle.SettleState:
-        """Whether its collapse state has settled after `epoch`, from its own history (vae/train/settle.py)."""
+        """Whether its collapse state has settled after `epoch`, from its own history (vae/training/settle.py)."""
         self.history[epoch] = (kl, activity)
         trained = sorted(e for e in self.history if e >= 1)
         if not trained:

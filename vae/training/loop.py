@@ -1,10 +1,10 @@
 """`train_loop(config)`: the one training loop.
 
 Ray Train runs it on every worker (`train_func`), a Tune trial runs it in its own process, and tests call it
-directly with a `LocalSession`. It trains a pack of K configurations of one shape as one model (vae/train/pack.py;
+directly with a `LocalSession`. It trains a pack of K configurations of one shape as one model (vae/training/pack.py;
 a lone trial is a pack of one): each member with its own seed, data order, noise, optimiser state, schedule,
-settle history and rows. Rank 0 alone evaluates and writes the tables (vae/train/evaluation.py); every rank reports
-each epoch with a checkpoint (vae/train/restore.py).
+settle history and rows. Rank 0 alone evaluates and writes the tables (vae/training/evaluation.py); every rank reports
+each epoch with a checkpoint (vae/training/restore.py).
 
     set up: data, models, optimiser, fixed test noise; restore the latest checkpoint
     each epoch: train -> members that diverged end -> evaluate and write rows -> schedules step
@@ -24,13 +24,13 @@ from vae.config import TrainConfig, is_resolved, resolve
 from vae.model import fast, streams
 from vae.model.data import Data, load
 from vae.model.models import model_for
-from vae.train import aggressive, cpu, pack, restore
-from vae.train.batches import Batches
-from vae.train.evaluation import Recorder
-from vae.train.faults import FaultPlan
-from vae.train.pack import LIVE, Members
-from vae.train.session import RayTrainSession, from_rank0
-from vae.train.step import train_step
+from vae.training import aggressive, cpu, pack, restore
+from vae.training.batches import Batches
+from vae.training.evaluation import Recorder
+from vae.training.faults import FaultPlan
+from vae.training.pack import LIVE, Members
+from vae.training.session import RayTrainSession, from_rank0
+from vae.training.step import train_step
 
 
 def train_loop(config: TrainConfig | Mapping[str, Any], session=None) -> dict[str, Any]:
@@ -101,7 +101,7 @@ class _Run:
     fault: FaultPlan
 
     def restore(self) -> int:
-        """Load the latest usable checkpoint (vae/train/restore.py); returns the last finished epoch (0: none)."""
+        """Load the latest usable checkpoint (vae/training/restore.py); returns the last finished epoch (0: none)."""
         rec = self.recorder
         done, wall = restore.restore(self.session, self.members, self.model, self.opt, self.schedules,
                                      rec and rec.results, self.note)

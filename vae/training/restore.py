@@ -1,8 +1,8 @@
-"""Checkpoints of a training pack: where it picks up (the checkpoint vae/train/resume.py's rules choose, loaded on
+"""Checkpoints of a training pack: where it picks up (the checkpoint vae/training/resume.py's rules choose, loaded on
 every rank), and the state saved with each epoch's report (rank 0).
 
 A checkpoint holds the pack's model and optimiser, every member's schedule, status, settle epoch and last
-metrics, and the wall time so far (vae/train/checkpoint.py writes and checks the file).
+metrics, and the wall time so far (vae/training/checkpoint.py writes and checks the file).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any, Callable
 import pyarrow.dataset as ds
 import torch
 
-from vae.train import checkpoint, resume
-from vae.train.pack import LIVE, Members, freeze
+from vae.training import checkpoint, resume
+from vae.training.pack import LIVE, Members, freeze
 from vae.tables.results import Results
-from vae.train.session import from_rank0
+from vae.training.session import from_rank0
 
 
 def restore(session, members: Members, model: torch.nn.Module, opt, schedules, results: Results | None,
             note: Callable[..., None]) -> tuple[int, float]:
-    """Load the checkpoint vae/train/resume.py chooses, if any; returns (the last finished epoch (0: none), the
+    """Load the checkpoint vae/training/resume.py chooses, if any; returns (the last finished epoch (0: none), the
     wall seconds spent before it). `note(**fields)` records how it resumed in run.json."""
     def say(text: str, key: str) -> None:  # every rank makes the same choice: rank 0 says it
         if session.rank == 0:
