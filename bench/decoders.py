@@ -66,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             millis[name].append(1000 * s)
         print(f"bench.decoders: round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {millis[n][-1]:.2f} ms" for n, _ in CONTENDERS), flush=True)
+    load = os.getloadavg()[0]
     lines = ["# The stronger decoders' training step", "",
              f"Written by `python -m bench.decoders --rounds {args.rounds} --steps {args.steps} --threads "
              f"{args.threads}` on {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads): one training "
              f"step (forward, backward, Adam) of the pytorch/examples MLP VAE (784-400-20) on binarized MNIST at "
              f"batch {BATCH}, each decoder timed in interleaved rounds; ratios against the factorised step of the "
-             "same round (median, and the spread over rounds). The issue's goal: at most 2x at W = 784.", "",
+             "same round (median, and the spread over rounds). The issue's goal: at most 2x at W = 784. "
+             f"Load average when it ended: {load:.1f} on {os.cpu_count()} CPUs (above the CPU count, other work "
+             "shared the machine and the spread says how much that moved the ratios).", "",
              "| decoder | ms a step (median) | x the factorised step | spread of the ratio |", "|---|---|---|---|"]
     for name, _ in CONTENDERS:
         rs = ratios[name]
