@@ -17,6 +17,11 @@ from vae.figures.report import build_report
 from vae.tables.results import SCHEMAS, Results
 
 
+def _blank(table: str) -> dict:
+    """A row of `table` with every column empty: "" for text, 0 for numbers."""
+    return {f.name: "" if str(f.type) == "string" else 0 for f in SCHEMAS[table]}
+
+
 def png_size(path) -> tuple[int, int]:
     with open(path, "rb") as fh:
         head = fh.read(24)
@@ -26,7 +31,7 @@ def png_size(path) -> tuple[int, int]:
 
 def hand_tables(trial_id="t1", latent=2, toy=False, beta=1.0, epochs=3):
     rng = np.random.default_rng(0)
-    base = {c: 0 for c in SCHEMAS["epochs"].names} | {"dataset": "mnist", "model": "mlp", "decoder_var": "learned", "kernels": "", "lr_schedule": "constant", "until_settled": False, "settled": False}
+    base = _blank("epochs") | {"dataset": "mnist", "model": "mlp", "decoder_var": "learned", "kernels": "", "lr_schedule": "constant", "until_settled": False, "settled": False}
     ep = pd.DataFrame([{**base, "trial_id": trial_id, "epoch": e, "latent_dim": latent, "beta": beta, "lr": 1e-3,
                         "hidden_dim": 8, "kl_warmup_epochs": 0.0, "free_bits": 0.0,
                         "train_loss": 100.0 - e if e else float("nan"), "train_recon": 90.0 - e, "train_kl": 10.0,
@@ -101,7 +106,7 @@ def test_missing_tables_are_skipped_not_crashed(tmp_path):
     res = Results(str(root))
     res.write("epochs", ep, "a.parquet")
     res.write("kl_per_dim", dims, "a.parquet")
-    trial = {c: 0 for c in SCHEMAS["trials"].names} | {"trial_id": "t1", "status": "finished", "error": "",
+    trial = _blank("trials") | {"trial_id": "t1", "status": "finished", "error": "",
                                                        "dataset": "mnist", "model": "mlp", "decoder_var": "learned",
                                                        "lr_schedule": "constant", "end_reason": "", "pack_id": "t1"}
     res.write("trials", [trial], "t1.parquet")
@@ -117,7 +122,7 @@ def test_report_escapes_strings_from_tables(tmp_path):
     ep, dims, _, _ = hand_tables(trial_id="t<1>")
     res.write("epochs", ep, "a.parquet")
     evil = '<script>alert("x")</script>'
-    trial = {c: 0 for c in SCHEMAS["trials"].names} | {"trial_id": "t<1>", "status": "failed", "error": evil,
+    trial = _blank("trials") | {"trial_id": "t<1>", "status": "failed", "error": evil,
                                                        "dataset": "mnist", "model": evil, "decoder_var": "learned",
                                                        "lr_schedule": "constant", "end_reason": evil, "pack_id": "t1"}
     res.write("trials", [trial], "t1.parquet")

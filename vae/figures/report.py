@@ -344,14 +344,14 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
                 caption="Fraction of units in use against beta, one panel per learning rate and a line per latent "
                         "size; dotted lines mark each latent size's critical beta, where the line crosses one "
                         "half.")))
-        if not table.empty and table.decoder_context.nunique() > 1:
+        if not table.empty and "decoder_context" in table and table.decoder_context.nunique() > 1:
             page.sections.append(figure_html(_draw(
                 out, "decoder-strength.png", plots.decoder_strength, table, title="Decoder strength",
                 caption="Units in use and test KL of the plain VAE over the autoregressive decoder's context W (the "
                         "previous pixels each pixel's Bernoulli sees; 0: the factorised decoder) and beta: "
                         "where a decoder strong enough to model the data without z makes the posterior collapse.")))
-        methods = method_table(trials)
-        if methods.mitigation.nunique() > 1:
+        methods = method_table(trials) if set(METHOD_KEYS) <= set(trials.columns) else pd.DataFrame()
+        if not methods.empty and methods.mitigation.nunique() > 1:
             page.sections.append(
                 "<h2>Mitigations compared (in the form of He et al. 2019, Table 1)</h2><p>NLL: the importance-"
                 "weighted bound with each run's --iw-samples; KL: test-set KL; MI: I(x; z) by He et al.'s estimator "
