@@ -237,11 +237,16 @@ def test_a_packed_member_on_binarized_mnist_equals_its_run_alone_under_either_ob
               epochs=2, iw_samples=10, iw_subset=50, subset=300, storage=str(tmp_path), objective=objective,
               objective_k=3 if objective == "iwae" else 1, data_dir=data_dir)
     points = [dict(beta=1.0, lr=1e-3, seed=0), dict(beta=0.5, lr=3e-3, seed=1), dict(beta=2.0, lr=1e-3, seed=1)]
+    packed_equals_alone(tmp_path, kw, points, ["train_kl", "test_kl", "units_in_use", "objective"])
+
+
+def packed_equals_alone(tmp_path, kw: dict, points: list[dict], columns: list[str]) -> None:
+    """Train each point alone and all as one pack; their epochs/ and trials/ rows must agree (`columns` besides
+    the losses every such test compares)."""
     for i, p in enumerate(points):
         train_loop(TrainConfig(**{**kw, **p}, name="alone", trial_id=f"t{i}"), LocalSession())
     train_pack([TrainConfig(**{**kw, **p}, name="packed", trial_id=f"t{i}") for i, p in enumerate(points)],
                LocalSession())
     alone, packed = str(tmp_path / "alone"), str(tmp_path / "packed")
-    _same(_rows(alone, "epochs"), _rows(packed, "epochs"),
-          ["epoch", "train_loss", "train_kl", "test_loss", "test_kl", "mutual_info", "units_in_use", "objective"])
+    _same(_rows(alone, "epochs"), _rows(packed, "epochs"), ["epoch", "train_loss", "test_loss", "mutual_info", *columns])
     _same(_rows(alone, "trials"), _rows(packed, "trials"), ["status", "test_loss", "iw_nll"])

@@ -36,7 +36,7 @@ def encoder_steps(run, batches: Batches, epoch: int, step: int, weight, free_bit
         recon, kl_dims = train_step(run.model, run.opt, xb, eps, weight, free_bits, iwae,
                                     encoder_for=members, decoder=False)
         per_member = (recon.detach().mean(-1) + kl_dims.detach().sum(-1).mean(-1)).reshape(-1)
-        losses_seen.append(float(per_member[members].sum()) if per_member.numel() > 1 else float(per_member))
+        losses_seen.append(float(per_member[members].sum()))
         if (inner + 1) % WINDOW == 0 and len(losses_seen) >= 2 * WINDOW:
             if sum(losses_seen[-WINDOW:]) >= sum(losses_seen[-2 * WINDOW:-WINDOW]):
                 return inner + 1

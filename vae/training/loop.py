@@ -173,8 +173,8 @@ def _train_epoch(run: _Run, epoch: int) -> list[dict[str, float]]:
         if varying:
             weight = pack.kl_weights(members, epoch - 1 + step / batches.steps, device)
         parts = {}
-        if cfg.mitigation == "aggressive" and aggressive.in_phase(members):  # encoder first, then the decoder alone
-            ahead = aggressive.in_phase(members)
+        ahead = aggressive.in_phase(members) if cfg.mitigation == "aggressive" else []  # in the first phase
+        if ahead:  # their encoders first, then a step that leaves their encoders alone
             aggressive.encoder_steps(run, batches, epoch, step, weight, free_bits, iwae, ahead)
             parts = {"encoder_for": [m.k for m in members if m.k not in ahead]}
         recon, kl_dims = train_step(run.model, run.opt, xb, eps, weight, free_bits, iwae, **parts)
