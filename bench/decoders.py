@@ -4,7 +4,7 @@ One training step (forward, backward, Adam) of the pytorch/examples MLP VAE on b
 with each decoder: factorised, autoregressive at W = 28, 112 and 784, and the small gated PixelCNN. The
 decoders are timed in interleaved rounds in this one process (this shared machine drifts), each round's ratio
 taken against the factorised step of the same round; the median and spread over rounds are printed and written
-as Markdown to docs/decoders.md (goal of the issue: at most 2x at W = 784).
+as Markdown to docs/decoders.md (bench/pages.py) (goal of the issue: at most 2x at W = 784).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from bench import pages
 from vae.config import TrainConfig, resolve
 from vae.model import fast
 from vae.model.models import model_for
@@ -66,25 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             millis[name].append(1000 * s)
         print(f"bench.decoders: round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {millis[n][-1]:.2f} ms" for n, _ in CONTENDERS), flush=True)
-    load = os.getloadavg()[0]
-    lines = ["# The stronger decoders' training step", "",
-             f"Written by `python -m bench.decoders --rounds {args.rounds} --steps {args.steps} --threads "
-             f"{args.threads}` on {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads): one training "
-             f"step (forward, backward, Adam) of the pytorch/examples MLP VAE (784-400-20) on binarized MNIST at "
-             f"batch {BATCH}, each decoder timed in interleaved rounds; ratios against the factorised step of the "
-             "same round (median, and the spread over rounds). The issue's goal: at most 2x at W = 784. "
-             f"Load average when it ended: {load:.1f} on {os.cpu_count()} CPUs (above the CPU count, other work "
-             "shared the machine and the spread says how much that moved the ratios).", "",
-             "| decoder | ms a step (median) | x the factorised step | spread of the ratio |", "|---|---|---|---|"]
-    for name, _ in CONTENDERS:
-        rs = ratios[name]
-        lines.append(f"| {name} | {statistics.median(millis[name]):.2f} | {statistics.median(rs):.2f} | "
-                     f"{min(rs):.2f} to {max(rs):.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    with open(args.out, "w") as fh:
-        fh.write(text)
-    print(f"bench.decoders: wrote {args.out}", file=sys.stderr)
+    body = [f"{torch.get_num_threads()} torch threads. One training step (forward, backward, Adam) of the "
+            f"pytorch/examples MLP VAE (784-400-20) on binarized MNIST at batch {BATCH}, each decoder timed in "
+            "interleaved rounds; ratios against the factorised step of the same round (median, and the spread over "
+            "rounds). The issue's goal: at most 2x at W = 784.", ""]
+    body += pages.table(["decoder", "ms a step (median)", "x the factorised step", "spread of the ratio"],
+                        [(name, f"{statistics.median(millis[name]):.2f}", f"{statistics.median(ratios[name]):.2f}",
+                          f"{min(ratios[name]):.2f} to {max(ratios[name]):.2f}") for name, _ in CONTENDERS])
+    print(pages.write(args.out, "The stronger decoders' training step", "bench.decoders", argv, body), end="")
     return 0
 
 
