@@ -37,7 +37,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench.bench import cpu_model, matmul_limit, no_cuda, ours_in_process, run_job
+from bench import pages
+from bench.bench import matmul_limit, no_cuda, ours_in_process, run_job
+from bench.pages import cpu_model
 from vae.config import TrainConfig
 from vae.tables.results import Results
 
@@ -51,13 +53,20 @@ def log_betas(n: int, lo: float = 0.05, hi: float = 20.0) -> list[float]:
 def training_rate(root: str) -> tuple[float, int]:
     """(member-epochs per second of training, member-epochs) from a run's tables: each pack's epoch is
     counted once (its members share its `epoch_seconds`)."""
+    epochs = pack_steps(root)
+    seconds = epochs.drop_duplicates(["pack_id", "step"]).epoch_seconds.sum()
+    return len(epochs) / seconds, len(epochs)
+
+
+def pack_steps(root: str):
+    """A run's trained epochs (epoch >= 1) with the pack and the pack's step each was trained in (a refilled
+    slot's epoch e is its pack's step pack_offset + e): the pack's steps are what took the time."""
     res = Results(root)
     epochs = res.read("epochs")
     epochs = epochs[epochs.epoch >= 1]
-    packs = res.read("trials").set_index("trial_id").pack_id
-    epochs = epochs.assign(pack_id=epochs.trial_id.map(packs))
-    seconds = epochs.drop_duplicates(["pack_id", "epoch"]).epoch_seconds.sum()
-    return len(epochs) / seconds, len(epochs)
+    trials = res.read("trials").set_index("trial_id")
+    offset = epochs.trial_id.map(trials.pack_offset.fillna(0).astype(int).to_dict()).astype(int)
+    return epochs.assign(pack_id=epochs.trial_id.map(trials.pack_id.to_dict()), step=epochs.epoch + offset)
 
 
 # ------------------------------------------------------------------ 1. the toy sweep, under Ray Tune
@@ -207,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ray-gap", action="store_true", help="skip section 6 (Ray Train against in process)")
     parser.add_argument("--gpu", action="store_true", help="the GPU comparison (needs CUDA)")
     parser.add_argument("--out", default="bench-pack.parquet")
+    parser.add_argument("--page", default=os.path.join(ROOT, "docs", "packing.md"),
+                        help="the Markdown page to write (default docs/packing.md, docs/packing-gpu.md with --gpu; "
+                             "'' for none)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, value, unit in gpu_bench(tmp, env, 64):
                 add(name, value, unit)
             pd.DataFrame(rows).to_parquet(args.out, index=False)
+            if args.page:
+                page(args.page.replace("packing.md", "packing-gpu.md"), argv, rows, "Packed trials on a GPU")
             return 0
         n = 2 * args.betas
         if not args.skip_sweep:
@@ -268,7 +282,18 @@ def main(argv: list[str] | None = None) -> int:
                 add(name, value, unit)
     pd.DataFrame(rows).to_parquet(args.out, index=False)
     print(f"bench.pack: wrote {args.out}")
+    if args.page:
+        page(args.page, argv, rows, "Packed trials against trials alone")
     return 0
+
+
+def page(path: str, argv: list[str] | None, rows: list[dict[str, Any]], title: str) -> None:
+    """docs/packing.md (or packing-gpu.md) from this run's rows; the method is this module's docstring."""
+    how = __doc__.split("\n\n", 1)[1].rsplit("\n\nImports:", 1)[0]
+    body = [how, ""] + pages.table(["measure", "value", "unit", "note"],
+                                   [(r["measure"], pages.number(r["value"]), r["unit"], r["note"]) for r in rows])
+    body += ["How packs are cut and what they may differ in: docs/sweeps.md (`--pack`)."]
+    print(pages.write(path, title, "bench.pack", argv, body))
 
 
 if __name__ == "__main__":
