@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import bench
+from bench import bench, pages
 
 
 def test_matmul_limits_are_rates():
@@ -17,10 +17,11 @@ def test_matmul_limits_are_rates():
         assert len(rates) == 2 and all(r > 0 and math.isfinite(r) for r in rates)
 
 
-def test_bench_writes_its_table(data_dir, tmp_path, capsys):
-    out = tmp_path / "bench.parquet"
-    assert bench.main(["--data-dir", data_dir, "--reps", "1", "--quality-epochs", "0", "--skip-ray",
-                       "--out", str(out)]) == 0
+def test_bench_writes_its_table_and_its_page_from_it(data_dir, tmp_path, capsys):
+    out, page = tmp_path / "bench.parquet", tmp_path / "performance.md"
+    argv = ["--data-dir", data_dir, "--reps", "1", "--quality-epochs", "0", "--skip-ray", "--out", str(out),
+            "--page", str(page)]
+    assert bench.main(argv) == 0
     table = pd.read_parquet(out).set_index("measure")
     assert list(table.columns) == ["median", "spread", "unit", "n", "note", "cpu"]
     assert table.cpu.iloc[0] == bench.cpu_model() != ""
@@ -34,10 +35,17 @@ def test_bench_writes_its_table(data_dir, tmp_path, capsys):
                         / m["baseline: seed loop, samples/s"], rel_tol=1e-9)
     assert math.isclose(m["ours / matrix-product limit"], 100 * m["ours in process: train_loop, samples/s"]
                         / m["matrix products alone (torch.matmul), samples/s"], rel_tol=1e-9)
-    assert 0 < m["ours in process: wall per epoch (with eval, tables, checkpoint)"] < 120
+    assert m["ours in process: wall per epoch (with eval, tables, checkpoint)"] > 0
     assert not any(name.startswith("Ray Train") for name in table.index)  # --skip-ray
     printed = capsys.readouterr().out
     assert "bench: wrote" in printed
+    # the page: the command that wrote it, and every measure of the table with its median as the table has it
+    text = page.read_text()
+    assert f"Written by `python -m bench.bench {' '.join(argv)}`" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0][2:] for r in rows] == list(table.index)
+    for r, (name, median) in zip(rows, m.items()):
+        assert r[1] == pages.number(median), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machines without CUDA")

@@ -49,10 +49,14 @@ def test_two_ranks_train_on_the_same_binarization_of_their_shards(data_dir, tmp_
     cfg = resolve(TrainConfig(dataset="binarized-mnist", subset=300, epochs=1, storage=str(tmp_path), name="b",
                               data_dir=data_dir, num_workers=2, latent_dim=4, hidden_dim=16))
     ranks = [_set_up([cfg], _Rank(r, 2)) for r in (0, 1)]
+    def source(run, epoch: int) -> torch.Tensor:
+        run.members[0].epoch = epoch  # the epoch its member trains
+        return _epoch_source(run, run.members)[0]
+
     for epoch in (1, 2):
-        sources = [_epoch_source(run, epoch)[0] for run in ranks]
+        sources = [source(run, epoch) for run in ranks]
         assert torch.equal(sources[0], sources[1])  # one binarization of the whole split: each rank's shard of it
-    assert not torch.equal(_epoch_source(ranks[0], 1)[0], _epoch_source(ranks[0], 2)[0])
+    assert not torch.equal(source(ranks[0], 1), source(ranks[0], 2))
 
 
 def _model_and_batch(n: int = 256):

@@ -24,7 +24,7 @@ from vae import launch
 from vae.tables import collapse
 from vae.api import RunFailed, RunResults, open_results
 from vae.config import ConfigError, build
-from vae.tables.results import Results, StorageError, run_root
+from vae.tables.results import Results, StorageError, pack_utilisation, run_root, slot_utilisation
 from vae.tables.runs import RunError, RunLock, check_identity
 
 from .space import SweepConfig, finish_parse
@@ -162,6 +162,11 @@ def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, 
     emit(f"{PROG}: {sweep.name}: {len(trials)} trials in {time.time() - started:.0f}s "
           f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); collapse map: {len(table)} cells, "
           f"{int((table.frac_settled < 1).sum()) if len(table) else 0} unsettled")
+    packs = pack_utilisation(trials)
+    if len(packs) and (packs.slots > 1).any():
+        emit(f"{PROG}: {len(packs)} packs, slot utilisation {100 * slot_utilisation(packs):.0f}% "
+             f"({packs.member_epochs.sum()} member-epochs in {(packs.slots * packs.steps).sum()} slot-steps; per pack "
+             f"{', '.join(f'{100 * u:.0f}%' for u in packs.utilisation)})")
     agree = collapse.theory_agreement(table)
     if agree["cells"]:
         emit(f"{PROG}: against the linear VAE's theory: {agree['match']} cells match, {agree['off']} off, "

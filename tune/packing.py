@@ -1,18 +1,24 @@
-"""Pack policy for sweeps: which points share a pack, and how many members a pack holds.
+"""Pack policy for sweeps: which points share a pack, how many slots a pack has, and in what order packs run.
 
-A pack (vae/training/pack.py) trains K configurations of one shape as one model; this module decides, for a sweep's
-grid, which points go together (`groups`) and how large `--pack auto` makes them (`MAX_AUTO`,
-`member_bytes`). The library never needs it: a lone `train_loop` call is a pack of whatever it is handed.
+A pack (vae/training/pack.py) trains configurations of one shape as one model of K slots, each slot taking the
+next queued configuration when its member ends. For a sweep's grid or random points this module cuts the
+configurations into queues (`queues`): each shape's configurations split so that about `DEPTH` pass through
+each slot, at least as many queues as the cluster runs trials at once, the costliest first (Tune starts trials
+in order, so the largest latent sizes start first and the cheap queues fill in at the end). How many slots
+`--pack auto` gives a pack is `slots_for`, within memory (`member_bytes`). A boundary search's rounds are packs
+without queues (`groups`). The library never needs this module: a lone `train_pack` call is a pack of whatever
+it is handed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from vae.config import SHAPE_KEYS
 
-MAX_AUTO = 64  # --pack auto: at most this many members a pack
+MAX_AUTO = 64  # --pack auto: at most this many slots a pack
+DEPTH = 4  # about this many configurations pass through each slot of a pack (fewer slots cost little: see below)
 
 
 def shape_key(point: dict[str, Any], shared: dict[str, Any] | None = None) -> tuple:
@@ -23,26 +29,72 @@ def shape_key(point: dict[str, Any], shared: dict[str, Any] | None = None) -> tu
     return tuple(merged.get(k) for k in SHAPE_KEYS) + (learned, context, merged.get("mitigation") == "aggressive")
 
 
-def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:
-    """The points cut into packs of at most `size` members with one shape each, as even as possible (10 by 4:
-    3, 4, 3). Within a shape the points are ordered by seed, then learning rate (first-seen order among
-    equals), and cut into consecutive runs: a pack holds one seed where it can, so its members share one batch
-    a step (`--repeats` gives each configuration several seeds), and its members of one learning rate lie side
-    by side, one fused Adam call for them (`PackAdam`)."""
-    by_shape: dict[tuple, list[dict]] = {}
+def by_shape(points: Sequence[dict[str, Any]], shared: dict[str, Any] | None = None) -> list[list[dict]]:
+    """The points of each shape, each shape's in order of seed, then learning rate (first-seen order among
+    equals): a pack then holds one seed where it can, so its members share one batch a step, and its members of
+    one learning rate lie side by side, one fused Adam call for them (`PackAdam`)."""
+    shapes: dict[tuple, list[dict]] = {}
     for p in points:
-        by_shape.setdefault(shape_key(p, shared), []).append(p)
+        shapes.setdefault(shape_key(p, shared), []).append(p)
 
     def order(p: dict[str, Any]) -> tuple[float, float]:
         merged = {**(shared or {}), **p}
         return float(merged.get("seed") or 0), float(merged.get("lr") or 0)
 
+    return [sorted(members, key=order) for members in shapes.values()]
+
+
+def _cut(members: list[dict], n: int) -> list[list[dict]]:
+    """`members` in `n` consecutive runs as even as possible (10 by 3: 3, 4, 3)."""
+    cuts = [round(i * len(members) / n) for i in range(n + 1)]
+    return [members[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def slots_for(points: Sequence[dict[str, Any]], concurrent: int, shared: dict[str, Any] | None = None) -> int:
+    """`--pack auto`'s slots a pack (before the memory cap): enough that the configurations spread over the
+    `concurrent` trials the cluster runs at once with about `DEPTH` through each slot, and no more than a shape
+    fills at that depth. On CPU a slot more or less changes little per member (bench.pack: a pack of 8 seed
+    MLPs trains at 98% of a pack of 24's rate a member), while a deep queue keeps the slots full."""
+    shapes = by_shape(points, shared)
+    if not shapes:
+        return 1
+    spread = math.ceil(len(points) / (max(1, concurrent) * DEPTH))
+    deepest = max(math.ceil(len(members) / DEPTH) for members in shapes)
+    return max(1, min(MAX_AUTO, spread, deepest))
+
+
+def queues(points: Sequence[dict[str, Any]], slots: int, concurrent: int, shared: dict[str, Any] | None = None,
+           cost: Callable[[dict[str, Any]], float] | None = None) -> list[list[dict]]:
+    """The configurations as the queues of packs of `slots` slots, one shape each, costliest first.
+
+    Each shape's configurations are cut into `ceil(n / (slots * DEPTH))` queues (about DEPTH a slot); the
+    largest queue is halved while there are fewer queues than the `concurrent` trials the cluster runs at once,
+    so no slot of the cluster waits from the start; the queues are ordered by `cost` (a configuration's
+    expected training cost; default: one each) times their length, largest first, so that Tune, which starts
+    trials in order, ends with the cheap ones. With one slot a pack, every configuration is its own trial."""
+    if slots <= 1:
+        return [[p] for members in by_shape(points, shared) for p in members]
+    cost = cost or (lambda p: 1.0)
+    out = []
+    for members in by_shape(points, shared):
+        out += _cut(members, math.ceil(len(members) / (slots * DEPTH)))
+
+    def weight(q: list[dict]) -> float:
+        return len(q) * cost(q[0])
+
+    while len(out) < concurrent and max(len(q) for q in out) > 1:
+        largest = max(out, key=weight)
+        out.remove(largest)
+        out += _cut(largest, 2)
+    return sorted(out, key=weight, reverse=True)
+
+
+def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:
+    """The points cut into packs of at most `size` members with one shape each, as even as possible (10 by 4:
+    3, 4, 3), each shape's in `by_shape`'s order (a boundary search's round: every member trains at once)."""
     packs = []
-    for members in by_shape.values():
-        members = sorted(members, key=order)
-        n = math.ceil(len(members) / size)
-        cuts = [round(i * len(members) / n) for i in range(n + 1)]
-        packs += [members[a:b] for a, b in zip(cuts, cuts[1:])]
+    for members in by_shape(points, shared):
+        packs += _cut(members, math.ceil(len(members) / size))
     return packs
 
 

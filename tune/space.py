@@ -15,7 +15,7 @@ from vae.config import (ENV_HELP, HELP, ConfigError, OneLineParser, TrainConfig,
                         check, check_choice, check_float, check_int, check_name, check_storage, finish, parse_args,
                         resolve)
 
-from .packing import MAX_AUTO, groups, member_bytes
+from .packing import member_bytes, queues, slots_for
 
 SEARCHES = ("grid", "random", "boundary")
 SCHEDULERS = ("none", "asha", "settled")
@@ -114,26 +114,42 @@ class _Sweep:
         return [{**d, "seed": self.seed + r} for d in draws for r in range(self.repeats)]
 
     def pack_size(self, slots: int = 1, trial_memory: float = 0.0) -> int:
-        """Members a pack holds: --pack, or for auto as many as spread the configurations over the `slots`
-        trials the cluster runs at once, at most tune.packing.MAX_AUTO and at most what half of a trial's
-        device memory (`trial_memory` bytes, 0: unknown) holds by tune.packing.member_bytes' estimate."""
+        """Slots a pack has: --pack, or for auto tune.packing.slots_for the `slots` trials the cluster runs at
+        once, at most tune.packing.MAX_AUTO and at most what half of a trial's device memory (`trial_memory`
+        bytes, 0: unknown) holds by tune.packing.member_bytes' estimate."""
         if self.pack != "auto":
             return int(self.pack)
-        size = min(MAX_AUTO, math.ceil(self.n_trials() / max(1, slots)))
+        size = slots_for(self.points(), slots, self.trial_config().to_dict())
         if trial_memory > 0:
             cfg = self.trial_config(latent_dim=max(self.axis("latent_dims")),
                                     **({"hidden_dim": max(self.axis("hidden_dims"))} if self.axis("hidden_dims") else {}))
             size = min(size, int(0.5 * trial_memory // member_bytes(cfg)))
         return max(1, size)
 
-    def param_space(self, pack: int = 1) -> dict[str, Any]:
-        """Tune's param_space: one grid_search over the packs, each a list of points (`members`) cut by
-        tune.packing.groups; a pack of one is a trial of one point. Random search draws its points in
-        `points` (from --seed), so every search's trials are the same lists of points."""
+    def cost(self, point: dict[str, Any]) -> float:
+        """A configuration's expected training cost, to start the costliest queues first: its memory estimate
+        (which grows with its step's work) times the square root of its latent size (settling takes longer with
+        more units: in docs/sweeps.md's map about 15 epochs at latent 2, 20 at 10, 35 to 60 at 50)."""
+        cfg = self.trial_config(**{k: v for k, v in point.items() if k in ("latent_dim", "hidden_dim")})
+        return member_bytes(cfg) * math.sqrt(cfg.latent_dim)
+
+    def param_space(self, pack: int = 1, concurrent: int = 1) -> dict[str, Any]:
+        """Tune's param_space: one grid_search over the packs' queues (`members`, tune.packing.queues, the
+        costliest first) and the slots each pack has (`slots`); with one slot a pack every configuration is a
+        trial of its own. Random search draws its points in `points` (from --seed), so every search's trials are
+        the same lists of points."""
         from ray import tune  # Ray stays out of argument parsing
 
         shared = self.trial_config().to_dict()
-        return {"members": tune.grid_search(groups(self.points(), pack, shared))}
+        costs: dict[tuple, float] = {}
+
+        def cost(point: dict[str, Any]) -> float:
+            key = (point.get("latent_dim"), point.get("hidden_dim"))
+            if key not in costs:
+                costs[key] = self.cost(point)
+            return costs[key]
+
+        return {"members": tune.grid_search(queues(self.points(), pack, concurrent, shared, cost)), "slots": pack}
 
     def n_trials(self) -> int:
         """Trials the sweep runs (boundary search: what bisection needs, an estimate)."""

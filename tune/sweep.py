@@ -47,7 +47,8 @@ def trial(config: dict[str, Any]) -> None:
         from vae.training.session import TuneSession
 
         device = "cuda" if sweep.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-        train_pack([sweep.trial_config(trial_id=trial_key(p), **p) for p in points], TuneSession(device))
+        train_pack([sweep.trial_config(trial_id=trial_key(p), **p) for p in points], TuneSession(device),
+                   slots=config.get("slots"))
     else:  # one point a trial (--pack needs one worker a trial)
         (where,) = points
         trial_id = trial_key(where)
@@ -118,7 +119,9 @@ class Progress(tune.Callback):
         done, running, errored = (sum(self.size.get(t, 1) for t in group)
                                   for group in (self.done, self.running, self.errored))
         ended = sum(1 for t in self.running for _, r in self.last.get(t, []) if r.get("status") in ENDED)
-        done, running = done + ended, running - ended  # a pack's members that stopped early (settled, diverged)
+        queued = sum(1 for t in self.running for _, r in self.last.get(t, []) if r.get("status") == "queued")
+        # a pack's members that stopped early (settled, diverged), and those still waiting for a slot
+        done, running = done + ended, running - ended - queued
         total = int(str(self.total).lstrip("~"))
         pending = max(0, total - done - errored - running)
         line = (f"trials {done}/{self.total} done, {running} running, {pending} pending, "
@@ -185,7 +188,8 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     slots = max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial))
     pack = sweep.pack_size(slots, trial_memory(sweep, slots))
     if pack > 1:
-        emit(f"jobs.sweep: packs of up to {pack} configurations a trial (vae/training/pack.py)")
+        emit(f"jobs.sweep: packs of {pack} slots a trial, each slot refilled from its pack's queue "
+             "(vae/training/pack.py)")
     if sweep.search == "boundary":
         from .boundary import BoundarySearcher
 
@@ -199,7 +203,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
                  "settled": lambda: StopWhenSettled(sweep.epochs)}.get(sweep.scheduler, lambda: None)()
     return tune.Tuner(
         trainable(sweep),
-        param_space=constants if search_alg else {**constants, **sweep.param_space(pack)},
+        param_space=constants if search_alg else {**constants, **sweep.param_space(pack, slots)},
         # Reusing trial processes saves a Python start, the torch import and the data load per trial.
         tune_config=tune.TuneConfig(reuse_actors=sweep.workers_per_trial == 1, num_samples=-1 if search_alg else 1,
                                     search_alg=search_alg,

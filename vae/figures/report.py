@@ -23,7 +23,7 @@ from vae.figures import plots
 from vae.axes import CELL_AXES
 from vae.tables.collapse import (METHOD_KEYS, Thresholds, collapse_map, final_rows, method_table, recorded_thresholds,
                                  theory_agreement)
-from vae.tables.results import SAFE_KEY, Results
+from vae.tables.results import SAFE_KEY, Results, pack_utilisation, slot_utilisation
 
 AUTO_TRIAL_PAGES = 24  # trial pages drawn with the index; others with --trial
 
@@ -384,6 +384,13 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
             page.sections.append("<h2>Critical beta per (latent size, learning rate)</h2>" + table_html(
                 crit[["latent_dim", "lr", "critical_beta", "critical_beta_lower", "critical_beta_upper",
                       "monotone"]]))
+        packs = pack_utilisation(trials) if "pack_slots" in trials else pd.DataFrame()
+        if len(packs) and (packs.slots > 1).any():
+            page.sections.append(
+                f"<h2>How full the packs ran</h2><p>Slot utilisation over all packs: {100 * slot_utilisation(packs):.0f}% "
+                "(member-epochs "
+                "trained / (slots x steps the pack ran); a slot is refilled from its pack's queue when its member "
+                "ends).</p>" + table_html(packs))
     elif len(trials) == 1:  # a single training run: its figures on the index too
         page.sections += [figure_html(fig) for fig in figures]
     show_all = [c for c in ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "error", "epochs_done",

@@ -24,11 +24,10 @@ def in_phase(members) -> list[int]:
     return [m.k for m in members if m.status == LIVE and m.aggressive]
 
 
-def encoder_steps(run, batches: Batches, epoch: int, step: int, weight, free_bits, iwae: bool,
-                  members: list[int]) -> int:
+def encoder_steps(run, batches: Batches, step: int, weight, free_bits, iwae: bool, members: list[int]) -> int:
     """Encoder-only steps for `members` (their aggressive phase) until their loss stops falling; returns the
     number taken. Other members' encoders and every decoder stay as they are."""
-    gens = [streams.aggressive_batches(m.cfg.seed, epoch, step, run.session.rank, run.device)
+    gens = [streams.aggressive_batches(m.cfg.seed, m.epoch, step, run.session.rank, run.device)
             for m in batches.drawing]
     losses_seen: list[float] = []
     for inner in range(MAX_INNER):

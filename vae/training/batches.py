@@ -2,8 +2,8 @@
 same order on every rank, each rank its own slice), gathered a batch at a time, and each member's noise.
 
 binarized-mnist's images are binarized afresh each epoch, one binarization per seed that draws (seeded by seed
-and epoch: every rank and a resumed run see the same images). Members with one seed share one shuffle, one
-noise stream and one gathered batch a step (their layers then take it as one wide product).
+and epoch: every rank and a resumed run see the same images). Members with one seed at one epoch share one
+shuffle, one noise stream and one gathered batch a step (their layers then take it as one wide product).
 """
 
 from __future__ import annotations
@@ -23,32 +23,34 @@ def shard_digest(idx: torch.Tensor) -> str:
     return hashlib.sha1(idx.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def epoch_source(run, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training examples this epoch's batches are gathered from, and each member's offset into them: the
-    splits as loaded, or (binarized-mnist) one binarization of them per seed that draws."""
+def epoch_source(run, drawing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples this step's batches are gathered from, and each slot's offset into them: the
+    splits as loaded, or (binarized-mnist) one binarization of them per (seed, epoch) the `drawing` members
+    train this step."""
     if not run.datas[0].dynamic:
         return run.train_x, run.offsets
-    seeds = list(dict.fromkeys(m.cfg.seed for m in run.members))
-    bits = torch.cat([binarize(run.train_x, streams.binarization(s, epoch, run.device)) for s in seeds])
-    return bits, torch.tensor([seeds.index(m.cfg.seed) * run.n_train for m in run.members])[:, None]
+    draws = list(dict.fromkeys((m.cfg.seed, m.epoch) for m in drawing))
+    bits = torch.cat([binarize(run.train_x, streams.binarization(s, e, run.device)) for s, e in draws])
+    return bits, torch.tensor([draws.index((m.cfg.seed, m.epoch)) * run.n_train for m in drawing])[:, None]
 
 
 class Batches:
-    """One epoch's batches of every member, in order: `for xb, eps in Batches(run, epoch)`."""
+    """One step's batches of every slot's member, in order (`for xb, eps in Batches(run)`): each member's
+    shuffle, noise and (binarized-mnist) binarization of its current epoch `m.epoch`."""
 
-    def __init__(self, run, epoch: int):
+    def __init__(self, run):
         cfg, rank, world = run.cfg, run.session.rank, run.session.world_size
-        self.run, self.epoch, self.k = run, epoch, len(run.members)
-        self.drawing = run.members[:1] if run.shared else list(run.members)  # one seed: one shuffle and stream
-        self.source, offsets = epoch_source(run, epoch)
-        self.idx = torch.stack([shard_indices(run.n_train, rank, world, epoch, m.cfg.seed)
+        self.run, self.k = run, len(run.members)
+        self.drawing = run.members[:1] if run.shared() else list(run.members)  # one seed and epoch: one draw
+        self.source, offsets = epoch_source(run, self.drawing)
+        self.idx = torch.stack([shard_indices(run.n_train, rank, world, m.epoch, m.cfg.seed)
                                 for m in self.drawing])  # [K, n] or [1, n]
         self.flat = (self.idx + offsets[:len(self.drawing)]).to(run.device)
         self.offsets = offsets
         self.batch = cfg.batch_size // world
         self.steps = -(-self.idx.shape[1] // self.batch)
         # per epoch: a resumed run replays exactly
-        self.gens = [streams.train_noise(m.cfg.seed, epoch, rank, run.device) for m in self.drawing]
+        self.gens = [streams.train_noise(m.cfg.seed, m.epoch, rank, run.device) for m in self.drawing]
         self.samples = cfg.train_samples
 
     def digests(self) -> list[str]:

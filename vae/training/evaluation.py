@@ -44,6 +44,7 @@ class Recorder:
         self.trackers: dict[str, Any] = {}
         self.pending: dict[str, list[dict[str, Any]]] = {"epochs": [], "kl_per_dim": [], "images": []}
         self.started = time.time()
+        self.began: dict[str, float] = {}  # when a refilled slot's member began (the others: `started`)
 
     # ------------------------------------------------------------- the run's start
     def start(self, done: int, model: VAE, test_eps: torch.Tensor) -> None:
@@ -53,10 +54,20 @@ class Recorder:
         self.load_history(done)
         if done:
             return
-        for m in self.members:
-            self.write_trial(m, "running", "", 0, {})
-        self.evaluate(model, test_eps, 0, None, 0.0)
+        self.begin(list(self.members), model, test_eps)
         self.flush(0)
+
+    def begin(self, members: Sequence[Member], model: VAE, test_eps: torch.Tensor) -> None:
+        """Members that take their slots now: their 'running' trial rows and their epoch 0 (the untrained model;
+        written with the pack's next `flush`)."""
+        for m in members:
+            self.write_trial(m, "running", "", 0, {})
+        self.evaluate(model, test_eps, members, None, 0.0)
+
+    def place(self, m: Member, data_index: int) -> None:
+        """Slot m.k now holds member m, whose data is `datas[data_index]`: its own fixed MI noise."""
+        self.data_of[m.k] = data_index
+        self.mi_eps[m.k] = torch.randn(len(self.mi_eps[m.k]), m.cfg.latent_dim, generator=streams.mi_noise(m.cfg.seed))
 
     def write_spectrum(self) -> None:
         """For the linear VAE with a fixed decoder variance: the training split's covariance spectrum, once per
@@ -73,23 +84,24 @@ class Recorder:
                            f"{cfg.dataset}-{cfg.subset}.parquet")
 
     def load_history(self, done: int) -> None:
-        """A resumed pack's per-unit histories, from its members' own `kl_per_dim/` rows."""
+        """A resumed pack's per-unit histories, from its live members' own `kl_per_dim/` rows (up to the epoch
+        each had trained at the checkpoint)."""
         by_id = {m.trial_id: m for m in self.members}
         rows = self.results.read("kl_per_dim", ds.field("trial_id").isin(list(by_id)))
-        for (tid, epoch), part in rows[rows.epoch <= done].groupby(["trial_id", "epoch"]):
+        upto = [by_id[t].epoch for t in rows.trial_id]
+        for (tid, epoch), part in rows[rows.epoch.to_numpy() <= upto].groupby(["trial_id", "epoch"]):
             part = part.sort_values("dim")
             by_id[tid].history[int(epoch)] = (part.kl.to_numpy(), part.activity.to_numpy())
 
     # ------------------------------------------------------------- each epoch
-    def evaluate(self, model: VAE, test_eps: torch.Tensor, epoch: int, trains: Sequence[dict] | None,
+    def evaluate(self, model: VAE, test_eps: torch.Tensor, members: Sequence[Member], trains: Sequence[dict] | None,
                  seconds: float) -> None:
-        """Every live member's diagnostics on the test set after `epoch`, into its rows and `m.last`."""
-        live = self.members.live() if epoch else list(self.members)
-        if not live:
+        """`members`' diagnostics on the test set after their latest epoch (`m.epoch`), into their rows and `m.last`."""
+        if not members:
             return
         evs = diagnostics.evaluate_members(model, self.test_x, test_eps)
-        for m in live:
-            self._evaluate_member(m, model, evs[m.k], epoch, trains[m.k] if trains else None, seconds)
+        for m in members:
+            self._evaluate_member(m, model, evs[m.k], m.epoch, trains[m.k] if trains else None, seconds)
 
     def _evaluate_member(self, m: Member, model: VAE, ev: diagnostics.Evaluation, epoch: int,
                          train: dict[str, float] | None, seconds: float) -> None:
@@ -134,13 +146,13 @@ class Recorder:
             self.trackers[m.trial_id].log(row)
         return row
 
-    def flush(self, epoch: int) -> None:
-        """The epoch's `epochs/`, `kl_per_dim/` and `images/` rows of every member: one file per table, keyed by
-        the pack (a trial alone: by the trial), so a redone epoch replaces it. (`latents/` keeps one file per
+    def flush(self, step: int) -> None:
+        """The pack's step's `epochs/`, `kl_per_dim/` and `images/` rows of every member: one file per table,
+        keyed by the pack (a trial alone: by the trial) and the step, so a redone step replaces it. (`latents/` keeps one file per
         trial: its latest snapshot, which a member that stopped early must keep.)"""
         for table, rows in self.pending.items():
             if rows:
-                self.results.write(table, rows, file_key(self.members.pack_id, epoch))
+                self.results.write(table, rows, file_key(self.members.pack_id, step))
             self.pending[table] = []
 
     # ------------------------------------------------------------- a member's end
@@ -171,8 +183,9 @@ class Recorder:
                                                                "end_reason": m.last["end_reason"]})
 
     def write_trial(self, m: Member, status: str, error: str, epochs_done: int, final: dict[str, Any]) -> None:
-        row = trial_row(m.cfg, m.trial_id, status, error, epochs_done, final, time.time() - self.started,
-                        pack_id=self.members.pack_id)
+        began = self.began.setdefault(m.trial_id, time.time() if m.offset else self.started)
+        row = trial_row(m.cfg, m.trial_id, status, error, epochs_done, final, time.time() - began,
+                        pack_id=self.members.pack_id, pack_slots=len(self.members), pack_offset=m.offset)
         self.results.write("trials", [row], file_key(m.trial_id))
 
     def end_tracking(self, m: Member) -> None:

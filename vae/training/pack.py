@@ -80,6 +80,8 @@ class Member:
     last: dict[str, Any] = field(default_factory=dict)  # the last metrics it reported
     aggressive: bool = False  # in aggressive training's first phase (vae/training/aggressive.py)
     best_mi: float = float("-inf")  # the highest I(x; z) of that phase so far
+    epoch: int = 0  # the epochs it has trained (its own count: a refilled slot's member starts at 0)
+    offset: int = 0  # the pack's step when it took its slot (its epoch e is the pack's step offset + e)
 
     @property
     def trial_id(self) -> str:
@@ -102,41 +104,107 @@ class Member:
 
     def ended_by(self, done: int) -> str:
         """A restored member is finished when its budget was spent or it had settled under --until-settled
-        after the minimum epochs; else it trains on."""
+        after the minimum epochs; else it trains on (`done`: the epochs it had trained)."""
         settled = self.cfg.until_settled and done >= self.cfg.epochs and bool(self.last.get("settled"))
         return "finished" if done >= self.cfg.budget or settled else LIVE
 
+    def load(self, s: dict[str, Any]) -> None:
+        """Its settle epoch, last metrics, epoch count and aggressive phase as `saved` gave them."""
+        self.settle_epoch, self.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
+        self.aggressive = bool(s.get("aggressive", self.aggressive))
+        self.best_mi = float(s.get("best_mi", self.best_mi))
+        self.epoch = int(s.get("epoch", self.last.get("epoch", 0)))
+
     def saved(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "status": self.status, "settle_epoch": self.settle_epoch,
-                "metrics": self.last, "aggressive": self.aggressive, "best_mi": self.best_mi}
+                "metrics": self.last, "aggressive": self.aggressive, "best_mi": self.best_mi, "epoch": self.epoch,
+                "offset": self.offset, "slot": self.k}
 
 
 class Members(list):
-    """A pack's members, in order (member k is slice k of every stacked tensor)."""
+    """A pack's slots, in order (the member in slot k is slice k of every stacked tensor), and its queue.
 
-    def __init__(self, cfgs: Sequence[Any]):
+    A pack of K slots trains K configurations at once; `configs` beyond the first K wait in `queue`, and when a
+    member ends (settled, diverged, its budget spent) its slot takes the next one (`refill`), which trains from
+    its own seed's fresh weights with its own optimiser state, schedule and epoch count, as if alone. The
+    members that left their slots are kept in `departed`. With as many slots as configurations (the default)
+    nothing is queued: every member trains from the pack's first step."""
+
+    def __init__(self, cfgs: Sequence[Any], slots: int | None = None):
         check_members(cfgs)
-        super().__init__(Member(k, c, aggressive=c.mitigation == "aggressive") for k, c in enumerate(cfgs))
-        self.pack_id = pack_id([m.trial_id for m in self])
+        slots = len(cfgs) if slots is None else max(1, min(int(slots), len(cfgs)))
+        super().__init__(Member(k, c, aggressive=c.mitigation == "aggressive") for k, c in enumerate(cfgs[:slots]))
+        self.configs = list(cfgs)
+        self.queue = list(cfgs[slots:])
+        self.departed: list[Member] = []
+        self.pack_id = pack_id([c.run_id for c in cfgs])
 
     def live(self) -> list[Member]:
         return [m for m in self if m.status == LIVE]
 
+    def open_slots(self) -> list[int]:
+        """Slots whose member has ended while configurations still wait (in slot order, as many as wait)."""
+        return [m.k for m in self if m.status != LIVE][:len(self.queue)]
+
+    def refill(self, k: int, offset: int) -> Member:
+        """Slot k's ended member departs and the next queued configuration takes the slot after step `offset`."""
+        cfg = self.queue.pop(0)
+        self.departed.append(self[k])
+        self[k] = Member(k, cfg, aggressive=cfg.mitigation == "aggressive", offset=offset)
+        return self[k]
+
+    def busy(self) -> bool:
+        """Work left: a live member, or a configuration waiting for a slot."""
+        return bool(self.live() or self.queue)
+
+    def everyone(self) -> list[Member]:
+        """Every member that has held a slot, in configuration order."""
+        order = {c.run_id: i for i, c in enumerate(self.configs)}
+        return sorted(self.departed + list(self), key=lambda m: order[m.trial_id])
+
     def own_run(self) -> bool:
         """A run of its own (not a sweep's trial): it notes how it ran in its run.json."""
-        return len(self) == 1 and self[0].cfg.run_id == self[0].cfg.name
+        return len(self.configs) == 1 and self[0].cfg.run_id == self[0].cfg.name
 
     def metrics(self, epoch: int) -> dict[str, Any]:
-        """What the session hears after an epoch, whatever the pack's size: every member's report under
-        `members` (by trial id), and the pack's summary for Tune's schedulers and progress lines: the best
-        member's test loss, whether all have settled, and, for a pack of one, its member's whole report."""
-        members = {m.trial_id: {k: m.last.get(k) for k in MEMBER_KEYS} | {"status": m.status} for m in self}
-        finite = [v for v in (m.last.get("test_loss") for m in self) if isinstance(v, float) and math.isfinite(v)]
+        """What the session hears after the pack's step `epoch`, whatever the pack's size: every member's report
+        under `members` (by trial id; a queued one's status is `queued`), and the pack's summary for Tune's
+        schedulers and progress lines: the best member's test loss, whether all have settled, and, for a pack
+        of one, its member's whole report."""
+        everyone = self.everyone()
+        members = {m.trial_id: {k: m.last.get(k) for k in MEMBER_KEYS} | {"status": m.status} for m in everyone}
+        members |= {c.run_id: {"status": "queued"} for c in self.queue}
+        finite = [v for v in (m.last.get("test_loss") for m in everyone) if isinstance(v, float) and math.isfinite(v)]
         summary = {"epoch": epoch, "pack_id": self.pack_id, "test_loss": min(finite) if finite else float("nan"),
-                   "settled": all(bool(m.last.get("settled")) for m in self),
-                   "status": "running" if self.live() else "finished"}
-        alone = dict(self[0].last) if len(self) == 1 else {}
+                   "settled": not self.queue and all(bool(m.last.get("settled")) for m in everyone),
+                   "status": "running" if self.busy() else "finished"}
+        alone = dict(self[0].last) if len(self.configs) == 1 else {}
         return {**summary, **alone, "members": members}
+
+    def saved(self) -> dict[str, Any]:
+        """Where every member stands, for the checkpoint: the slots' members and those that departed (the queue is
+        what remains of `configs`)."""
+        return {"members": [m.saved() for m in self], "departed": [m.saved() for m in self.departed]}
+
+    def restore(self, saved: dict[str, Any]) -> list[dict[str, Any]]:
+        """Back to the slots a checkpoint saved (`saved`: its `extra`): which configuration each slot held, the
+        departed members and the queue; returns the saved state of the slots' members, in slot order."""
+        by_id = {c.run_id: c for c in self.configs}
+        states = list(saved["members"])
+        if len(states) != len(self):
+            raise ValueError(f"the checkpoint has {len(states)} slots, this pack {len(self)}")
+        for k, s in enumerate(states):
+            cfg = by_id[s["trial_id"]]
+            self[k] = Member(k, cfg, aggressive=cfg.mitigation == "aggressive", offset=int(s.get("offset", 0)))
+        self.departed = []
+        for s in saved.get("departed", ()):
+            m = Member(int(s.get("slot", 0)), by_id[s["trial_id"]], offset=int(s.get("offset", 0)))
+            m.load(s)
+            m.status = s["status"]
+            self.departed.append(m)
+        held = {m.trial_id for m in self.departed} | {m.trial_id for m in self}
+        self.queue = [c for c in self.configs if c.run_id not in held]
+        return states
 
 
 def per_member(values: Sequence[float], device: Any, *shape: int) -> float | torch.Tensor:
@@ -194,6 +262,15 @@ def freeze(opt, k: int, frozen: bool = True) -> None:
             part.freeze(k, frozen)
 
 
+def reset(opt, k: int) -> None:
+    """Member k's optimiser state as a fresh optimiser's (no moments, step 0), and unfrozen: a refilled slot."""
+    for part in _parts(opt):
+        if isinstance(part, PackAdam):
+            part.reset(k)
+        else:  # a pack of one: torch's Adam starts again from no state
+            part.state.clear()
+
+
 def moments(opt) -> list[torch.Tensor]:
     """The optimiser's Adam moments (for clearing denormals)."""
     out = []
@@ -203,9 +280,10 @@ def moments(opt) -> list[torch.Tensor]:
     return out
 
 
-def kl_weights(members: Sequence[Member], progress: float, device: Any) -> float | torch.Tensor:
-    """Each member's KL weight after `progress` epochs, as the pack's math takes it (`per_member`)."""
-    return per_member([kl_weight(m.cfg, progress) for m in members], device, 1)
+def kl_weights(members: Sequence[Member], fraction: float, device: Any) -> float | torch.Tensor:
+    """Each member's KL weight `fraction` of the way through its current epoch (`m.epoch`), as the pack's math
+    takes it (`per_member`)."""
+    return per_member([kl_weight(m.cfg, m.epoch - 1 + fraction) for m in members], device, 1)
 
 
 def kl_weight(cfg: Any, progress: float) -> float:
@@ -252,6 +330,17 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
 def member_slice(stacked: dict[str, torch.Tensor], k: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Member k's state dict from a pack's saved one, shaped as `like` (a plain model's state dict)."""
     return {name: stacked[name][k].reshape(t.shape).clone() for name, t in like.items()}
+
+
+def load_member(packed: nn.Module, k: int, plain: nn.Module) -> None:
+    """Member k of the pack takes `plain`'s weights and buffers (a pack of one: the model takes them)."""
+    with torch.no_grad():
+        if not any(isinstance(m, PackedLinear) for m in packed.modules()):
+            packed.load_state_dict(plain.state_dict())
+            return
+        stacked = packed.state_dict()
+        for name, t in plain.state_dict().items():
+            stacked[name][k].copy_(t.reshape(stacked[name][k].shape))
 
 
 def member_model(packed: nn.Module, plain: nn.Module, k: int) -> nn.Module:
@@ -310,6 +399,13 @@ class MemberSchedules:
                 s.step(loss)
             else:
                 s.step()
+
+    def reset(self, k: int, lr: float, schedule: str, budget: int) -> None:
+        """Slot k's schedule from its start, at `lr` (a refilled slot)."""
+        fresh = MemberSchedules([lr], schedule, budget)
+        self.holders[k] = fresh.holders[0]
+        if self.schedulers:
+            self.schedulers[k] = fresh.schedulers[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"lrs": self.lrs(), "schedulers": [s.state_dict() for s in self.schedulers]}

@@ -130,6 +130,14 @@ class PackAdam:
     def freeze(self, k: int, frozen: bool = True) -> None:
         self.frozen[k] = frozen
 
+    def reset(self, k: int) -> None:
+        """Member k as a fresh optimiser holds it: no moments, step 0, unfrozen."""
+        with torch.no_grad():
+            for t in self.exp_avg + self.exp_avg_sq:
+                t[k].zero_()
+        self.steps[k] = 0
+        self.frozen[k] = False
+
     def set_lrs(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), dtype=torch.float64)
 

@@ -2,7 +2,7 @@
 every rank), and the state saved with each epoch's report (rank 0).
 
 A checkpoint holds the pack's model and optimiser, every member's schedule, status, settle epoch and last
-metrics, and the wall time so far (vae/training/checkpoint.py writes and checks the file).
+metrics, which configuration each slot holds and which have departed, and the wall time so far (vae/training/checkpoint.py writes and checks the file).
 """
 
 from __future__ import annotations
@@ -43,12 +43,10 @@ def restore(session, members: Members, model: torch.nn.Module, opt, schedules, r
     extra = state["extra"]
     schedules.load_state_dict(extra["schedules"])
     done = int(state["epoch"])
-    for m, s in zip(members, resume.saved_members(extra)):
-        m.settle_epoch, m.last = int(s.get("settle_epoch", -1)), dict(s.get("metrics", {}))
-        m.aggressive = bool(s.get("aggressive", m.aggressive))  # a checkpoint from before aggressive training: as set up
-        m.best_mi = float(s.get("best_mi", m.best_mi))
+    for m, s in zip(members, members.restore(extra)):
+        m.load(s)
         # diverged stays so; finished is judged again (a rerun may raise the budget); interrupted goes on
-        m.status = "diverged" if s.get("status") == "diverged" else m.ended_by(done)
+        m.status = "diverged" if s.get("status") == "diverged" else m.ended_by(m.epoch)
         freeze(opt, m.k, m.status != LIVE)
     return done, float(extra.get("wall_seconds", 0.0))
 
@@ -58,7 +56,7 @@ def _first_gap(session, members: Members, results: Results | None, done: int,
     """`resume.first_gap` of this pack's rows: rank 0 reads the tables, every rank hears the epoch."""
     gap, lacking = -1, ""
     if session.rank == 0:
-        ids = [m.trial_id for m in members]
+        ids = [s["trial_id"] for s in saved]
         have = {t: set(zip(rows.trial_id, rows.epoch.astype(int))) for t in resume.EPOCH_TABLES
                 for rows in [results.read(t, ds.field("trial_id").isin(ids))]}
         gap, lacking = resume.first_gap(have, ids, saved, done)
@@ -75,6 +73,5 @@ def report(session, epoch: int, metrics: dict[str, Any], members: Members, model
     with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as folder:
         checkpoint.save(folder, model_state=model.state_dict(), optimizer_state=opt.state_dict(), epoch=epoch,
                         trial_id=members.pack_id,
-                        extra={"wall_seconds": wall_seconds, "schedules": schedules.state_dict(),
-                               "members": [m.saved() for m in members]})
+                        extra={"wall_seconds": wall_seconds, "schedules": schedules.state_dict(), **members.saved()})
         session.report(metrics, folder)

@@ -24,8 +24,9 @@ EPOCH_TABLES = ("epochs", "kl_per_dim")
 
 
 def saved_members(extra: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each member's status, settle epoch and last metrics as a checkpoint holds them."""
-    return list(extra["members"])
+    """Each member's status, settle epoch, epochs, offset and last metrics as a checkpoint holds them: the
+    slots' members and those that had departed their slots."""
+    return list(extra["members"]) + list(extra.get("departed", ()))
 
 
 def kept_beside(folder: str) -> list[str]:
@@ -54,18 +55,23 @@ def latest_readable(folder: str, pack_id: str, say: Say) -> dict[str, Any]:
 
 def first_gap(have: Mapping[str, set[tuple[str, int]]], ids: Sequence[str], saved: Iterable[Mapping[str, Any]],
               done: int) -> tuple[int, str]:
-    """The first epoch up to `done` (or up to where a member ended) whose rows some member lacks in one of
-    `EPOCH_TABLES` (`have[table]`: the (trial_id, epoch) pairs it holds), and which; (-1, "") when none."""
+    """The first step of the pack up to `done` whose rows some member lacks in one of `EPOCH_TABLES`
+    (`have[table]`: the (trial_id, epoch) pairs it holds), and which; (-1, "") when none.
+
+    A member's epoch e is the pack's step `offset + e` (its saved `offset`: 0 unless it took a refilled slot);
+    a refilled member's epoch-0 rows are written with its first step's, `offset + 1`."""
     gap, lacking = -1, ""
     for tid, s in zip(ids, saved):
-        end = min(done, int(s.get("metrics", {}).get("epoch", done)))
+        offset = int(s.get("offset", 0))
+        end = min(done - offset, int(s.get("epoch", s.get("metrics", {}).get("epoch", done))))
         for e in range(end + 1):
             # a member that diverged wrote its last epoch's row to epochs/ only
             need = ("epochs",) if s.get("status") == "diverged" and e == end else EPOCH_TABLES
             missing = [t for t in need if (tid, e) not in have[t]]
             if missing:
-                if gap < 0 or e < gap:
-                    gap, lacking = e, f"epoch {e} of {tid} is missing from {'/ and '.join(missing)}/"
+                step = offset + max(e, 1) if offset else e
+                if gap < 0 or step < gap:
+                    gap, lacking = step, f"epoch {e} of {tid} is missing from {'/ and '.join(missing)}/"
                 break
     return gap, lacking
 

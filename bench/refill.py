@@ -1,0 +1,102 @@
+"""python -m bench.refill: continuous packing against packs cut one per shape, on the same maps in one command.
+
+Each map runs twice under `jobs.sweep` on this machine, back to back:
+- *one pack a shape* (as before refilling: `--pack N`, N the configurations of a shape, so every shape is one
+  pack whose slots idle once their members end), and
+- *refilled* (`--pack auto`: queues of about 4 configurations a slot, refilled as members end, the costliest
+  queues first).
+For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / (slots x steps the
+pack ran), from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
+counted once, against the trials' wall and the sweep's), and whether both runs give the same verdicts per cell
+(units in use and settled, per configuration). The maps: the pytorch/examples MLP on MNIST until settled (the
+README's map, or a smaller one by the flags), and the 2-D toy's linear map of bench.pack (96 configurations,
+fixed budget: refilling has nothing to refill there, and must not be slower). Writes docs/refill.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench import pages
+from bench.pack import log_betas, pack_steps
+from vae.tables.results import Results, pack_utilisation, slot_utilisation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sweep(args: list[str], storage: str, name: str, pack: str, env: dict[str, str]) -> dict:
+    """One `jobs.sweep` run; its wall, utilisation, training time and per-configuration verdicts."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.sweep", *args, "--pack", pack, "--iw-samples", "0",
+                           "--storage", storage, "--name", name], cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"sweep {name} failed: {proc.stderr.strip().splitlines()[-3:]}")
+    root = f"{storage}/{name}"
+    trials = Results(root).read("trials")
+    packs = pack_utilisation(trials)
+    steps = pack_steps(root)
+    training = steps.drop_duplicates(["pack_id", "step"]).epoch_seconds.sum()
+    verdicts = trials.set_index("trial_id")[["units_in_use", "settled"]]  # trial ids come from the points
+    return {"wall": wall, "packs": len(packs), "slots": int(packs.slots.max()), "utilisation": slot_utilisation(packs),
+            "member_epochs": int(packs.member_epochs.sum()), "training": float(training),
+            "trial_wall": float(trials.groupby("pack_id").wall_seconds.max().sum()),
+            "settled": int(trials.settled.sum()), "trials": len(trials), "verdicts": verdicts.sort_index()}
+
+
+def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict[str, str]) -> list[str]:
+    before = sweep(args, storage, f"{label}-shape", str(per_shape), env)
+    after = sweep(args, storage, f"{label}-refill", "auto", env)
+    same = before["verdicts"].equals(after["verdicts"])
+    rows = []
+    for name, r in (("one pack a shape", before), ("refilled (--pack auto)", after)):
+        rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
+                     r["member_epochs"], f"{r['training']:.0f} ({100 * r['training'] / r['wall']:.0f}%)",
+                     f"{r['settled']}/{r['trials']}"))
+    print(f"bench.refill: {label}: wall {before['wall']:.0f}s -> {after['wall']:.0f}s "
+          f"({before['wall'] / after['wall']:.2f}x), utilisation {100 * before['utilisation']:.0f}% -> "
+          f"{100 * after['utilisation']:.0f}%, same verdicts: {same}", flush=True)
+    return ([f"```bash\npython -m jobs.sweep {' '.join(args)} --pack N|auto\n```", ""]
+            + pages.table(["run", "wall (s)", "packs", "slots a pack", "slot utilisation", "member-epochs",
+                           "training steps (s, share of wall)", "settled"], rows)
+            + [f"Wall: **{before['wall'] / after['wall']:.2f}x** faster refilled. The same verdicts (units in use "
+               f"and settled, configuration by configuration): **{'yes' if same else 'no'}**.", ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.refill", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "./data"))
+    parser.add_argument("--latent-dims", default="2,5,10,20,50")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
+    parser.add_argument("--betas", default="0.1,0.3,1,2,4,8")
+    parser.add_argument("--subset", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=5, help="the minimum epochs of --until-settled")
+    parser.add_argument("--max-epochs", type=int, default=60)
+    parser.add_argument("--skip-mnist", action="store_true", help="the toy map only")
+    parser.add_argument("--page", default=os.path.join(ROOT, "docs", "refill.md"))
+    args = parser.parse_args(argv)
+    env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
+    env.pop("RAY_ADDRESS", None)
+    body = [__doc__.split("\n\n", 1)[1].strip(), ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_mnist:
+            per_shape = len(args.lrs.split(",")) * len(args.betas.split(","))
+            mnist = ["--dataset", "mnist", "--subset", str(args.subset), "--latent-dims", args.latent_dims,
+                     "--lrs", args.lrs, "--betas", args.betas, "--epochs", str(args.epochs), "--until-settled",
+                     "--max-epochs", str(args.max_epochs)]
+            body += ["## The MNIST map until settled", ""] + compare("mnist", mnist, per_shape, tmp, env)
+        toy = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
+               "--lrs", "1e-3,3e-3", "--betas", ",".join(map(str, log_betas(48))), "--epochs", "15"]
+        body += ["## The toy linear map, fixed budget (96 configurations)", ""] + compare("toy", toy, 48, tmp, env)
+    print(pages.write(args.page, "Continuous packing: refilled slots against one pack a shape", "bench.refill",
+                      argv, body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Continuous packing: a pack's slot takes the next queued configuration when its member ends
+(vae/training/pack.py `Members.refill`, vae/training/loop.py `_refill`), and that configuration trains as if alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from tests.test_pack import _rows, _same
+from tune import packing
+from vae.config import TrainConfig
+from vae.tables.results import Results, pack_utilisation
+from vae.training.loop import train_loop, train_pack
+from vae.training.session import LocalSession
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a's budget ends at step 3; b diverges in its first epoch (Adam at lr 30); c and d take the freed slots,
+# d with a KL warm-up (its own epoch count drives it) and every member under a cosine schedule (reset per slot)
+KW = dict(dataset="gaussian2d", model="gaussian-mlp", epochs=3, iw_samples=20, iw_subset=50, subset=1000,
+          lr_schedule="cosine")
+POINTS = [dict(trial_id="a", lr=1e-3, beta=0.5), dict(trial_id="b", lr=30.0, seed=2),
+          dict(trial_id="c", lr=3e-3, beta=2.0, seed=1), dict(trial_id="d", lr=1e-3, beta=1.0, seed=3,
+                                                               kl_warmup_epochs=2)]
+
+
+def test_a_refilled_slots_rows_equal_its_configuration_trained_alone(tmp_path):
+    for p in POINTS:
+        train_loop(TrainConfig(**KW, **p, storage=str(tmp_path), name="alone"), LocalSession())
+    session = LocalSession()
+    train_pack([TrainConfig(**KW, **p, storage=str(tmp_path), name="packed") for p in POINTS], session, slots=2)
+    alone, packed = str(tmp_path / "alone"), str(tmp_path / "packed")
+    trials = _rows(packed, "trials").set_index("trial_id")
+    assert trials.status.to_dict() == {"a": "finished", "b": "diverged", "c": "finished", "d": "finished"}
+    # c took b's slot after b diverged at step 1; d took a's after a's budget ended at step 3
+    assert trials.pack_offset.to_dict() == {"a": 0, "b": 0, "c": 1, "d": 3} and set(trials.pack_slots) == {2}
+    assert [r["epoch"] for r in session.reports] == [1, 2, 3, 4, 5, 6]
+    _same(_rows(alone, "epochs"), _rows(packed, "epochs"),
+          ["epoch", "train_loss", "train_kl", "test_loss", "mutual_info", "units_in_use", "lr_now", "kl_weight"])
+    _same(_rows(alone, "kl_per_dim"), _rows(packed, "kl_per_dim"), ["epoch", "dim", "kl", "activity"])
+    _same(_rows(alone, "trials"), _rows(packed, "trials"), ["status", "epochs_done", "test_loss", "iw_nll"])
+    a, b = _rows(alone, "latents"), _rows(packed, "latents")
+    _same(a, b, ["epoch", "index"])
+    np.testing.assert_allclose(np.stack(b.mu), np.stack(a.mu), rtol=1e-4, atol=1e-5)
+    assert len(_rows(packed, "images")) == len(_rows(alone, "images"))
+    # utilisation: member-epochs a 3, b 1, c 3, d 3 = 10 over 2 slots x 6 steps
+    (u,) = pack_utilisation(Results(packed).read("trials")).itertuples()
+    assert (u.slots, u.steps, u.member_epochs) == (2, 6, 10) and abs(u.utilisation - 10 / 12) < 1e-9
+
+
+SCRIPT = """
+import json, sys
+from vae.config import TrainConfig
+from vae.training.loop import train_pack
+from vae.training.session import LocalSession
+storage, name, slots = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kw = dict(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0, subset=1000, epochs=3,
+          until_settled=True, max_epochs=6, lr=1e-2, storage=storage, name=name)
+session = LocalSession(storage + "/" + name + "/ck")
+train_pack([TrainConfig(**kw, trial_id=f"t{i}", beta=b, seed=i) for i, b in enumerate([0.3, 1, 3, 0.5, 2, 6])],
+           session, slots=slots)
+print(json.dumps([r["epoch"] for r in session.reports]))
+"""
+
+
+def _run(storage: str, name: str, slots: int, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT, storage, name, str(slots)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+
+
+def test_a_queue_longer_than_its_slots_finishes_every_configuration_once_also_after_a_sigkill(tmp_path):
+    storage = str(tmp_path)
+    clean = _run(storage, "clean", 2)
+    assert clean.returncode == 0, clean.stderr
+    marker = str(tmp_path / "killed")
+    killed = _run(storage, "r", 2, VAE_FAULT_KILL_EPOCH="5", VAE_FAULT_MARKER=marker)
+    assert killed.returncode == -9 and os.path.exists(marker)  # SIGKILLed half-way through the pack's step 5
+    resumed = _run(storage, "r", 2, VAE_FAULT_KILL_EPOCH="5", VAE_FAULT_MARKER=marker)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert steps[0] == 5 and steps == list(range(5, 5 + len(steps)))  # only what the kill lost was trained again
+    trials = Results(str(tmp_path / "r")).read("trials").set_index("trial_id").sort_index()
+    assert len(trials) == 6 and set(trials.status) == {"finished"}
+    assert (trials.pack_offset > 0).sum() >= 4  # four configurations waited for a slot
+    epochs = Results(str(tmp_path / "r")).read("epochs")
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    for tid, part in epochs.groupby("trial_id"):
+        assert sorted(part.epoch) == list(range(int(trials.loc[tid, "epochs_done"]) + 1)), tid
+    ref = Results(str(tmp_path / "clean")).read("epochs").sort_values(["trial_id", "epoch"]).reset_index(drop=True)
+    got = epochs.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[["trial_id", "epoch"]], ref[["trial_id", "epoch"]])
+    np.testing.assert_allclose(got.test_loss.to_numpy(), ref.test_loss.to_numpy(), rtol=1e-5)
+
+
+def test_queues_spread_each_shape_over_slots_and_start_the_costliest_first():
+    points = [dict(latent_dim=z, lr=lr, beta=b) for z in (2, 50) for lr in (1e-3, 1e-2) for b in range(12)]
+    slots = packing.slots_for(points, concurrent=2)
+    assert slots == 6  # 48 configurations over 2 trials at once, about DEPTH = 4 through each slot
+    qs = packing.queues(points, slots, concurrent=2, cost=lambda p: p["latent_dim"])
+    assert [(len(q), q[0]["latent_dim"]) for q in qs] == [(24, 50), (24, 2)]
+    assert all(len({p["latent_dim"] for p in q}) == 1 for q in qs)
+    assert sorted(map(str, sum(qs, []))) == sorted(map(str, points))
+    # one shape and more trials at once than queues: the largest queue is halved until every trial has one
+    one = [p for p in points if p["latent_dim"] == 2]
+    assert [len(q) for q in packing.queues(one, 12, concurrent=4)] == [6, 6, 6, 6]
+    assert packing.queues(one, 1, concurrent=2) == [[p] for p in packing.by_shape(one)[0]]  # one slot: alone
