@@ -1,7 +1,7 @@
 """Shared fixtures: MNIST found the way the CLI finds it, and one local Ray for the suite.
 
-MNIST is looked for where `jobs.train` looks: `$VAE_DATA_DIR`, else `./data` (where the README's first
-command downloads it). When a selected test needs it and it is nowhere, the session fetches it once,
+MNIST is looked for where `jobs.train` looks: `$VAE_DATA_DIR`, else the repository's `./data` (where the README's
+first command, run from the repository, downloads it; resolved from the repository, not from where pytest runs). When a selected test needs it and it is nowhere, the session fetches it once,
 before any test runs, through the project's own download path; with `VAE_OFFLINE=1` (CI) it stops at
 once instead, naming both ways out. No test itself ever reaches the network.
 """
@@ -26,7 +26,8 @@ try:  # CI runs hypothesis derandomised (the same examples every run); a failure
         settings.load_profile("ci")
 except ImportError:  # hypothesis comes with the test extra
     pass
-DATA_DIR = default_data_dir()
+# $VAE_DATA_DIR, else the repository's ./data (where the README's first command puts it), wherever pytest runs from
+DATA_DIR = default_data_dir() if os.environ.get(DATA_DIR_ENV) else str(ROOT / "data")
 os.environ[DATA_DIR_ENV] = DATA_DIR  # subprocesses (jobs, Ray workers) look in the same folder
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -81,15 +81,21 @@ def test_zero_is_refused_where_it_means_nothing():
 # ------------------------------------------------------------------ checkpoints
 
 class Evil:
+    """Unpickling it would run `touch <marker>`."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/vae-pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_checkpoints_with_code_in_them_are_refused_unexecuted(tmp_path):
-    torch.save({"format": checkpoint.FORMAT, "payload": Evil()}, tmp_path / "state.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"format": checkpoint.FORMAT, "payload": Evil(str(marker))}, tmp_path / "state.pt")
     with pytest.raises(checkpoint.CheckpointError, match="refused: UnpicklingError"):
         checkpoint.load(str(tmp_path))
-    assert not os.path.exists("/tmp/vae-pwned")
+    assert not marker.exists()
 
 
 def test_truncated_foreign_or_misplaced_checkpoints_are_refused(tmp_path):

@@ -6,6 +6,7 @@ The test ends the head process it started (never `ray stop`, which would kill ev
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +69,7 @@ def head():
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    shutil.rmtree(temp, ignore_errors=True)  # the head's temp folder (outside tmp_path: socket paths are short)
 
 
 def submit(address: str, env: dict, *args: str) -> tuple[str, str]:
@@ -79,7 +81,7 @@ def submit(address: str, env: dict, *args: str) -> tuple[str, str]:
                                        and proc.returncode == 0 else "FAILED")
 
 
-def test_submitted_training_and_sweep_jobs_succeed_and_write_tables(head, tmp_path):
+def test_submitted_training_and_sweep_jobs_succeed_and_write_tables(head, tmp_path, data_dir):
     address, env = head
     out, status = submit(address, env, "jobs.train", "--dataset", "mnist", "--subset", "512", "--epochs", "2",
                          "--latent-dim", "4", "--hidden-dim", "32", "--iw-samples", "5",

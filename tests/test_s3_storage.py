@@ -31,7 +31,7 @@ def s3_env():
     server.stop()
 
 
-def test_tables_and_checkpoints_live_in_s3_and_a_run_resumes_from_there(s3_env, tmp_path):
+def test_tables_and_checkpoints_live_in_s3_and_a_run_resumes_from_there(s3_env, tmp_path, monkeypatch):
     args = [sys.executable, "-m", "jobs.train", "--dataset", "gaussian2d", "--epochs", "3", "--iw-samples", "5",
             "--storage", "s3://vae/runs", "--name", "s3run", "--max-failures", "0"]
     env = {**s3_env, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
@@ -41,7 +41,9 @@ def test_tables_and_checkpoints_live_in_s3_and_a_run_resumes_from_there(s3_env, 
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "epoch 3/3" in second.stdout and "epoch 1/3" not in second.stdout  # continued at epoch 2
 
-    os.environ.update({k: v for k, v in s3_env.items() if k.startswith("AWS_")})
+    for k, v in s3_env.items():  # for pyarrow's S3 client in this process, undone after the test
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
     import pyarrow.fs as pafs
 
     from vae.tables.results import Results

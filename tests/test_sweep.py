@@ -1,5 +1,6 @@
 """Ray Tune sweeps end to end on 2 CPUs: grids, collapse, divergence, and a killed driver."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -87,7 +88,7 @@ def test_bad_sweep_input_exits_2_before_ray(tmp_path):
 
 @pytest.mark.parametrize("pack", ["1", "2"])
 def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path, pack):
-    betas = [0.1, 0.3, 1, 3] if pack == "1" else [0.1, 0.3, 1, 3, 5, 8]  # packed: 3 packs of 2 on 2 slots
+    betas = [0.1, 0.3, 1, 3] if pack == "1" else [0.1, 0.3, 1, 3, 5, 8]  # packed: 2 packs of 2 slots, 3 each
     args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
             "--latent-dims", "2", "--lrs", "1e-2", "--betas", ",".join(map(str, betas)), "--epochs", "4",
             "--iw-samples", "5", "--pack", pack, "--storage", str(tmp_path), "--name", "killed"]
@@ -104,12 +105,20 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path, p
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert (res.read("trials").status == "finished").sum() < len(betas)
+    assert (res.read("trials").status == "finished").sum() < len(betas)  # it died before the sweep ended
+    # what the trials had written before the kill: the epoch-0 file of each trial or pack that had written its
+    # step 2 (its step-1 checkpoint was reported before: a resume continues it, a restart would rewrite the file)
+    started = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{tmp_path}/killed/epochs/*.e00000.parquet")
+               if os.path.exists(p.replace(".e00000.", ".e00002."))}
+    assert started
     proc = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {p: os.stat(p).st_mtime_ns for p in started} == started  # continued, not started again
     trials = res.read("trials")
     assert sorted(trials.beta) == betas and set(trials.status) == {"finished"}
-    assert trials.pack_id.nunique() == len(betas) // int(pack)
+    # --pack 2: two queues of 3 (one for each trial the 2 slots run at once), 2 slots each, one refill each
+    assert trials.pack_id.nunique() == (len(betas) if pack == "1" else 2)
+    assert set(trials.pack_slots) == {int(pack)} and (trials.pack_offset > 0).sum() == (0 if pack == "1" else 2)
     epochs = res.read("epochs")
     assert len(epochs) == len(betas) * 5 and not epochs.duplicated(["trial_id", "epoch"]).any()
     assert sorted(res.read("collapse_map").beta) == betas
