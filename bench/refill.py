@@ -4,7 +4,8 @@ Each map runs twice under `jobs.sweep` on this machine, back to back:
 - *one pack a shape* (as before refilling: `--pack N`, N the configurations of a shape, so every shape is one
   pack whose slots idle once their members end), and
 - *refilled* (`--pack auto`: queues of about 4 configurations a slot, refilled as members end, the costliest
-  queues first).
+  queues first; on MNIST with `--eval-subset 2000`: the epochs before a member's last measured on 2,000 test
+  images, its last on all 10,000).
 For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / (slots x steps the
 pack ran), from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
 counted once, against the trials' wall and the sweep's), and whether both runs give the same verdicts per cell
@@ -49,12 +50,15 @@ def sweep(args: list[str], storage: str, name: str, pack: str, env: dict[str, st
             "settled": int(trials.settled.sum()), "trials": len(trials), "verdicts": verdicts.sort_index()}
 
 
-def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict[str, str]) -> list[str]:
+def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict[str, str],
+            eval_subset: int) -> list[str]:
     before = sweep(args, storage, f"{label}-shape", str(per_shape), env)
-    after = sweep(args, storage, f"{label}-refill", "auto", env)
+    after = sweep(args + (["--eval-subset", str(eval_subset)] if eval_subset else []), storage, f"{label}-refill",
+                  "auto", env)
     same = before["verdicts"].equals(after["verdicts"])
     rows = []
-    for name, r in (("one pack a shape", before), ("refilled (--pack auto)", after)):
+    refilled = "refilled (--pack auto" + (f" --eval-subset {eval_subset})" if eval_subset else ")")
+    for name, r in (("one pack a shape", before), (refilled, after)):
         rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
                      r["member_epochs"], f"{r['training']:.0f} ({100 * r['training'] / r['wall']:.0f}%)",
                      f"{r['settled']}/{r['trials']}"))
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=5, help="the minimum epochs of --until-settled")
     parser.add_argument("--max-epochs", type=int, default=60)
+    parser.add_argument("--eval-subset", type=int, default=2000,
+                        help="the refilled MNIST run's --eval-subset (0: the whole test set every epoch, as before)")
     parser.add_argument("--skip-mnist", action="store_true", help="the toy map only")
     parser.add_argument("--page", default=os.path.join(ROOT, "docs", "refill.md"))
     args = parser.parse_args(argv)
@@ -89,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             mnist = ["--dataset", "mnist", "--subset", str(args.subset), "--latent-dims", args.latent_dims,
                      "--lrs", args.lrs, "--betas", args.betas, "--epochs", str(args.epochs), "--until-settled",
                      "--max-epochs", str(args.max_epochs)]
-            body += ["## The MNIST map until settled", ""] + compare("mnist", mnist, per_shape, tmp, env)
+            body += ["## The MNIST map until settled", ""] + compare("mnist", mnist, per_shape, tmp, env,
+                                                                       args.eval_subset)
         toy = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
                "--lrs", "1e-3,3e-3", "--betas", ",".join(map(str, log_betas(48))), "--epochs", "15"]
-        body += ["## The toy linear map, fixed budget (96 configurations)", ""] + compare("toy", toy, 48, tmp, env)
+        body += ["## The toy linear map, fixed budget (96 configurations)", ""] + compare("toy", toy, 48, tmp, env, 0)
     print(pages.write(args.page, "Continuous packing: refilled slots against one pack a shape", "bench.refill",
                       argv, body))
     return 0

@@ -136,3 +136,22 @@ def test_denormal_weights_and_moments_are_cleared_after_an_epoch(tmp_path):
         weight[0, 0], moment[0, 0], weight[1, 0] = 1e-39, -1e-40, 1e-3
     cpu.clear_denormals(list(run.model.parameters()) + pack.moments(run.opt))
     assert weight[0, 0].item() == 0.0 and moment[0, 0].item() == 0.0 and weight[1, 0].item() == pytest.approx(1e-3)
+
+
+def test_an_eval_subset_measures_epochs_on_its_images_and_the_last_on_all_of_them(tmp_path):
+    """--eval-subset N: the epochs before the last are measured on the first N test images (the training is the
+    same), the last epoch on the whole test set: its row and the trial's equal a run measured on all throughout."""
+    full, part = f"{tmp_path}/full", f"{tmp_path}/part"
+    train_loop(toy(tmp_path, name="full"), LocalSession())
+    train_loop(toy(tmp_path, name="part", eval_subset=300), LocalSession())
+    a, b = Results(full).read("epochs").sort_values("epoch"), Results(part).read("epochs").sort_values("epoch")
+    assert list(a.test_examples) == [2000] * 4 and list(b.test_examples) == [300, 300, 300, 2000]  # the toy: 2,000
+    np.testing.assert_allclose(b.train_loss.to_numpy()[1:], a.train_loss.to_numpy()[1:], rtol=1e-6)
+    assert not np.allclose(b.test_loss.to_numpy()[:3], a.test_loss.to_numpy()[:3])  # fewer images, other numbers
+    for col in ("test_loss", "test_kl", "mutual_info", "units_in_use", "active_units"):
+        assert b[col].iloc[-1] == pytest.approx(a[col].iloc[-1], rel=1e-6), col
+    kl_a, kl_b = Results(full).read("kl_per_dim"), Results(part).read("kl_per_dim")
+    np.testing.assert_allclose(kl_b[kl_b.epoch == 3].sort_values("dim").kl, kl_a[kl_a.epoch == 3].sort_values("dim").kl,
+                               rtol=1e-6)
+    ta, tb = Results(full).read("trials").iloc[0], Results(part).read("trials").iloc[0]
+    assert tb.test_loss == pytest.approx(ta.test_loss, rel=1e-6) and tb.iw_nll == pytest.approx(ta.iw_nll, rel=1e-6)

@@ -24,7 +24,7 @@ SCHEDULERS = ("none", "asha", "settled")
 PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "hidden_widths", "activation", "decoder_var", "decoder",
                   "decoder_layers",
                   "objective", "objective_k", "num_mc", "epochs", "until_settled", "max_epochs", "lr_schedule",
-                  "batch_size", "seed", "active_threshold", "kl_threshold", "iw_samples", "iw_subset", "tracker")
+                  "batch_size", "seed", "active_threshold", "kl_threshold", "iw_samples", "iw_subset", "eval_subset", "tracker")
 SWEEP_DEFAULTS = {"iw_samples": 100, "iw_subset": 500}
 
 

@@ -57,7 +57,7 @@ KL_THRESHOLD = 0.01  # nats: a dimension with less test KL carries no informatio
 # variance, may differ). From a sweep, only the axes latent_dim and hidden_dim vary among these.
 SHAPE_KEYS = ("dataset", "model", "subset", "latent_dim", "hidden_dim", "hidden_widths", "activation",
               "decoder", "decoder_layers", "objective", "objective_k", "batch_size", "num_mc", "epochs", "until_settled", "max_epochs",
-              "lr_schedule", "num_workers", "active_threshold", "kl_threshold", "iw_samples", "iw_subset")
+              "lr_schedule", "num_workers", "active_threshold", "kl_threshold", "iw_samples", "iw_subset", "eval_subset")
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,7 @@ class TrainConfig:
     kl_threshold: float = KL_THRESHOLD
     iw_samples: int = 1000
     iw_subset: int = 1000
+    eval_subset: int = 0  # test examples evaluated at epochs before the last (0: all); the last sees them all
     # scaling (None: decided from the cluster by the job)
     num_workers: int = 1
     use_gpu: bool | None = None
@@ -247,6 +248,7 @@ def validate(c: TrainConfig) -> None:
     check_float("kl_threshold", c.kl_threshold, 0.0, 1e6, lo_open=True)
     check_int("iw_samples", c.iw_samples, 0, 100_000)
     check_int("iw_subset", c.iw_subset, 0, 1_000_000)
+    check_int("eval_subset", c.eval_subset, 0, 10_000_000)
     check_int("num_workers", c.num_workers, 1, 4096)
     check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
     check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
@@ -383,6 +385,8 @@ HELP = {
     "kl_threshold": "nats: a unit is in use when it is active and its test KL is at least this",
     "iw_samples": "importance samples for the final IW NLL bound (0: skip it)",
     "iw_subset": "test examples used for the IW NLL bound (0: the whole test set)",
+    "eval_subset": "test examples each epoch's diagnostics and settle rule use (the first N; 0: all); a run's "
+                   "last epoch is always evaluated on the whole test set",
     "num_workers": "Ray Train data-parallel workers",
     "use_gpu": "true/false (default: GPU when the cluster has one)",
     "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",

@@ -50,6 +50,7 @@ METRIC_FIELDS = [
     ("kernels", pa.string()),  # which implementation trained: "torch" (vae/model/fast.py; kept for older tables' readers)
     ("lr_now", pa.float64()),  # the learning rate the epoch trained at (its schedule's)
     ("units_undecided", pa.int64()), ("settled", pa.bool_()),  # vae/training/settle.py, after this epoch
+    ("test_examples", pa.int64()),  # test images the test columns were measured on (--eval-subset; the last: all)
 ]
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
 
@@ -139,7 +140,7 @@ NAN = float("nan")
 def epoch_row(config: Any, trial_id: str, epoch: int, kl_weight: float, train: Mapping[str, float] | None,
               test: Mapping[str, float] | None, active_units: int = 0, units_in_use: int = 0,
               mutual_info: float = NAN, seconds: float = 0.0, kernels: str = "", lr_now: float = NAN,
-              units_undecided: int = 0, settled: bool = False) -> dict[str, Any]:
+              units_undecided: int = 0, settled: bool = False, test_examples: int = 0) -> dict[str, Any]:
     """A row of `epochs/`: train is {loss, recon, kl, samples} (None at epoch 0), test {loss, recon, kl}
     (None when the epoch diverged)."""
     train, test = train or {}, test or {}
@@ -149,7 +150,8 @@ def epoch_row(config: Any, trial_id: str, epoch: int, kl_weight: float, train: M
             "test_recon": test.get("recon", NAN), "test_kl": test.get("kl", NAN), "active_units": active_units,
             "units_in_use": units_in_use, "mutual_info": mutual_info, "epoch_seconds": seconds,
             "samples_per_second": train["samples"] / seconds if train and seconds > 0 else NAN,
-            "kernels": kernels, "lr_now": lr_now, "units_undecided": units_undecided, "settled": settled}
+            "kernels": kernels, "lr_now": lr_now, "units_undecided": units_undecided, "settled": settled,
+            "test_examples": test_examples}
 
 
 def kl_rows(trial_id: str, epoch: int, kl: Iterable[float], activity: Iterable[float]) -> list[dict[str, Any]]:

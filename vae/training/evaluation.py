@@ -18,7 +18,7 @@ import torch
 
 from vae.model import diagnostics, fast, losses, streams
 from vae.training import aggressive, snapshots, tracking
-from vae.tables.collapse import Thresholds
+from vae.tables.collapse import Thresholds, units_in_use
 from vae.model.data import Data
 from vae.model.models import VAE, model_for
 from vae.training.pack import Member, Members, member_model
@@ -96,26 +96,43 @@ class Recorder:
     # ------------------------------------------------------------- each epoch
     def evaluate(self, model: VAE, test_eps: torch.Tensor, members: Sequence[Member], trains: Sequence[dict] | None,
                  seconds: float) -> None:
-        """`members`' diagnostics on the test set after their latest epoch (`m.epoch`), into their rows and `m.last`."""
+        """`members`' diagnostics on the test set after their latest epoch (`m.epoch`), into their rows and `m.last`:
+        on the first `eval_subset` test images (0: all), and a member's last epoch on all of them."""
         if not members:
             return
-        evs = diagnostics.evaluate_members(model, self.test_x, test_eps)
+        n = self.members[0].cfg.eval_subset or self.test_x.shape[-2]
+        evs = diagnostics.evaluate_members(model, self.test_x[..., :n, :], test_eps[..., :n, :])
         for m in members:
-            self._evaluate_member(m, model, evs[m.k], m.epoch, trains[m.k] if trains else None, seconds)
+            self._evaluate_member(m, model, test_eps, evs[m.k], m.epoch, trains[m.k] if trains else None, seconds)
 
-    def _evaluate_member(self, m: Member, model: VAE, ev: diagnostics.Evaluation, epoch: int,
+    def _whole_test_set(self, model: VAE, test_eps: torch.Tensor, m: Member) -> diagnostics.Evaluation:
+        """Member m on every test image, with its fixed test noise (its last epoch under --eval-subset)."""
+        x = self.test_x if self.test_x.dim() == 2 else self.test_x[m.k]
+        eps = test_eps if len(self.members) == 1 else test_eps[:, m.k]
+        return diagnostics.evaluate(self.member_model(model, m), x, eps)
+
+    def _units(self, m: Member, ev: diagnostics.Evaluation) -> tuple[float, torch.Tensor, int]:
+        """I(x; z) on the first MI_SUBSET images with the member's fixed noise, each unit's activity, and the
+        active units' count."""
+        n_mi = min(len(self.mi_eps[m.k]), len(ev.mu))
+        mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
+        mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k][:n_mi]))
+        activity = diagnostics.unit_activity(ev.mu)
+        return mi, activity, diagnostics.active_units(activity, m.cfg.active_threshold)
+
+    def _evaluate_member(self, m: Member, model: VAE, test_eps: torch.Tensor, ev: diagnostics.Evaluation, epoch: int,
                          train: dict[str, float] | None, seconds: float) -> None:
         cfg = m.cfg
         model.eval()
-        n_mi = len(self.mi_eps[m.k])
-        mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
-        mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k]))
+        mi, activity, active = self._units(m, ev)
         aggressive.end_of_epoch(m, mi)  # aggressive training's phase ends once I(x; z) stops rising
-        activity = diagnostics.unit_activity(ev.mu)
-        active = diagnostics.active_units(activity, cfg.active_threshold)
         state = m.observe(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float), self.thresholds)
         used = state.units_in_use  # counted by vae.tables.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
+        if final and len(ev.mu) < self.test_x.shape[-2]:  # the numbers it ends with: on the whole test set
+            ev = self._whole_test_set(model, test_eps, m)
+            mi, activity, active = self._units(m, ev)
+            used = units_in_use(ev.kl_per_dim.numpy(), activity.numpy(), self.thresholds)
         row = self.epoch_row(m, epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
         self.pending["kl_per_dim"] += kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist())
         if epoch in self.snapshot_epochs or final:
@@ -138,7 +155,7 @@ class Recorder:
         test = {"loss": ev.loss, "recon": ev.recon, "kl": ev.kl} if ev else None
         row = epoch_row(cfg, m.trial_id, epoch, weight, train, test, active, used, mi, seconds, IMPLEMENTATION,
                         train["lr"] if train else cfg.lr, state.undecided if state else 0,
-                        bool(state and state.settled))
+                        bool(state and state.settled), len(ev.mu) if ev else 0)
         self.pending["epochs"].append(row)
         if cfg.tracker != "none":  # per-epoch metrics to the tracker `--tracker` asks for: one per trial
             if m.trial_id not in self.trackers:
