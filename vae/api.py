@@ -89,6 +89,7 @@ def _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes) -> tu
          f"on {cfg.num_workers} worker(s), {'GPU' if cfg.use_gpu else 'CPU'}; results in {root}")
     follower = launch.EpochFollower(cfg, emit=emit)
     follower.pending = pending
+    follower.watch()  # a node lost mid-run: said, and the run ends if the nodes left cannot hold it
     last = follower.resumed_after()
     if last is not None:
         emit(f"resuming {cfg.name}: epochs up to {last} are done")
@@ -109,7 +110,7 @@ def _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes) -> tu
     try:
         # fit() off the main thread: Ray Train then leaves SIGINT to us (on the main thread it installs its
         # own handler, which aborts the run mid-epoch), and the main thread stays free to take signals.
-        result = launch.in_thread(launch.fit, cfg)
+        result = launch.in_thread(launch.fit, cfg, abandon=lambda: bool(follower.lost))
         error = result.error
     except Exception as e:  # TrainingFailedError and friends: one line, the details are in Ray's logs
         error = e
@@ -128,6 +129,9 @@ def _fit(cfg, argv, verbose, emit, warn, handle_signals, res, lock, notes) -> tu
         launch.shutdown_quietly()
         return EXIT_FOR[received[0]], (f"interrupted: {cfg.name} stopped after epoch {done} (tables and checkpoint "
                                        f"agree); resume with: python -m jobs.train {' '.join(argv)}")
+    if follower.lost:  # given up on: Ray's shutdown ends the workers still waiting for a node
+        launch.shutdown_quietly()
+        return 1, follower.lost
     if error is not None or trial.empty:
         return 1, f"failed: {launch.error_line(error)}; results so far in {root}"
     row = trial.iloc[0]

@@ -107,6 +107,7 @@ class TrainConfig:
     use_gpu: bool | None = None
     cpus_per_worker: int = 0  # 0: the cluster's CPUs shared out by the job
     max_failures: int = 0
+    node_wait: float = 600.0  # seconds to wait, after a node is lost, for the capacity the workers need
     tracker: str = "none"  # tensorboard: event files beside the tables, one folder per trial
     # where results go
     storage: str = ""  # "" -> $VAE_STORAGE or ./results
@@ -253,6 +254,7 @@ def validate(c: TrainConfig) -> None:
     check(c.use_gpu in (None, True, False), "use_gpu", "true, false or unset", c.use_gpu)
     check_int("cpus_per_worker", c.cpus_per_worker, 0, 1024)
     check_int("max_failures", c.max_failures, -1, 1_000_000)
+    check_float("node_wait", c.node_wait, 0.0, 1e7)
     check_choice("tracker", c.tracker, TRACKERS)
     if c.tracker != "none":
         check(importlib.util.find_spec(c.tracker) is not None, "tracker",
@@ -391,6 +393,8 @@ HELP = {
     "use_gpu": "true/false (default: GPU when the cluster has one)",
     "cpus_per_worker": "CPUs (and torch threads) per worker (0: the cluster's CPUs shared out)",
     "max_failures": "worker-group restarts from the latest checkpoint (-1: unlimited)",
+    "node_wait": "seconds a run waits, once a node is lost and the nodes left cannot hold its workers, for "
+                 "capacity to come back (a cloud autoscaler replaces the node) before it exits 1 saying how to resume",
     "tracker": "none; tensorboard: per-epoch metrics as TensorBoard event files in <run>/tensorboard/<trial>; "
                "mlflow: one MLflow run per trial in $MLFLOW_TRACKING_URI or <run>/mlruns "
                "(pip install 'vae-collapse[trackers]')",

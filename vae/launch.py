@@ -112,9 +112,14 @@ def check_trial_resources(cpus_per_trial: float, gpus_per_trial: float, workers_
                    f"but the local Ray instance has {cpus} CPUs and {gpus} GPUs and cannot grow")
 
 
-def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+class Abandoned(RuntimeError):
+    """`in_thread` stopped waiting: its `abandon()` said so."""
+
+
+def in_thread(fn: Callable[..., Any], *args: Any, abandon: Callable[[], bool] | None = None) -> Any:
     """fn(*args) on a helper thread while the main thread waits (and so can run signal handlers);
-    its result, or its exception raised here."""
+    its result, or its exception raised here; `Abandoned` once `abandon()` is true (the helper thread, a
+    daemon, is left to end with Ray's shutdown)."""
     out: dict[str, Any] = {}
 
     def target() -> None:
@@ -127,6 +132,8 @@ def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     thread.start()
     while thread.is_alive():
         thread.join(0.2)
+        if abandon is not None and abandon():
+            raise Abandoned("abandoned")
     if "error" in out:
         raise out["error"]
     return out["value"]
@@ -186,6 +193,10 @@ class EpochFollower(threading.Thread):
         self.pending_said = 1
         self.stop_event = threading.Event()
         self.notes_said: set[str] = set()
+        self.nodes: dict[str, tuple[str, float]] | None = None  # id -> (address, CPUs) (`watch`); None: unwatched
+        self.gone: dict[str, str] = {}  # lost nodes: id -> address
+        self.short_since: float | None = None  # since when the nodes left cannot hold the workers
+        self.lost = ""  # why the run ended on a lost node (the driver's last line)
 
     def _rows(self):
         return self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id)
@@ -216,15 +227,58 @@ class EpochFollower(threading.Thread):
         started = time.monotonic()
         while not self.stop_event.wait(self.every):
             self.poll()
+            if self.nodes is not None:
+                self.watch_nodes()
             waited = time.monotonic() - started
             if self.pending and not self.shown and waited > PENDING_EVERY_S * self.pending_said:
                 self.pending_said += 1
                 self.emit(f"still waiting after {waited:.0f}s: {self.pending}")
 
+    def watch(self) -> None:
+        """Watch the cluster's nodes while the run goes on (`watch_nodes`); from the thread that connected."""
+        self.nodes = alive_nodes()
+
+    def watch_nodes(self) -> None:
+        """A node that was alive is gone: say which, in which epoch, and what happens next. Ray Train restarts
+        its workers from the latest checkpoint (within --max-failures) where the nodes left hold them; where
+        they cannot for `--node-wait` seconds, the run is given up (`lost`: the driver stops waiting for it and
+        exits 1, saying how to resume)."""
+        try:
+            now = alive_nodes()
+        except Exception:  # the GCS busy or gone: look again on the next tick
+            return
+        done = max(self.seen) if self.seen else 0
+        for node, (address, _) in self.nodes.items():
+            if node not in now:
+                self.gone[node] = address
+                self.emit(f"lost node {address} ({node[:8]}) during epoch {done + 1}: Ray Train restarts the "
+                          f"workers from the checkpoint of epoch {done} (--max-failures {self.cfg.max_failures})")
+        self.nodes = now
+        need = self.cfg.num_workers * (self.cfg.cpus_per_worker or 1)
+        have = sum(cpus for _, cpus in now.values())
+        if not self.gone or have >= need:
+            self.short_since = None
+            return
+        self.short_since = self.short_since or time.monotonic()
+        if time.monotonic() - self.short_since >= self.cfg.node_wait and not self.lost:
+            lost = ", ".join(f"{a} ({n[:8]})" for n, a in self.gone.items())
+            self.lost = (f"lost node {lost}: the nodes left have {have:g} CPUs, the {self.cfg.num_workers} workers "
+                         f"need {need:g}, and none came back in {self.cfg.node_wait:g}s (--node-wait); "
+                         f"{self.cfg.name} stopped after epoch {done} (tables and checkpoint agree): resume with "
+                         "the same command once the cluster has the capacity again, or with fewer --num-workers")
+
     def stop(self) -> None:
         self.stop_event.set()
         self.join()
         self.poll()
+
+
+def alive_nodes() -> dict[str, tuple[str, float]]:
+    """The cluster's live nodes: id -> (address, CPUs)."""
+    import ray
+
+    return {n["NodeID"]: (n["NodeManagerAddress"], float(n.get("Resources", {}).get("CPU", 0.0)))
+            for n in ray.nodes() if n.get("Alive")}
 
 
 def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) -> None:

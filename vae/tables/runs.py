@@ -37,7 +37,7 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 BUDGET_FIELDS = ("epochs", "max_epochs")  # a rerun may change these: it extends the run
 # Settings that change where or how fast a run goes, not its results.
-PLUMBING = ("storage", "name", "data_dir", "num_workers", "use_gpu", "cpus_per_worker", "max_failures",
+PLUMBING = ("storage", "name", "data_dir", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "node_wait",
             "iw_samples", "iw_subset", "trial_id", "workers_per_trial", "cpus_per_trial", "gpus_per_trial",
             "max_concurrent", "scheduler", "num_samples", "tracker")
 

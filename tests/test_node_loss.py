@@ -1,0 +1,140 @@
+"""A node lost mid-run, on a multi-node Ray cluster simulated on this one machine (`ray.cluster_utils.Cluster`:
+one raylet per node, each with its own CPUs; the head has none, so every worker and trial runs on a node we can
+stop). The jobs attach to it through RAY_ADDRESS, as on a real cluster."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from vae.tables.results import Results
+
+pytestmark = pytest.mark.slow
+
+WORKERS = """
+import json, sys, ray
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps(sorted({a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
+                         if a.class_name == sys.argv[2]})))
+"""
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    yield c
+    c.shutdown()
+
+
+def _env(cluster) -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for(condition, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _nodes_of(cluster, actor_class: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", WORKERS, cluster.address, actor_class], capture_output=True,
+                         text=True, timeout=120, env=_env(cluster))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _train(tmp_path, data_dir, name: str, **flags: str) -> list[str]:
+    args = {"dataset": "mnist", "data-dir": data_dir, "subset": "3000", "epochs": "5", "latent-dim": "4",
+            "hidden-dim": "64", "num-workers": "2", "cpus-per-worker": "1", "iw-samples": "0",
+            "storage": str(tmp_path), "name": name, **flags}
+    return [sys.executable, "-m", "jobs.train"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def _epochs(root: str):
+    return Results(root).read("epochs")
+
+
+def test_a_training_job_that_loses_a_node_ends_saying_so_and_resumes_once_the_capacity_is_back(
+        cluster, tmp_path, data_dir):
+    """Two workers, one on each of two nodes; the second node stops mid-epoch and nothing replaces it: the job
+    waits --node-wait seconds, ends with exit 1 naming the node and how to resume, and a rerun once a node is
+    back trains only the epochs that were not done."""
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    root = f"{tmp_path}/lost"
+    cmd = _train(tmp_path, data_dir, "lost", **{"max-failures": "2", "node-wait": "5"})
+    job = subprocess.Popen(cmd, cwd=ROOT, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    _wait_for(lambda: (_epochs(root).epoch >= 2).any())  # epoch 1's checkpoint is in by then
+    cluster.remove_node(nodes[1])
+    out, _ = job.communicate(timeout=300)
+    lines = out.strip().splitlines()
+    assert job.returncode == 1, out[-3000:]
+    assert any(line.startswith("jobs.train: lost node ") and "during epoch" in line for line in lines), out[-3000:]
+    assert lines[-1].startswith("jobs.train: lost node "), lines[-1]
+    assert "none came back in 5s (--node-wait)" in lines[-1] and "resume with the same command" in lines[-1]
+    done = int(_epochs(root).epoch.max())
+    assert done < 5
+    first = glob.glob(f"{root}/epochs/*.e00000.parquet")
+    before = {p: os.stat(p).st_mtime_ns for p in first}
+    cluster.add_node(num_cpus=1)  # the capacity is back
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(cluster), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming lost: epochs up to {done} are done" in again.stdout
+    assert first and {p: os.stat(p).st_mtime_ns for p in first} == before  # continued, not trained from the start
+    epochs = _epochs(root)
+    assert sorted(epochs.epoch) == list(range(6))  # no epoch lost or doubled
+
+
+def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster, tmp_path, data_dir):
+    """Three one-CPU nodes, two workers: the node of one worker stops mid-epoch; Ray Train restarts the
+    worker group from the latest checkpoint on the two nodes left, and the job finishes with every epoch once."""
+    nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(3))}
+    root = f"{tmp_path}/cont"
+    job = subprocess.Popen(_train(tmp_path, data_dir, "cont", **{"max-failures": "1"}), cwd=ROOT,
+                           env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (_epochs(root).epoch >= 2).any())  # epoch 1's checkpoint is in by then
+    busy = _nodes_of(cluster, "RayTrainWorker")
+    assert len(busy) == 2, busy
+    cluster.remove_node(nodes[busy[-1]])
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out[-3000:]
+    assert any(line.startswith("jobs.train: lost node ") for line in out.splitlines()), out[-3000:]
+    epochs = _epochs(root)
+    assert sorted(epochs.epoch) == list(range(6)) and set(epochs.num_workers) == {2}
+    assert Results(root).read("trials").status.tolist() == ["finished"]
+
+
+def test_a_sweep_that_loses_a_node_retries_its_trials_there_from_their_checkpoints(cluster, tmp_path):
+    """A packed sweep spread over two nodes (one trial on each); one node stops mid-trial: its trial is retried
+    from its checkpoint on the node left, and every configuration ends with each epoch once."""
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    root = f"{tmp_path}/sw"
+    args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "gaussian-mlp",
+            "--latent-dims", "2", "--lrs", "1e-3,3e-3", "--betas", "0.5,1,2", "--epochs", "30", "--subset", "20000",
+            "--iw-samples", "0", "--pack", "3", "--cpus-per-trial", "1", "--max-failures", "2",
+            "--storage", str(tmp_path), "--name", "sw"]
+    job = subprocess.Popen(args, cwd=ROOT, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    files = f"{root}/epochs/*.e00002.parquet"
+    _wait_for(lambda: len(glob.glob(files)) == 2)  # both packs past their step-1 checkpoints
+    started = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{root}/epochs/*.e00000.parquet")}
+    busy = _nodes_of(cluster, "ImplicitFunc")
+    assert len(busy) == 2, busy
+    cluster.remove_node(next(n for n in nodes if n.node_id == busy[-1]))
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-3000:]
+    trials = Results(root).read("trials")
+    assert len(trials) == 6 and set(trials.status) == {"finished"}
+    epochs = Results(root).read("epochs")
+    assert len(epochs) == 6 * 31 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert {p: os.stat(p).st_mtime_ns for p in started} == started  # the retried pack resumed, not restarted
