@@ -71,6 +71,13 @@ def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # figures drawn inline
     table = next(o["data"]["text/plain"] for o in outputs if "theory_units" in o.get("data", {}).get("text/plain", ""))
     assert "0.3" in table and "TrainedVAE(linear" in str(outputs)
+    # the notebook's claim, from the tables it wrote: every cell's units in use are what theory gives (2, 1, 0)
+    from vae.tables.results import Results
+
+    (root,) = {p.parents[1] for p in tmp_path.glob("*/collapse_map/*.parquet")}
+    cells = Results(str(root)).read("collapse_map").sort_values("beta")
+    assert list(cells.beta) == [0.3, 1, 3] and list(cells.theory_units) == [2, 1, 0]
+    assert list(cells.units_in_use_min) == list(cells.units_in_use_max) == [2, 1, 0]
 
 
 def test_tensorboard_tracking_holds_the_parquet_rows(tmp_path):

@@ -1,5 +1,6 @@
 """The boundary searcher against fake trainables with known thresholds, then a small real search."""
 
+import glob
 import json
 import math
 
@@ -183,12 +184,22 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and (res.read("trials").status == "finished").sum() < 3:
         time.sleep(0.5)
-    time.sleep(3)  # let Tune save its experiment state, searcher included
+    third = time.time()
+    # the event, not a delay: Tune has saved its experiment state (the searcher's brackets in it) since then
+    while time.time() < deadline and not any(os.path.getmtime(p) > third for p in
+                                             glob.glob(f"{tmp_path}/cut/experiment_state-*.json")):
+        time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    done = res.read("trials")
+    n_whole = len(Results(f"{tmp_path}/whole").read("trials"))
+    assert 3 <= (done.status == "finished").sum() < n_whole  # it died before the search ended
+    finished = done[done.status == "finished"].trial_id
+    before = {p: os.path.getmtime(p) for t in finished for p in glob.glob(f"{tmp_path}/cut/epochs/{t}.e*.parquet")}
     resumed = subprocess.run(cmd + _search_args(tmp_path, "cut", ["--resume"]), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert {p: os.path.getmtime(p) for p in before} == before  # finished trials were not trained again
     a = Results(f"{tmp_path}/whole").read("collapse_map")
     b = Results(f"{tmp_path}/cut").read("collapse_map")
     assert sorted(a.beta.round(9)) == sorted(b.beta.round(9))  # the same betas tried, none twice

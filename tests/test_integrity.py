@@ -341,7 +341,9 @@ def test_a_run_waiting_for_an_autoscaling_cluster_says_so_every_so_often(tmp_pat
                                     emit=lines.append, every=0.02)
     follower.pending = "the run needs 8 GPUs, the cluster has 0 now"
     follower.start()
-    time.sleep(0.4)
+    deadline = time.time() + 30  # the event (two reminders), not a delay
+    while time.time() < deadline and sum(line.startswith("still waiting after") for line in lines) < 2:
+        time.sleep(0.01)
     follower.stop()
     waiting = [line for line in lines if line.startswith("still waiting after")]
     assert len(waiting) >= 2 and all("needs 8 GPUs" in line for line in waiting)

@@ -70,8 +70,11 @@ def test_killed_worker_run_is_resumed_by_rerunning_the_name(ray_cluster, tmp_pat
     assert marker.exists()
     res = Results(f"{tmp_path}/resume")
     assert sorted(res.read("epochs").epoch) == [0, 1]
-    second = launch.fit(cfg, env_vars=env)  # same storage + name: continues at epoch 2
+    probe = tmp_path / "second.jsonl"
+    second = launch.fit(cfg, env_vars=env, callbacks=[RecordRanks(str(probe))])  # same storage + name
     assert second.error is None
+    # it continued from the epoch-1 checkpoint: it trained epochs 2 and 3 only (a restart would report 1 too)
+    assert [json.loads(line)[0]["epoch"] for line in probe.read_text().splitlines()] == [2, 3]
     epochs = res.read("epochs")
     assert sorted(epochs.epoch) == [0, 1, 2, 3]
     assert res.read("trials").status.tolist() == ["finished"]
@@ -82,8 +85,12 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint_within_one_run(ray_clu
     assert launch.fit(base).error is None
     cfg = base.replace(name="killed", max_failures=1)
     marker = tmp_path / "killed"
-    result = launch.fit(cfg, env_vars={FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(marker)})
+    probe = tmp_path / "ranks.jsonl"
+    result = launch.fit(cfg, env_vars={FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(marker)},
+                        callbacks=[RecordRanks(str(probe))])
     assert marker.exists() and result.error is None
+    # the restarted workers took up the epoch-1 checkpoint: epoch 1 was reported once, not trained again
+    assert [json.loads(line)[0]["epoch"] for line in probe.read_text().splitlines()] == [1, 2, 3]
     killed = Results(f"{tmp_path}/killed").read("epochs").set_index("epoch").sort_index()
     clean = Results(f"{tmp_path}/clean").read("epochs").set_index("epoch").sort_index()
     assert list(killed.index) == [0, 1, 2, 3]  # every epoch exactly once
