@@ -7,7 +7,8 @@ Every figure is a ratio within this one command, on this machine:
 3. MNIST, the pytorch/examples MLP (784-400-20), 4 lrs x 6 betas, 10,000 images, 5 epochs: the same, and
    the pack's products against the oneDNN matrix-product limit that bench.bench measures;
 4. peak memory per member (a pack of K against a pack of 1, peak RSS of fresh processes);
-5. one packed training step as stacked batched products (ours) against torch.func's vmap of the plain model;
+5. one packed training step as stacked batched products (ours) against torch.func's vmap of the plain model,
+   and a whole training step's rate a member by the pack's slots (1 to 24 seed MLPs): what a slot costs;
 6. the seed MLP under Ray Train against in process, with Ray's worker niceness (15) and with 0.
 
 "Member-epochs per second of training" counts only the epochs' training time (the `epoch_seconds` of the
@@ -161,6 +162,44 @@ def step_times(k: int, reps: int = 30) -> dict[str, float]:
     return out
 
 
+def rate_by_slots(slots: tuple[int, ...] = (1, 2, 4, 8, 24), reps: int = 10) -> dict[int, float]:
+    """Member-samples per second of a whole training step (forward, backward, Adam) of a pack of K seed MLPs
+    (784-400-20) at batch 128 on one thread, each member with its own batch: what a slot costs, by slots.
+    Timed in interleaved rounds (this machine drifts); the median of 3 rounds."""
+    import torch
+
+    from vae.config import TrainConfig, resolve
+    from vae.model import fast
+    from vae.model.models import model_for
+    from vae.training import pack
+    from vae.training.step import train_step
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {}
+    for k in slots:
+        cfg = resolve(TrainConfig(dataset="mnist", latent_dim=20, name="bench"))
+        models = []
+        for s in range(k):
+            torch.manual_seed(s)
+            models.append(model_for(cfg, 784))
+        model = fast.accelerate(pack.stack(models))
+        x = torch.rand(k, 128, 784) if k > 1 else torch.rand(128, 784)
+        eps = torch.randn(1, k, 128, 20) if k > 1 else torch.randn(1, 128, 20)
+        runs[k] = (model, pack.optimizer(model, [1e-3] * k), x, eps)
+    rates: dict[int, list[float]] = {k: [] for k in slots}
+    for _ in range(3):
+        for k, (model, opt, x, eps) in runs.items():
+            for _ in range(2):
+                train_step(model, opt, x, eps, 1.0, 0.0, False)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                train_step(model, opt, x, eps, 1.0, 0.0, False)
+            rates[k].append(k * 128 * reps / (time.perf_counter() - t0))
+    torch.set_num_threads(threads)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 # ------------------------------------------------------------------ 6. Ray Train's gap, and niceness
 def ray_gap(storage: str, env: dict[str, str], data_dir: str, reps: int = 2) -> list[tuple[str, float, str]]:
     """Samples/s of epochs 2-3 of the seed MLP on full MNIST: in process, under Ray Train as Ray starts its
@@ -273,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         add("peak RSS per member (MLP pack of 24 vs a trial alone)",
             (mlp["rss_pack"] - mlp["rss_one"]) / (len(points) - 1), "MiB", "beyond one trial's")
         add("peak RSS, a pack of 24 (MLP)", mlp["rss_pack"], "MiB")
+        by_slots = rate_by_slots()
+        for k, rate in by_slots.items():
+            add(f"a training step by slots: {k} seed MLP(s), member-samples/s (1 thread)", rate, "samples/s",
+                f"{100 * rate / by_slots[max(by_slots)]:.0f}% of the largest pack's rate a member")
         times = step_times(24)
         add("pack of 24 MLPs, forward+backward: stacked bmm", 1000 * times["bmm"], "ms")
         add("pack of 24 MLPs, forward+backward: torch.func.vmap", 1000 * times["vmap"], "ms")

@@ -8,8 +8,9 @@ Each map runs twice under `jobs.sweep` on this machine, back to back:
   images, its last on all 10,000).
 For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / (slots x steps the
 pack ran), from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
-counted once, against the trials' wall and the sweep's), and whether both runs give the same verdicts per cell
-(units in use and settled, per configuration). The maps: the pytorch/examples MLP on MNIST until settled (the
+counted once, as a share of the wall of the trials the sweep ran at once; the rest is evaluation, tables,
+checkpoints and Ray), and whether both runs give the same verdicts per configuration (units in use and
+settled), listing those that differ. The maps: the pytorch/examples MLP on MNIST until settled (the
 README's map, or a smaller one by the flags), and the 2-D toy's linear map of bench.pack (96 configurations,
 fixed budget: refilling has nothing to refill there, and must not be slower). Writes docs/refill.md.
 """
@@ -44,9 +45,10 @@ def sweep(args: list[str], storage: str, name: str, pack: str, env: dict[str, st
     steps = pack_steps(root)
     training = steps.drop_duplicates(["pack_id", "step"]).epoch_seconds.sum()
     verdicts = trials.set_index("trial_id")[["units_in_use", "settled"]]  # trial ids come from the points
+    at_once = min(len(packs), os.cpu_count() or 1)  # trials the sweep ran at once (a CPU each)
     return {"wall": wall, "packs": len(packs), "slots": int(packs.slots.max()), "utilisation": slot_utilisation(packs),
             "member_epochs": int(packs.member_epochs.sum()), "training": float(training),
-            "trial_wall": float(trials.groupby("pack_id").wall_seconds.max().sum()),
+            "share": float(training) / (wall * at_once), "at_once": at_once,
             "settled": int(trials.settled.sum()), "trials": len(trials), "verdicts": verdicts.sort_index()}
 
 
@@ -55,21 +57,26 @@ def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict
     before = sweep(args, storage, f"{label}-shape", str(per_shape), env)
     after = sweep(args + (["--eval-subset", str(eval_subset)] if eval_subset else []), storage, f"{label}-refill",
                   "auto", env)
-    same = before["verdicts"].equals(after["verdicts"])
+    a, b = before["verdicts"], after["verdicts"]
+    differ = [t for t in a.index if t in b.index and tuple(a.loc[t]) != tuple(b.loc[t])]
+    same = not differ and a.index.equals(b.index)
     rows = []
     refilled = "refilled (--pack auto" + (f" --eval-subset {eval_subset})" if eval_subset else ")")
     for name, r in (("one pack a shape", before), (refilled, after)):
         rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
-                     r["member_epochs"], f"{r['training']:.0f} ({100 * r['training'] / r['wall']:.0f}%)",
+                     r["member_epochs"], f"{r['training']:.0f} ({100 * r['share']:.0f}%)",
                      f"{r['settled']}/{r['trials']}"))
     print(f"bench.refill: {label}: wall {before['wall']:.0f}s -> {after['wall']:.0f}s "
           f"({before['wall'] / after['wall']:.2f}x), utilisation {100 * before['utilisation']:.0f}% -> "
           f"{100 * after['utilisation']:.0f}%, same verdicts: {same}", flush=True)
     return ([f"```bash\npython -m jobs.sweep {' '.join(args)} --pack N|auto\n```", ""]
             + pages.table(["run", "wall (s)", "packs", "slots a pack", "slot utilisation", "member-epochs",
-                           "training steps (s, share of wall)", "settled"], rows)
+                           f"training steps (s; share of {before['at_once']} trials' wall)", "settled"], rows)
             + [f"Wall: **{before['wall'] / after['wall']:.2f}x** faster refilled. The same verdicts (units in use "
-               f"and settled, configuration by configuration): **{'yes' if same else 'no'}**.", ""])
+               f"and settled, configuration by configuration): **{'yes' if same else 'no'}**."
+               + "".join(f" {t}: {int(a.loc[t].units_in_use)} units{'' if a.loc[t].settled else ' (unsettled)'} "
+                         f"against {int(b.loc[t].units_in_use)}{'' if b.loc[t].settled else ' (unsettled)'}."
+                         for t in differ), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -225,8 +225,11 @@ def test_pack_auto_spreads_configurations_over_the_slots_within_memory():
     from tune.space import SweepConfig
 
     sweep = SweepConfig(dataset="gaussian2d", latent_dims="2", lrs="1e-3,1e-2", betas="0.5,1,2,4,8", pack="auto")
-    # 10 configurations, about packing.DEPTH through each slot: 2 slots for each of 2 trials at once, 3 for one
-    assert sweep.pack_size(slots=2) == 2 and sweep.pack_size(slots=1) == 3
+    # a fixed budget: every member ends at once, a slot for each configuration, spread over the trials at once
+    assert sweep.pack_size(slots=2) == 5 and sweep.pack_size(slots=1) == 10
+    # until settled: about packing.DEPTH configurations through each slot, 2 slots for each of 2 trials, 3 for one
+    settled = SweepConfig(**{**sweep.to_dict(), "until_settled": True})
+    assert settled.pack_size(slots=2) == 2 and settled.pack_size(slots=1) == 3
     big = SweepConfig(dataset="mnist", latent_dims="50", betas=",".join(str(b) for b in range(1, 400)), pack="auto")
     assert big.pack_size(slots=1) == packing.MAX_AUTO
     one = packing.member_bytes(big.trial_config(latent_dim=50))

@@ -50,14 +50,20 @@ def _cut(members: list[dict], n: int) -> list[list[dict]]:
     return [members[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
-def slots_for(points: Sequence[dict[str, Any]], concurrent: int, shared: dict[str, Any] | None = None) -> int:
-    """`--pack auto`'s slots a pack (before the memory cap): enough that the configurations spread over the
-    `concurrent` trials the cluster runs at once with about `DEPTH` through each slot, and no more than a shape
-    fills at that depth. On CPU a slot more or less changes little per member (bench.pack: a pack of 8 seed
-    MLPs trains at 98% of a pack of 24's rate a member), while a deep queue keeps the slots full."""
+def slots_for(points: Sequence[dict[str, Any]], concurrent: int, shared: dict[str, Any] | None = None,
+              refill: bool = True) -> int:
+    """`--pack auto`'s slots a pack (before the memory cap). Where members end at different epochs (`refill`:
+    until settled), enough that the configurations spread over the `concurrent` trials the cluster runs at
+    once with about `DEPTH` through each slot, and no more than a shape fills at that depth: on CPU a slot more
+    or less changes little per member (docs/packing.md: the per-member rate by slots), while a deep queue keeps
+    the slots full. Where every member trains the same fixed budget, a refilled slot would only start a second
+    wave: one slot for each configuration, spread over the concurrent trials (a step's fixed cost is paid once
+    for all of them; docs/refill.md's toy map)."""
     shapes = by_shape(points, shared)
     if not shapes:
         return 1
+    if not refill:
+        return max(1, min(MAX_AUTO, math.ceil(len(points) / max(1, concurrent))))
     spread = math.ceil(len(points) / (max(1, concurrent) * DEPTH))
     deepest = max(math.ceil(len(members) / DEPTH) for members in shapes)
     return max(1, min(MAX_AUTO, spread, deepest))

@@ -119,7 +119,7 @@ class _Sweep:
         bytes, 0: unknown) holds by tune.packing.member_bytes' estimate."""
         if self.pack != "auto":
             return int(self.pack)
-        size = slots_for(self.points(), slots, self.trial_config().to_dict())
+        size = slots_for(self.points(), slots, self.trial_config().to_dict(), refill=self.until_settled)
         if trial_memory > 0:
             cfg = self.trial_config(latent_dim=max(self.axis("latent_dims")),
                                     **({"hidden_dim": max(self.axis("hidden_dims"))} if self.axis("hidden_dims") else {}))
