@@ -23,6 +23,7 @@ def test_bad_values_raise_the_clis_one_line_message():
     assert sweep_config(dataset="gaussian2d", betas=[0.5, 2]).axis("betas") == [0.5, 2.0]
 
 
+@pytest.mark.slow
 def test_train_returns_its_tables_figures_and_a_model_to_use(ray_cluster, tmp_path):
     run = vae.train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=2, lr=0.01, iw_samples=0,
                     storage=str(tmp_path), name="api", quiet=True)
@@ -46,6 +47,7 @@ def test_train_returns_its_tables_figures_and_a_model_to_use(ray_cluster, tmp_pa
         vae.load_model(str(tmp_path / "api"), epoch=0)
 
 
+@pytest.mark.slow
 def test_a_failed_run_raises_with_the_clis_line(ray_cluster, tmp_path):
     vae.train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=1, iw_samples=0, storage=str(tmp_path),
               name="b", quiet=True)
@@ -54,6 +56,7 @@ def test_a_failed_run_raises_with_the_clis_line(ray_cluster, tmp_path):
                   storage=str(tmp_path), name="b", beta=2.0, quiet=True)
 
 
+@pytest.mark.slow
 def test_the_example_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     """examples/quickstart.ipynb (committed without outputs): a sweep, its map inline, a model sampled."""
     nbformat = pytest.importorskip("nbformat")

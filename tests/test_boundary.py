@@ -146,6 +146,7 @@ def _search_args(storage, name, extra=()):
             "--epochs", "6", "--iw-samples", "0", "--storage", str(storage), "--name", name, *extra]
 
 
+@pytest.mark.slow
 def test_a_real_boundary_search_fills_the_collapse_map_within_tolerance(ray_cluster, tmp_path):
     from jobs import sweep as sweep_job
     from vae.tables.results import Results
@@ -162,6 +163,7 @@ def test_a_real_boundary_search_fills_the_collapse_map_within_tolerance(ray_clus
     assert len(res.read("epochs")) == len(trials) * 7
 
 
+@pytest.mark.slow
 def test_resume_mid_search_gives_the_same_brackets(tmp_path):
     import os
     import signal

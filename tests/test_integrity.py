@@ -121,6 +121,7 @@ def _latest_checkpoint_epoch(root: Path) -> int:
     return max(int(torch.load(f, weights_only=True)["epoch"]) for f in files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resume(tmp_path, sig, code):
     proc, res, cmd, env = _start(tmp_path, "sig")
@@ -281,6 +282,7 @@ def test_names_with_whitespace_or_control_characters_are_refused(name):
         TrainConfig(name=name)
 
 
+@pytest.mark.slow
 def test_a_signal_ends_a_sweep_with_its_state_saved_and_its_trials_marked(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "jobs.sweep", *TOY, "--latent-dims", "2", "--lrs", "0.01", "--betas", "0.3,3",

@@ -22,6 +22,8 @@ import pytest
 from tests.conftest import DATA_DIR, ROOT
 from vae.tables.results import Results
 
+pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
+
 BIN = Path(sys.executable).parent
 
 

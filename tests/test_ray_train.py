@@ -15,6 +15,8 @@ from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 from vae.training.batches import shard_digest
 from vae.tables.results import Results
 
+pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
+
 
 class RecordRanks(ray.train.UserCallback):
     """Runs in the Train controller: keeps what every rank reported, one JSON line per report."""

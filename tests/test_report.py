@@ -136,6 +136,7 @@ def test_report_escapes_strings_from_tables(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_sweep_report_loads_every_image_in_headless_chromium(ray_cluster, tmp_path):
     from jobs import sweep as sweep_job

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import ROOT
 from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
+pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
+
 
 @pytest.fixture(scope="module")
 def s3_env():

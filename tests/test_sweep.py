@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 from vae.tables.results import Results
 
 
+@pytest.mark.slow
 def test_mnist_grid_maps_collapse_at_large_beta(ray_cluster, tmp_path, data_dir):
     rc = sweep_job.main(["--dataset", "mnist", "--subset", "1000", "--epochs", "1", "--latent-dims", "2,4",
                          "--lrs", "1e-3,3e-3", "--betas", "0.01,300", "--hidden-dims", "64", "--iw-samples", "5",
@@ -31,6 +32,7 @@ def test_mnist_grid_maps_collapse_at_large_beta(ray_cluster, tmp_path, data_dir)
     assert (table[table.beta == 0.01].fraction_in_use > 0.5).all()
 
 
+@pytest.mark.slow
 def test_linear_vae_loses_units_as_beta_rises_and_a_diverging_trial_is_kept(ray_cluster, tmp_path):
     # Data covariance eigenvalues 1.5 and 0.5, decoder variance 1: units die at beta 0.5 and 1.5.
     rc = sweep_job.main(["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
@@ -53,6 +55,7 @@ def test_linear_vae_loses_units_as_beta_rises_and_a_diverging_trial_is_kept(ray_
     assert table.loc[10.0, "frac_diverged"] == 1.0 and table.loc[10.0, "status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_a_packed_sweep_writes_the_rows_of_the_unpacked_one_and_isolates_a_diverging_member(ray_cluster, tmp_path,
                                                                                              monkeypatch):
     import numpy as np
@@ -86,6 +89,7 @@ def test_bad_sweep_input_exits_2_before_ray(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pack", ["1", "2"])
 def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path, pack):
     betas = [0.1, 0.3, 1, 3] if pack == "1" else [0.1, 0.3, 1, 3, 5, 8]  # packed: 2 packs of 2 slots, 3 each
@@ -124,6 +128,7 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path, p
     assert sorted(res.read("collapse_map").beta) == betas
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -146,6 +151,7 @@ def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
     assert again.returncode == 2 and "already exists; use --resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_an_errored_trial_is_recorded_failed_and_retried_on_resume(tmp_path):
     from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
