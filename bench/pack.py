@@ -41,7 +41,7 @@ import pandas as pd
 from bench import pages
 from bench.bench import matmul_limit, no_cuda, ours_in_process, run_job
 from bench.pages import cpu_model
-from vae.config import TrainConfig
+from vae.config import TrainConfig, resolve
 from vae.tables.results import Results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +168,6 @@ def rate_by_slots(slots: tuple[int, ...] = (1, 2, 4, 8, 24), reps: int = 10) -> 
     Timed in interleaved rounds (this machine drifts); the median of 3 rounds."""
     import torch
 
-    from vae.config import TrainConfig, resolve
     from vae.model import fast
     from vae.model.models import model_for
     from vae.training import pack
