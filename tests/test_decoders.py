@@ -104,6 +104,7 @@ def test_the_aggressive_phase_ends_when_mutual_information_stops_rising_and_is_s
     assert out["status"] == "finished" and list(epochs.mitigation.unique()) == ["aggressive"]
 
 
+@pytest.mark.slow
 def test_a_packed_sweep_over_decoder_contexts_equals_its_members_trained_alone(tmp_path, data_dir):
     kw = dict(dataset="binarized-mnist", decoder="autoregressive", hidden_dim=32, latent_dim=4, epochs=2,
               iw_samples=10, iw_subset=40, subset=300, storage=str(tmp_path), data_dir=data_dir)
