@@ -66,16 +66,10 @@ class RayTrainSession:
 
         return ray.train.torch.prepare_model(model)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
+    def latest_checkpoint(self):
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-        else:
-            with ckpt.as_directory() as folder:
-                yield folder
+        return _folder_of(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -90,22 +84,26 @@ class TuneSession(LocalSession):
     def __init__(self, device: str = "cpu") -> None:
         super().__init__(None, device)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
+    def latest_checkpoint(self):
         from ray import tune
 
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            yield None
-        else:
-            with ckpt.as_directory() as folder:
-                yield folder
+        return _folder_of(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         from ray import tune
 
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
+
+
+@contextlib.contextmanager
+def _folder_of(ckpt) -> Iterator[str | None]:
+    """A Ray checkpoint (Train's or Tune's) as a local folder while the block runs; None: no checkpoint."""
+    if ckpt is None:
+        yield None
+    else:
+        with ckpt.as_directory() as folder:
+            yield folder
 
 
 def from_rank0(values: list[float], world_size: int, device: torch.device) -> list[float]:
