@@ -1,4 +1,5 @@
-"""Test-only fault injection: SIGKILL a worker half-way through one epoch, once.
+"""Test-only fault injection: SIGKILL a worker half-way through one step of its pack (an epoch, for a run or
+a pack without a queue), once.
 
 The reliability tests set `VAE_FAULT_KILL_EPOCH=K` (and `VAE_FAULT_MARKER=<file>`, which records that the
 kill happened, so the restarted worker goes on) in the environment of the processes they start: Ray Train
@@ -26,7 +27,7 @@ class FaultPlan:
         return cls(int(epoch) if epoch.strip().lstrip("-").isdigit() else -1, os.environ.get(FAULT_MARKER_ENV, ""))
 
     def step_in(self, epoch: int, steps: int, rank: int) -> int:
-        """The step of this epoch at which rank `rank` is killed (-1: none)."""
+        """The batch of the pack's step `epoch` at which rank `rank` is killed (-1: none)."""
         return steps // 2 if epoch == self.epoch and rank == 0 and not self.done() else -1
 
     def done(self) -> bool:
