@@ -28,8 +28,16 @@ def cpu_model() -> str:
 
 
 def provenance(prog: str, argv: Sequence[str] | None) -> str:
-    """`Written by <command> on <machine>`: the line every page starts with."""
-    args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    """`Written by <command> on <machine>`: the line every page starts with. Where the outputs went (`--page`,
+    `--out`) is left out: it says nothing of what was measured, and a rerun writes the page where it belongs."""
+    given, kept = list(sys.argv[1:] if argv is None else argv), []
+    while given:
+        a = given.pop(0)
+        if a in ("--page", "--out"):
+            given = given[1:]
+        elif not a.startswith(("--page=", "--out=")):
+            kept.append(a)
+    args = " ".join(shlex.quote(a) for a in kept)
     load = os.getloadavg()[0]
     return (f"Written by `python -m {prog}{' ' + args if args else ''}` on {cpu_model()} ({os.cpu_count()} CPUs; "
             f"load average {load:.1f} when it ended).")
