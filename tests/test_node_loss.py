@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import ROOT
 from vae.tables.results import Results
+from vae.training.faults import FAULT_HOLD_ENV, FAULT_MARKER_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,37 @@ def cluster():
 
 def _env(cluster) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1"}
+
+
+def _hold(monkeypatch, tmp_path) -> str:
+    """Every worker started from now on waits half-way through step 2 (after step 1's checkpoint) until the test
+    releases it (vae/training/faults.py), so a node stops mid-step however fast the machine. Set before the
+    nodes start: their raylets, and so the workers, inherit this process's environment."""
+    hold = str(tmp_path / "hold")
+    monkeypatch.setenv(FAULT_HOLD_ENV, "2")
+    monkeypatch.setenv(FAULT_MARKER_ENV, hold)
+    return hold
+
+
+def _held(hold: str, workers: int, run: str | None = None) -> None:
+    """`workers` workers hold in step 2; with `run` (a Ray Train run's folder), also Train's controller has
+    registered step 1's checkpoint (it polls its workers for their reports: a checkpoint reported is not yet one
+    a restart would use)."""
+    _wait_for(lambda: len(glob.glob(f"{hold}.held-*")) >= workers)
+    if run:
+        _wait_for(lambda: _checkpointed(f"{run}/checkpoint_manager_snapshot.json"))
+
+
+def _checkpointed(snapshot: str) -> bool:
+    try:
+        with open(snapshot) as fh:
+            return any(r["metrics"].get("epoch", 0) >= 1 for r in json.load(fh)["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _release(hold: str) -> None:
+    open(f"{hold}.release", "w").close()
 
 
 def _wait_for(condition, timeout: float = 240.0) -> None:
@@ -65,17 +97,19 @@ def _epochs(root: str):
 
 
 def test_a_training_job_that_loses_a_node_ends_saying_so_and_resumes_once_the_capacity_is_back(
-        cluster, tmp_path, data_dir):
+        cluster, tmp_path, data_dir, monkeypatch):
     """Two workers, one on each of two nodes; the second node stops mid-epoch and nothing replaces it: the job
     waits --node-wait seconds, ends with exit 1 naming the node and how to resume, and a rerun once a node is
     back trains only the epochs that were not done."""
+    hold = _hold(monkeypatch, tmp_path)
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     root = f"{tmp_path}/lost"
     cmd = _train(tmp_path, data_dir, "lost", **{"max-failures": "2", "node-wait": "5"})
     job = subprocess.Popen(cmd, cwd=ROOT, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
-    _wait_for(lambda: (_epochs(root).epoch >= 2).any())  # epoch 1's checkpoint is in by then
+    _held(hold, 2, root)  # both workers half-way through epoch 2, epoch 1's checkpoint registered
     cluster.remove_node(nodes[1])
+    _release(hold)
     out, _ = job.communicate(timeout=300)
     lines = out.strip().splitlines()
     assert job.returncode == 1, out[-3000:]
@@ -95,17 +129,19 @@ def test_a_training_job_that_loses_a_node_ends_saying_so_and_resumes_once_the_ca
     assert sorted(epochs.epoch) == list(range(6))  # no epoch lost or doubled
 
 
-def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster, tmp_path, data_dir):
+def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster, tmp_path, data_dir, monkeypatch):
     """Three one-CPU nodes, two workers: the node of one worker stops mid-epoch; Ray Train restarts the
     worker group from the latest checkpoint on the two nodes left, and the job finishes with every epoch once."""
+    hold = _hold(monkeypatch, tmp_path)
     nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(3))}
     root = f"{tmp_path}/cont"
     job = subprocess.Popen(_train(tmp_path, data_dir, "cont", **{"max-failures": "1"}), cwd=ROOT,
                            env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: (_epochs(root).epoch >= 2).any())  # epoch 1's checkpoint is in by then
+    _held(hold, 2, root)  # both workers half-way through epoch 2, epoch 1's checkpoint registered
     busy = _nodes_of(cluster, "RayTrainWorker")
     assert len(busy) == 2, busy
     cluster.remove_node(nodes[busy[-1]])
+    _release(hold)
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 0, out[-3000:]
     assert any(line.startswith("jobs.train: lost node ") for line in out.splitlines()), out[-3000:]
@@ -114,27 +150,28 @@ def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster,
     assert Results(root).read("trials").status.tolist() == ["finished"]
 
 
-def test_a_sweep_that_loses_a_node_retries_its_trials_there_from_their_checkpoints(cluster, tmp_path):
+def test_a_sweep_that_loses_a_node_retries_its_trials_there_from_their_checkpoints(cluster, tmp_path, monkeypatch):
     """A packed sweep spread over two nodes (one trial on each); one node stops mid-trial: its trial is retried
     from its checkpoint on the node left, and every configuration ends with each epoch once."""
+    hold = _hold(monkeypatch, tmp_path)
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     root = f"{tmp_path}/sw"
     args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "gaussian-mlp",
-            "--latent-dims", "2", "--lrs", "1e-3,3e-3", "--betas", "0.5,1,2", "--epochs", "30", "--subset", "20000",
+            "--latent-dims", "2", "--lrs", "1e-3,3e-3", "--betas", "0.5,1,2", "--epochs", "5", "--subset", "20000",
             "--iw-samples", "0", "--pack", "3", "--cpus-per-trial", "1", "--max-failures", "2",
             "--storage", str(tmp_path), "--name", "sw"]
     job = subprocess.Popen(args, cwd=ROOT, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
-    files = f"{root}/epochs/*.e00002.parquet"
-    _wait_for(lambda: len(glob.glob(files)) == 2)  # both packs past their step-1 checkpoints
+    _held(hold, 2)  # both packs half-way through step 2, past their step-1 checkpoints
     started = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{root}/epochs/*.e00000.parquet")}
     busy = _nodes_of(cluster, "ImplicitFunc")
     assert len(busy) == 2, busy
     cluster.remove_node(next(n for n in nodes if n.node_id == busy[-1]))
+    _release(hold)
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:]
     trials = Results(root).read("trials")
     assert len(trials) == 6 and set(trials.status) == {"finished"}
     epochs = Results(root).read("epochs")
-    assert len(epochs) == 6 * 31 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert len(epochs) == 6 * 6 and not epochs.duplicated(["trial_id", "epoch"]).any()
     assert {p: os.stat(p).st_mtime_ns for p in started} == started  # the retried pack resumed, not restarted

@@ -1,39 +1,58 @@
-"""Test-only fault injection: SIGKILL a worker half-way through one step of its pack (an epoch, for a run or
-a pack without a queue), once.
+"""Test-only fault injection, half-way through one step of a pack (an epoch, for a run or a pack without a
+queue): SIGKILL a worker once, or hold every worker until the test has done what it needs mid-step.
 
-The reliability tests set `VAE_FAULT_KILL_EPOCH=K` (and `VAE_FAULT_MARKER=<file>`, which records that the
-kill happened, so the restarted worker goes on) in the environment of the processes they start: Ray Train
-workers, Tune trials, jobs. The plan is read once, when the loop sets up; the training step only compares
-a step number.
+The reliability tests set in the environment of the processes they start (Ray Train workers, Tune trials, jobs):
+- `VAE_FAULT_KILL_EPOCH=K` and `VAE_FAULT_MARKER=<file>`: rank 0 is killed in step K; the marker records that
+  the kill happened, so the restarted worker goes on;
+- `VAE_FAULT_HOLD_EPOCH=K` and `VAE_FAULT_MARKER=<file>`: every worker, in step K, writes `<file>.held-<pid>`
+  and waits until `<file>.release` exists (a node can then be stopped while its worker is mid-step, however
+  fast the machine). Once released, later workers pass step K without holding.
+The plan is read once, when the loop sets up; the training step only compares a step number.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
-FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "VAE_FAULT_KILL_EPOCH", "VAE_FAULT_MARKER"
+FAULT_EPOCH_ENV, FAULT_HOLD_ENV, FAULT_MARKER_ENV = "VAE_FAULT_KILL_EPOCH", "VAE_FAULT_HOLD_EPOCH", "VAE_FAULT_MARKER"
+HOLD_LIMIT = 600.0  # seconds a held worker waits for its release before it goes on anyway
+
+
+def _step(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else -1
 
 
 @dataclass(frozen=True)
 class FaultPlan:
-    epoch: int = -1  # -1: no fault
+    epoch: int = -1  # the step whose rank 0 is killed (-1: none)
     marker: str = ""
+    hold: int = -1  # the step in which every rank waits for `marker + '.release'` (-1: none)
 
     @classmethod
     def from_env(cls) -> "FaultPlan":
-        epoch = os.environ.get(FAULT_EPOCH_ENV, "")
-        return cls(int(epoch) if epoch.strip().lstrip("-").isdigit() else -1, os.environ.get(FAULT_MARKER_ENV, ""))
+        return cls(_step(FAULT_EPOCH_ENV), os.environ.get(FAULT_MARKER_ENV, ""), _step(FAULT_HOLD_ENV))
 
     def step_in(self, epoch: int, steps: int, rank: int) -> int:
-        """The batch of the pack's step `epoch` at which rank `rank` is killed (-1: none)."""
-        return steps // 2 if epoch == self.epoch and rank == 0 and not self.done() else -1
+        """The batch of the pack's step `epoch` at which rank `rank` is killed or held (-1: none)."""
+        killed = epoch == self.epoch and rank == 0 and not self.done()
+        held = epoch == self.hold and bool(self.marker) and not os.path.exists(self.marker + ".release")
+        return steps // 2 if killed or held else -1
 
     def done(self) -> bool:
         return bool(self.marker) and os.path.exists(self.marker)
 
-    def kill(self) -> None:
+    def fire(self, epoch: int) -> None:
+        """What step_in planned for this batch of step `epoch`: hold until released, or the kill."""
+        if epoch == self.hold:
+            open(f"{self.marker}.held-{os.getpid()}", "w").close()
+            deadline = time.monotonic() + HOLD_LIMIT
+            while not os.path.exists(self.marker + ".release") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
         if self.marker:
             open(self.marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)

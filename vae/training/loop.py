@@ -226,7 +226,7 @@ def _train_epoch(run: _Run, step: int) -> list[dict[str, float]]:
     iwae = cfg.objective == "iwae"
     for i, (xb, eps) in enumerate(batches):
         if i == kill_at:
-            run.fault.kill()
+            run.fault.fire(step)
         if varying:
             weight = pack.kl_weights(members, i / batches.steps, device)
         parts = {}
