@@ -56,26 +56,31 @@ def sweep(args: list[str], storage: str, name: str, pack: str, env: dict[str, st
 
 
 def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict[str, str],
-            eval_subset: int) -> list[str]:
-    before = sweep(args, storage, f"{label}-shape", str(per_shape), env)
+            eval_subset: int, refilled_only: bool = False) -> list[str]:
+    """Both runs of a map (or, `refilled_only`, the refilled run alone) as the page's table and lines."""
+    before = None if refilled_only else sweep(args, storage, f"{label}-shape", str(per_shape), env)
     after = sweep(args + (["--eval-subset", str(eval_subset)] if eval_subset else []), storage, f"{label}-refill",
                   "auto", env)
-    a, b = before["verdicts"], after["verdicts"]
-    verdicts = compare_verdicts(a, b)
     rows = []
     refilled = "refilled (--pack auto" + (f" --eval-subset {eval_subset})" if eval_subset else ")")
     for name, r in (("one pack a shape", before), (refilled, after)):
-        rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
-                     r["member_epochs"], f"{r['training']:.0f} ({100 * r['share']:.0f}%)",
-                     f"{r['settled']}/{r['trials']}"))
+        if r is not None:
+            rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
+                         r["member_epochs"], f"{r['training']:.0f} ({100 * r['share']:.0f}%)",
+                         f"{r['settled']}/{r['trials']}"))
+    lines = [f"```bash\npython -m jobs.sweep {' '.join(args)} --pack {'auto' if refilled_only else 'N|auto'}\n```", ""]
+    lines += pages.table(["run", "wall (s)", "packs", "slots a pack", "slot utilisation", "member-epochs",
+                          f"training steps (s; share of {after['at_once']} trials' wall)", "settled"], rows)
+    if before is None:
+        print(f"bench.refill: {label}: refilled wall {after['wall']:.0f}s, utilisation "
+              f"{100 * after['utilisation']:.0f}%", flush=True)
+        return lines + ["The run of one pack a shape was not made (`--refilled-only`).", ""]
+    verdicts = compare_verdicts(before["verdicts"], after["verdicts"])
     print(f"bench.refill: {label}: wall {before['wall']:.0f}s -> {after['wall']:.0f}s "
           f"({before['wall'] / after['wall']:.2f}x), utilisation {100 * before['utilisation']:.0f}% -> "
           f"{100 * after['utilisation']:.0f}%; {verdicts}", flush=True)
-    return ([f"```bash\npython -m jobs.sweep {' '.join(args)} --pack N|auto\n```", ""]
-            + pages.table(["run", "wall (s)", "packs", "slots a pack", "slot utilisation", "member-epochs",
-                           f"training steps (s; share of {before['at_once']} trials' wall)", "settled"], rows)
-            + [f"Wall: **{before['wall'] / after['wall']:.2f}x** faster refilled. Verdicts, configuration by "
-               f"configuration: {verdicts}.", ""])
+    return lines + [f"Wall: **{before['wall'] / after['wall']:.2f}x** faster refilled. Verdicts, configuration by "
+                    f"configuration: {verdicts}.", ""]
 
 
 def compare_verdicts(a: pd.DataFrame, b: pd.DataFrame) -> str:
@@ -112,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-subset", type=int, default=2000,
                         help="the refilled MNIST run's --eval-subset (0: the whole test set every epoch, as before)")
     parser.add_argument("--skip-mnist", action="store_true", help="the toy map only")
+    parser.add_argument("--skip-toy", action="store_true", help="the MNIST map only")
+    parser.add_argument("--refilled-only", action="store_true",
+                        help="the refilled runs alone (no run of one pack a shape to compare with: the README's map "
+                             "that way took about an hour on 2 cores)")
     parser.add_argument("--page", default=os.path.join(ROOT, "docs", "refill.md"))
     args = parser.parse_args(argv)
     env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
@@ -124,12 +133,18 @@ def main(argv: list[str] | None = None) -> int:
                      "--lrs", args.lrs, "--betas", args.betas, "--epochs", str(args.epochs), "--until-settled",
                      "--max-epochs", str(args.max_epochs)]
             body += ["## The MNIST map until settled", ""] + compare("mnist", mnist, per_shape, tmp, env,
-                                                                       args.eval_subset)
+                                                                       args.eval_subset, args.refilled_only)
+        if args.skip_toy:
+            return _write(args.page, argv, body)
         toy = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
                "--lrs", "1e-3,3e-3", "--betas", ",".join(map(str, log_betas(48))), "--epochs", "15"]
-        body += ["## The toy linear map, fixed budget (96 configurations)", ""] + compare("toy", toy, 48, tmp, env, 0)
-    print(pages.write(args.page, "Continuous packing: refilled slots against one pack a shape", "bench.refill",
-                      argv, body))
+        body += ["## The toy linear map, fixed budget (96 configurations)", ""] + compare("toy", toy, 48, tmp, env, 0,
+                                                                                           args.refilled_only)
+    return _write(args.page, argv, body)
+
+
+def _write(page: str, argv: list[str] | None, body: list[str]) -> int:
+    print(pages.write(page, "Continuous packing: refilled slots against one pack a shape", "bench.refill", argv, body))
     return 0
 
 
