@@ -62,10 +62,12 @@ def seed_loss(model: SeedVAE, x: torch.Tensor) -> torch.Tensor:
         - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
-def baseline_epoch(data_dir: str, seed: int, warmup: int = 20) -> float:
-    """pytorch/examples vae/main.py: MNIST + ToTensor + DataLoader, .item() every step; samples/s."""
+def baseline_epoch(data_dir: str, seed: int, warmup: int = 20, subset: int = 0) -> float:
+    """pytorch/examples vae/main.py: MNIST + ToTensor + DataLoader, .item() every step; samples/s (an epoch of
+    the first `subset` training images; 0: all)."""
     torch.manual_seed(seed)
-    loader = DataLoader(datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor()),
+    train = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor())
+    loader = DataLoader(torch.utils.data.Subset(train, range(subset)) if subset else train,
                         batch_size=BATCH, shuffle=True)
     model = SeedVAE()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -101,7 +103,8 @@ def baseline_test_loss(data_dir: str, epochs: int) -> float:
 
 
 # ------------------------------------------------------------------ 2. ours, in process
-def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int) -> dict[str, Any]:
+def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads: int,
+                    subset: int = 0) -> dict[str, Any]:
     """`train_loop` with one worker and no Ray, in a fresh Python process of its own (the loop tunes its
     process's allocator, which must not colour the other measurements).
 
@@ -109,7 +112,7 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
     """
     env = dict(os.environ)
     spec = json.dumps({"data_dir": data_dir, "epochs": epochs, "storage": storage, "name": name,
-                       "threads": threads})
+                       "threads": threads, "subset": subset})
     proc = subprocess.run([sys.executable, "-m", "bench.bench", "--child", spec], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -119,7 +122,7 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
 
 def _child(spec: dict) -> dict[str, float]:
     cfg = TrainConfig(dataset="mnist", data_dir=spec["data_dir"], epochs=spec["epochs"], storage=spec["storage"],
-                      name=spec["name"], iw_samples=0, cpus_per_worker=spec["threads"])
+                      name=spec["name"], iw_samples=0, cpus_per_worker=spec["threads"], subset=spec.get("subset", 0))
 
     class Timed(LocalSession):  # when each epoch's report (training, evaluation, tables, checkpoint) is done
         def report(self, metrics, checkpoint_dir):
@@ -178,12 +181,12 @@ def run_job(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def peak_rss_mb(data_dir: str, storage: str) -> float:
+def peak_rss_mb(data_dir: str, storage: str, subset: int = 0) -> float:
     code = ("import resource, sys; sys.path.insert(0, %r)\n"
             "from vae.config import TrainConfig; from vae.training.loop import train_loop; from vae.training.session import LocalSession\n"
-            "train_loop(TrainConfig(dataset='mnist', data_dir=%r, epochs=1, storage=%r, name='rss', iw_samples=100),"
-            " LocalSession())\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (ROOT, data_dir, storage)
+            "train_loop(TrainConfig(dataset='mnist', data_dir=%r, epochs=1, storage=%r, name='rss', iw_samples=100,"
+            " subset=%d), LocalSession())\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (ROOT, data_dir, storage, subset)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-epochs", type=int, default=10,
                         help="epochs for the same-test-loss check (0: skip it)")
     parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Train and sweep measurements")
+    parser.add_argument("--subset", type=int, default=0,
+                        help="in-process figures on epochs of the first N training images (at least 5000; "
+                             "default 0: all 60,000, as the page reports)")
     parser.add_argument("--out", default="bench-results.parquet")
     parser.add_argument("--page", default=os.path.join(ROOT, "docs", "performance.md"),
                         help="the Markdown page to write (default docs/performance.md; '' for none)")
@@ -229,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                              "and jobs.train --use-gpu through NCCL); fails with one line without CUDA")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one train_loop run, for ours_in_process
     args = parser.parse_args(argv)
+    if args.subset and not 5000 <= args.subset <= 60_000:
+        parser.error(f"--subset {args.subset}: 0 (all) or 5000 to 60000 (the seed loop times after 20 batches)")
     if args.gpu:
         return gpu(args.data_dir)
     if args.child:
@@ -250,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         # repetition: this shared machine's speed drifts by tens of percent over minutes.
         base, ours, limit, limit_dnn, per_epoch_local = [], [], [], [], []
         for r in range(args.reps):
-            base.append(baseline_epoch(args.data_dir, r))
-            run = ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads)  # epoch 2: after a warm-up epoch
+            base.append(baseline_epoch(args.data_dir, r, subset=args.subset))
+            # epoch 2: after a warm-up epoch
+            run = ours_in_process(args.data_dir, 2, tmp, f"ours{r}", threads, args.subset)
             ours.append(run["samples_per_second"])
             per_epoch_local.append(run["epoch_wall"])
             limit.append(matmul_limit(1)[0])
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         add("matrix products alone (oneDNN), samples/s", limit_dnn, "samples/s")
         add("ours / oneDNN matrix-product limit", [100 * o / m for o, m in zip(ours, limit_dnn)], "%")
         add("ours in process: wall per epoch (with eval, tables, checkpoint)", per_epoch_local, "s")
-        add("peak RSS, one MNIST worker (in process)", [peak_rss_mb(args.data_dir, tmp)], "MiB")
+        add("peak RSS, one MNIST worker (in process)", [peak_rss_mb(args.data_dir, tmp, args.subset)], "MiB")
 
         if not args.skip_ray:
             env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}

@@ -19,8 +19,8 @@ def test_matmul_limits_are_rates():
 
 def test_bench_writes_its_table_and_its_page_from_it(data_dir, tmp_path, capsys):
     out, page = tmp_path / "bench.parquet", tmp_path / "performance.md"
-    argv = ["--data-dir", data_dir, "--reps", "1", "--quality-epochs", "0", "--skip-ray", "--out", str(out),
-            "--page", str(page)]
+    argv = ["--data-dir", data_dir, "--reps", "1", "--quality-epochs", "0", "--skip-ray", "--subset", "6400",
+            "--out", str(out), "--page", str(page)]
     assert bench.main(argv) == 0
     table = pd.read_parquet(out).set_index("measure")
     assert list(table.columns) == ["median", "spread", "unit", "n", "note", "cpu"]

@@ -146,13 +146,21 @@ def _search_args(storage, name, extra=()):
             "--epochs", "6", "--iw-samples", "0", "--storage", str(storage), "--name", name, *extra]
 
 
-@pytest.mark.slow
-def test_a_real_boundary_search_fills_the_collapse_map_within_tolerance(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def whole_search(ray_cluster, tmp_path_factory) -> str:
+    """One real search, one trial at a time (as the resume test's cut search runs), run once for both tests."""
     from jobs import sweep as sweep_job
+
+    storage = tmp_path_factory.mktemp("boundary")
+    assert sweep_job.main(["--max-concurrent", "1", *_search_args(storage, "whole")]) == 0
+    return f"{storage}/whole"
+
+
+@pytest.mark.slow
+def test_a_real_boundary_search_fills_the_collapse_map_within_tolerance(whole_search):
     from vae.tables.results import Results
 
-    assert sweep_job.main(_search_args(tmp_path, "search")) == 0
-    res = Results(f"{tmp_path}/search")
+    res = Results(whole_search)
     table = res.read("collapse_map")
     lower, upper = table.critical_beta_lower.iloc[0], table.critical_beta_upper.iloc[0]
     assert upper / lower <= 1.3 and table.monotone.all()
@@ -164,7 +172,7 @@ def test_a_real_boundary_search_fills_the_collapse_map_within_tolerance(ray_clus
 
 
 @pytest.mark.slow
-def test_resume_mid_search_gives_the_same_brackets(tmp_path):
+def test_resume_mid_search_gives_the_same_brackets(whole_search, tmp_path):
     import os
     import signal
     import subprocess
@@ -177,9 +185,6 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "jobs.sweep", "--max-concurrent", "1"]
-    whole = subprocess.run(cmd + _search_args(tmp_path, "whole"), cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert whole.returncode == 0, whole.stdout[-2000:]
     driver = subprocess.Popen(cmd + _search_args(tmp_path, "cut"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     res = Results(f"{tmp_path}/cut")
@@ -194,7 +199,7 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     done = res.read("trials")
-    n_whole = len(Results(f"{tmp_path}/whole").read("trials"))
+    n_whole = len(Results(whole_search).read("trials"))
     assert 3 <= (done.status == "finished").sum() < n_whole  # it died before the search ended
     finished = done[done.status == "finished"].trial_id
     before = {p: os.path.getmtime(p) for t in finished for p in glob.glob(f"{tmp_path}/cut/epochs/{t}.e*.parquet")}
@@ -202,7 +207,7 @@ def test_resume_mid_search_gives_the_same_brackets(tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert {p: os.path.getmtime(p) for p in before} == before  # finished trials were not trained again
-    a = Results(f"{tmp_path}/whole").read("collapse_map")
+    a = Results(whole_search).read("collapse_map")
     b = Results(f"{tmp_path}/cut").read("collapse_map")
     assert sorted(a.beta.round(9)) == sorted(b.beta.round(9))  # the same betas tried, none twice
     assert (a.critical_beta_lower.iloc[0], a.critical_beta_upper.iloc[0]) == \

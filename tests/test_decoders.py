@@ -107,7 +107,7 @@ def test_the_aggressive_phase_ends_when_mutual_information_stops_rising_and_is_s
 @pytest.mark.slow
 def test_a_packed_sweep_over_decoder_contexts_equals_its_members_trained_alone(tmp_path, data_dir):
     kw = dict(dataset="binarized-mnist", decoder="autoregressive", hidden_dim=32, latent_dim=4, epochs=2,
-              iw_samples=10, iw_subset=40, subset=300, storage=str(tmp_path), data_dir=data_dir)
+              iw_samples=10, iw_subset=40, subset=300, eval_subset=500, storage=str(tmp_path), data_dir=data_dir)
     points = [dict(decoder_context=28, beta=1.0, seed=0), dict(decoder_context=784, beta=1.0, seed=0),
               dict(decoder_context=112, beta=2.0, seed=1, mitigation="cyclical")]
     packed_equals_alone(tmp_path, kw, points, ["test_kl", "units_in_use", "kl_weight", "decoder_context"])

@@ -365,3 +365,26 @@ def test_the_driver_says_once_how_the_worker_resumed(tmp_path):
     follower.poll()
     follower.poll()
     assert lines == ["epoch 2 of n is missing from epochs/ ...: redoing epochs 2 on"]
+
+
+def test_the_test_only_hold_waits_in_its_step_until_released_and_never_again(tmp_path, monkeypatch):
+    """The node-loss tests' hold (vae/training/faults.py): every rank stops half-way through the step asked for,
+    says so in a file, and goes on only once released; other steps, and that step after the release, pass."""
+    import threading
+
+    from vae.training.faults import FAULT_HOLD_ENV, FAULT_MARKER_ENV, FaultPlan
+
+    marker = str(tmp_path / "hold")
+    monkeypatch.setenv(FAULT_HOLD_ENV, "2")
+    monkeypatch.setenv(FAULT_MARKER_ENV, marker)
+    plan = FaultPlan.from_env()
+    assert plan.step_in(1, 10, 0) == -1 and plan.step_in(2, 10, 0) == 5 and plan.step_in(2, 10, 1) == 5
+    held = threading.Thread(target=plan.fire, args=(2,))
+    held.start()
+    while not list(tmp_path.glob("hold.held-*")):
+        time.sleep(0.01)
+    assert held.is_alive()  # waiting for its release
+    (tmp_path / "hold.release").touch()
+    held.join(timeout=10)
+    assert not held.is_alive() and not (tmp_path / "hold").exists()  # released, and nothing killed
+    assert plan.step_in(2, 10, 0) == -1  # a restarted worker passes the step

@@ -16,22 +16,24 @@ STARTER = """
 import os, sys, time
 from pathlib import Path
 from vae.tables.runs import RunError, RunLock
-room, n = Path(sys.argv[2]), int(sys.argv[3])
-deadline = time.time() + 60  # never spin past the test's own limit
-(room / f"ready-{os.getpid()}").touch()
-while len(list(room.glob("ready-*"))) < n and time.time() < deadline:  # a barrier: every starter at acquire()
-    pass
-lock = RunLock(sys.argv[1])
-try:
-    lock.acquire()
-except RunError as e:
-    (room / f"done-{os.getpid()}").touch()
-    print("refused", e, flush=True)
-    sys.exit(0)
-print("took" + (" over" if lock.took_over else ""), flush=True)
-while len(list(room.glob("done-*"))) < n - 1 and time.time() < deadline:  # hold it until the others are answered
-    time.sleep(0.01)
-lock.release()
+base, n, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+deadline = time.time() + 90  # never spin past the test's own limit
+for r in range(rounds):  # one process a starter for every round: its imports paid once
+    room = base / f"room{r}"
+    (room / f"ready-{os.getpid()}").touch()
+    while len(list(room.glob("ready-*"))) < n and time.time() < deadline:  # a barrier: every starter at acquire()
+        pass
+    lock = RunLock(str(base / f"r{r}"))
+    try:
+        lock.acquire()
+    except RunError as e:
+        (room / f"done-{os.getpid()}").touch()
+        print(r, "refused", e, flush=True)
+        continue
+    print(r, "took" + (" over" if lock.took_over else ""), flush=True)
+    while len(list(room.glob("done-*"))) < n - 1 and time.time() < deadline:  # hold it until the others are answered
+        time.sleep(0.01)
+    lock.release()
 """
 
 
@@ -41,29 +43,32 @@ class Foreign:
 
 @pytest.mark.parametrize("stale", [False, True])
 def test_of_many_jobs_starting_at_once_exactly_one_proceeds(tmp_path, stale):
-    """Eight processes race for the lock, five times; with a dead holder's record in place (stale), the
+    """Eight processes race for the lock, ten times; with a dead holder's record in place (stale), the
     take-over is atomic too: never two holders, never a record deleted under a fresh one."""
-    for round_ in range(5):
-        root = tmp_path / f"r{round_}"
+    rounds, n = 10, 8
+    for r in range(rounds):
+        (tmp_path / f"room{r}").mkdir()
         if stale:
             dead = subprocess.Popen([sys.executable, "-c", "pass"])
             dead.wait()
-            root.mkdir()
-            (root / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
-        room = tmp_path / f"room{round_}"
-        room.mkdir()
-        procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(root), str(room), "8"], cwd=ROOT,
-                                  stdout=subprocess.PIPE, text=True) for _ in range(8)]
-        try:
-            outs = [p.communicate(timeout=120)[0].strip() for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        took = [o for o in outs if o.startswith("took")]
-        assert len(took) == 1, outs
-        assert all(o.startswith("refused") and "being written by another job" in o for o in outs if o not in took)
+            (tmp_path / f"r{r}").mkdir()
+            (tmp_path / f"r{r}" / ".lock").write_text(
+                json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
+    procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path), str(n), str(rounds)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    try:
+        outs = [p.communicate(timeout=120)[0].strip().splitlines() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(len(lines) == rounds for lines in outs), outs
+    for r in range(rounds):
+        said = [line.split(" ", 1)[1] for lines in outs for line in lines if line.split(" ", 1)[0] == str(r)]
+        took = [o for o in said if o.startswith("took")]
+        assert len(took) == 1, (r, said)
+        assert all(o.startswith("refused") and "being written by another job" in o for o in said if o not in took)
         assert took[0] == ("took over" if stale else "took")
-        assert not (root / ".lock").exists()  # released by its one holder
+        assert not (tmp_path / f"r{r}" / ".lock").exists()  # released by its one holder
 
 
 def test_storage_that_cannot_be_written_is_refused_in_one_line_before_ray(tmp_path):
