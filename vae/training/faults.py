@@ -6,7 +6,8 @@ The reliability tests set in the environment of the processes they start (Ray Tr
   the kill happened, so the restarted worker goes on;
 - `VAE_FAULT_HOLD_EPOCH=K` and `VAE_FAULT_MARKER=<file>`: every worker, in step K, writes `<file>.held-<pid>`
   and waits until `<file>.release` exists (a node can then be stopped while its worker is mid-step, however
-  fast the machine). Once released, later workers pass step K without holding.
+  fast the machine). Once released, later workers pass step K without holding. (A hold and a kill are meant
+  for different steps: in the same step the hold wins.)
 The plan is read once, when the loop sets up; the training step only compares a step number.
 """
 
