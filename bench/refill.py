@@ -1,6 +1,6 @@
 """python -m bench.refill: continuous packing against packs cut one per shape, on the same maps in one command.
 
-Each map runs twice under `jobs.sweep` on this machine, back to back:
+Each map runs twice under `jobs.sweep` on this machine, back to back (`--refilled-only`: the second alone):
 - *one pack a shape* (as before refilling: `--pack N`, N the configurations of a shape, so every shape is one
   pack whose slots idle once their members end), and
 - *refilled* (`--pack auto`: queues of about 4 configurations a slot, refilled as members end, the costliest
@@ -13,7 +13,8 @@ checkpoints and Ray), and how their verdicts compare, configuration by configura
 settled; `compare_verdicts`: rounding may move an unsettled count within its own undecided units, and
 nothing else may differ). The maps: the pytorch/examples MLP on MNIST until settled (the
 README's map, or a smaller one by the flags), and the 2-D toy's linear map of bench.pack (96 configurations,
-fixed budget: refilling has nothing to refill there, and must not be slower). Writes docs/refill.md.
+fixed budget: refilling has nothing to refill there, and must not be slower). Writes docs/refill.md
+(or `--page`).
 """
 
 from __future__ import annotations
@@ -135,16 +136,17 @@ def main(argv: list[str] | None = None) -> int:
             body += ["## The MNIST map until settled", ""] + compare("mnist", mnist, per_shape, tmp, env,
                                                                        args.eval_subset, args.refilled_only)
         if args.skip_toy:
-            return _write(args.page, argv, body)
+            return _write(args.page, argv, body, args.refilled_only)
         toy = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
                "--lrs", "1e-3,3e-3", "--betas", ",".join(map(str, log_betas(48))), "--epochs", "15"]
         body += ["## The toy linear map, fixed budget (96 configurations)", ""] + compare("toy", toy, 48, tmp, env, 0,
                                                                                            args.refilled_only)
-    return _write(args.page, argv, body)
+    return _write(args.page, argv, body, args.refilled_only)
 
 
-def _write(page: str, argv: list[str] | None, body: list[str]) -> int:
-    print(pages.write(page, "Continuous packing: refilled slots against one pack a shape", "bench.refill", argv, body))
+def _write(page: str, argv: list[str] | None, body: list[str], refilled_only: bool) -> int:
+    title = "Continuous packing: " + ("refilled slots" if refilled_only else "refilled slots against one pack a shape")
+    print(pages.write(page, title, "bench.refill", argv, body))
     return 0
 
 
