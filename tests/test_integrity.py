@@ -383,7 +383,8 @@ def test_the_test_only_hold_waits_in_its_step_until_released_and_never_again(tmp
     held.start()
     while not list(tmp_path.glob("hold.held-*")):
         time.sleep(0.01)
-    assert held.is_alive()  # waiting for its release
+    held.join(timeout=0.5)  # a hold that did not wait has returned by now; a real one waits for its release
+    assert held.is_alive()
     (tmp_path / "hold.release").touch()
     held.join(timeout=10)
     assert not held.is_alive() and not (tmp_path / "hold").exists()  # released, and nothing killed
