@@ -208,6 +208,30 @@ class AutoregressiveMLPVAE(MLPVAE):
             logits = logits + self.direct(x) + self.made_out(self.act(self.made_in(x)))
         return logits
 
+    @torch.no_grad()
+    def sample_x(self, z: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`VAE.sample_x`, the same draws, in O(D (D + H)) per image rather than a whole decoder pass per pixel:
+        MLP(z) once, and each drawn pixel added to the direct logits and the masked hidden layer as it is drawn."""
+        if self.context == 0:
+            return super().sample_x(z, generator)
+        lead = z.shape[:-1]
+        base = super().decode(z) + self.direct.bias + self.made_out.bias  # [..., D]
+        direct = (self.direct.weight * self.direct.mask).t().contiguous()  # [D in, D out]
+        into = (self.made_in.weight * self.made_in.mask).t().contiguous()  # [D in, H]
+        out = self.made_out.weight * self.made_out.mask  # [D out, H]
+        summed = torch.zeros(*lead, self.input_dim, device=z.device)  # sum_j<i A_ij x_j, for every output i
+        hidden = self.made_in.bias.expand(*lead, -1).clone()  # the MADE layer's pre-activation
+        x = torch.zeros(*lead, self.input_dim, device=z.device)
+        probs = torch.zeros_like(x)
+        for i in range(self.input_dim):
+            p = torch.sigmoid(base[..., i] + summed[..., i] + self.act(hidden) @ out[i])
+            probs[..., i] = p
+            xi = (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
+            x[..., i] = xi
+            summed += xi[..., None] * direct[i]
+            hidden += xi[..., None] * into[i]
+        return x, probs
+
 
 class MaskedConv2d(nn.Conv2d):
     """A PixelCNN convolution (van den Oord et al. 2016): each output pixel sees the pixels above it and those

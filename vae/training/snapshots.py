@@ -56,17 +56,21 @@ def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[
     x = data.test.x[:N_ORIGINALS].to(device)
     mu, _ = model.encode(x)
     rows += _rows(trial_id, epoch, "original", x)
-    rows += _rows(trial_id, epoch, "reconstruction", model.decode_mean(mu))
-    z = torch.randn(N_PRIOR, model.latent_dim, generator=gen).to(device)
-    rows += _rows(trial_id, epoch, "prior_sample", model.decode_mean(z))
     t = torch.linspace(0, 1, N_STEPS, device=device)[:, None]
-    for pair in range(N_PAIRS):
-        path = (1 - t) * mu[2 * pair] + t * mu[2 * pair + 1]  # straight line between two test codes
-        rows += _rows(trial_id, epoch, "interpolation", model.decode_mean(path), pair)
+    prior = torch.randn(N_PRIOR, model.latent_dim, generator=gen).to(device)
+    codes = [("reconstruction", -1, mu), ("prior_sample", -1, prior)]
+    codes += [("interpolation", pair, (1 - t) * mu[2 * pair] + t * mu[2 * pair + 1])  # a line between two test codes
+              for pair in range(N_PAIRS)]
     if model.latent_dim == 2:  # the decoded manifold over a grid of z (the pytorch/examples VAE's latent map)
         axis = torch.linspace(-2.5, 2.5, N_GRID, device=device)
         grid = torch.stack(torch.meshgrid(axis, axis.flip(0), indexing="xy"), -1).reshape(-1, 2)
-        rows += _rows(trial_id, epoch, "manifold", model.decode_mean(grid))
+        codes.append(("manifold", -1, grid))
+    # one decoder call for them all: an autoregressive decoder draws its pixels one at a time, so it walks the
+    # image once, not once per kind (its draws from the trial's snapshot noise: the same images every run)
+    noise = streams.snapshot_noise(seed) if device.type == "cpu" else None
+    images = model.decode_mean(torch.cat([z for _, _, z in codes]), noise)
+    for (kind, pair, z), part in zip(codes, images.split([len(z) for _, _, z in codes])):
+        rows += _rows(trial_id, epoch, kind, part, pair)
     return rows
 
 
