@@ -107,11 +107,14 @@ def _start(tmp_path, name, epochs=400):
            "--epochs", str(epochs)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    res = Results(str(tmp_path / name))
+    _wait_for_rows(Results(str(tmp_path / name)), 4)
+    return proc, Results(str(tmp_path / name)), cmd, env
+
+
+def _wait_for_rows(res: Results, n: int) -> None:
     deadline = time.time() + 120
-    while time.time() < deadline and len(res.read("epochs")) < 4:
+    while time.time() < deadline and len(res.read("epochs")) < n:
         time.sleep(0.3)
-    return proc, res, cmd, env
 
 
 def _latest_checkpoint_epoch(root: Path) -> int:
@@ -121,10 +124,9 @@ def _latest_checkpoint_epoch(root: Path) -> int:
     return max(int(torch.load(f, weights_only=True)["epoch"]) for f in files)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resume(tmp_path, sig, code):
-    proc, res, cmd, env = _start(tmp_path, "sig")
+def _stopped_by(proc: subprocess.Popen, sig: int, code: int, res: Results, root: Path) -> tuple[str, int]:
+    """Send `sig`; the job must end with `code` after a whole epoch, its trial marked, the tables and the
+    checkpoint agreeing, and the resume command printed. (Its stdout, the last epoch.)"""
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == code, err[-2000:]
@@ -133,17 +135,25 @@ def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resu
     trial = res.read("trials").iloc[0]
     last = int(res.read("epochs").epoch.max())
     assert trial.status == "interrupted" and trial.epochs_done == last
-    assert _latest_checkpoint_epoch(tmp_path / "sig") == last  # the tables and the checkpoint agree
-    assert not (tmp_path / "sig" / ".lock").exists() and not (tmp_path / "sig" / ".stop").exists()
-    if sig == signal.SIGTERM:  # the same command resumes after that epoch, and trains only what is left
-        cmd[-1] = str(last + 2)
-        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0, again.stderr[-2000:]
-        assert f"epochs up to {last} are done" in again.stdout
-        trained = [int(line.split()[1].split("/")[0]) for line in again.stdout.splitlines()
-                   if line.startswith("epoch ")]
-        assert trained == [last + 1, last + 2]
-        assert sorted(res.read("epochs").epoch) == list(range(last + 3))
+    assert _latest_checkpoint_epoch(root) == last  # the tables and the checkpoint agree
+    assert not (root / ".lock").exists() and not (root / ".stop").exists()
+    assert sorted(res.read("epochs").epoch) == list(range(last + 1))  # each epoch once
+    return out, last
+
+
+@pytest.mark.slow
+def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resume(tmp_path):
+    """SIGTERM (a scheduler's stop), then the printed command resumes and trains on from the next epoch, and
+    Ctrl-C (SIGINT) stops that run the same way: both signals end to end in two runs."""
+    proc, res, cmd, env = _start(tmp_path, "sig")
+    _, last = _stopped_by(proc, signal.SIGTERM, 143, res, tmp_path / "sig")
+    again = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    _wait_for_rows(res, last + 3)  # two epochs past the interrupted one
+    out, stop = _stopped_by(again, signal.SIGINT, 130, res, tmp_path / "sig")
+    assert f"epochs up to {last} are done" in out
+    trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("epoch ")]
+    assert trained == list(range(last + 1, stop + 1)) and stop >= last + 2  # only what was left, from the next
 
 
 def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume(tmp_path, capsys):
