@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import DATA_DIR, ROOT
@@ -65,12 +66,17 @@ def head():
         proc.terminate()
         pytest.fail("the Ray head's job server did not come up")
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)  # the head we started, and only it
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # The head we started, and only it, at once (its graceful stop takes about 33 s, idle or not, and nothing of it
+    # is kept): every process of the session it leads (workers take process groups of their own), and any that
+    # left the session, found by its temp folder.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(p.pid) == proc.pid or any(temp in arg for arg in p.info["cmdline"] or ()):
+                p.kill()
+        except (OSError, psutil.Error):  # gone already
+            pass
     shutil.rmtree(temp, ignore_errors=True)  # the head's temp folder (outside tmp_path: socket paths are short)
 
 
