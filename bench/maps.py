@@ -10,7 +10,9 @@ wall time, so a rerun replaces the page. The sections (`--only` picks some):
   grid of 12 betas, and the boundary searcher against the grid of the same resolution it replaces;
 - `schedules`: the settle rule under each learning-rate schedule (linear VAE, latent 5, 10,000 images);
 - `latent50` (only with `--long`, about 10 minutes on 2 cores): the latent-50 MLP on full MNIST until settled
-  against a 100-epoch constant-rate reference.
+  against a 100-epoch constant-rate reference;
+- `eval-subset` (only with `--only`, which names its page: about 35 minutes): the until-settled maps of
+  `linear-mnist` and `example` on the whole test set and with `--eval-subset 2000`, cell by cell.
 """
 
 from __future__ import annotations
@@ -166,8 +168,49 @@ def latent50(r: Runner) -> list[str]:
             + pages.table(["run", "stopped at", "units in use", "settled (at epoch)", "wall (s)"], rows))
 
 
+EVAL_SUBSET = 2000
+UNTIL_SETTLED = {  # the until-settled maps above, each run on the whole test set and on its first EVAL_SUBSET images
+    "linear-mnist": ["--dataset", "mnist", "--model", "linear", "--decoder-var", "1", "--latent-dims", "20", "--lrs",
+                     "3e-3", "--betas", "0.3,0.5,1,2,3,4.4,6,8", "--until-settled", "--epochs", "20", "--max-epochs",
+                     "100", "--iw-samples", "0", "--pack", "auto"],
+    "example": ["--dataset", "mnist", "--subset", "10000", "--latent-dims", "2,10,50", "--lrs", "1e-3",
+                "--betas", "0.1,0.3,1,2,4,8", "--epochs", "5", "--iw-samples", "0", "--pack", "auto",
+                "--until-settled", "--max-epochs", "60"],
+}
+
+
+def eval_subset(r: Runner) -> list[str]:
+    """Each until-settled map twice, its settle rule fed the whole test set every epoch or its first EVAL_SUBSET
+    images (`--eval-subset`; the last epoch's numbers are on the whole test set either way): the same verdicts?"""
+    out = [f"## The settle rule on {EVAL_SUBSET:,} test images against all 10,000", "",
+           f"Each until-settled map above run twice, the second with `--eval-subset {EVAL_SUBSET}`: every epoch's "
+           f"diagnostics (and so the settle rule) on the first {EVAL_SUBSET:,} test images; the last epoch's on all "
+           "of them. A cell's verdict is its units in use at the end and whether (and when) it settled.", ""]
+    for name, args in UNTIL_SETTLED.items():
+        whole, wall_w, cmd = r.run("jobs.sweep", f"{name}-whole", args)
+        part, wall_p, _ = r.run("jobs.sweep", f"{name}-subset", args + ["--eval-subset", str(EVAL_SUBSET)])
+        keys = ["latent_dim", "beta"]
+        a = whole.read("trials").set_index(keys).sort_index()
+        b = part.read("trials").set_index(keys).sort_index()
+        rows, same = [], 0
+        for key in a.index:
+            x, y = a.loc[key], b.loc[key]
+            agree = int(x.units_in_use) == int(y.units_in_use) and bool(x.settled) == bool(y.settled)
+            same += agree
+            rows.append((f"{key[0]}", f"{key[1]:g}", f"{int(x.units_in_use)} / {int(y.units_in_use)}",
+                         f"{_settled(x)} / {_settled(y)}", f"{int(x.epochs_done)} / {int(y.epochs_done)}",
+                         "yes" if agree else "**no**"))
+        out += ([f"### `{name}`", "", f"```bash\n{cmd}\n{cmd} --eval-subset {EVAL_SUBSET}\n```",
+                 f"Wall: {wall_w:.0f} s on the whole test set, {wall_p:.0f} s on {EVAL_SUBSET:,} images "
+                 f"({wall_w / wall_p:.2f}x; Ray's start-up included).", ""]
+                + pages.table(["latent", "beta", "units in use (whole / subset)", "settled (whole / subset)",
+                               "epochs (whole / subset)", "same verdict"], rows)
+                + [f"Same verdict in **{same} of {len(rows)}** cells.", ""])
+    return out
+
+
 SECTIONS = {"linear-mnist": linear_mnist, "example": example, "toy-grid": toy, "schedules": schedules,
-            "latent50": latent50}
+            "latent50": latent50, "eval-subset": eval_subset}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="also the latent-50 section (about 10 minutes)")
     parser.add_argument("--page", default=os.path.join(ROOT, "docs", "maps.md"))
     args = parser.parse_args(argv)
-    chosen = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s != "latent50" or args.long]
+    chosen = [s for s in args.only.split(",") if s] or [s for s in SECTIONS
+                                                         if s != "eval-subset" and (s != "latent50" or args.long)]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}")
