@@ -60,6 +60,21 @@ def test_the_incremental_sampler_draws_what_a_whole_decoder_pass_per_pixel_draws
     assert 0.05 < fast_x.mean() < 0.95  # both values drawn: a path, not a constant image
 
 
+def test_the_pixelcnn_sampler_on_the_window_a_pixel_sees_draws_what_the_whole_image_draws():
+    from vae.model.models import VAE
+
+    torch.manual_seed(0)
+    model = PixelCNNVAE(PixelCNNConfig(input_dim=D, hidden_widths=(16,), latent_dim=3, layers=2, channels=8)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    z = torch.randn(3, 3)
+    band_x, band_p = model.sample_x(z, torch.Generator().manual_seed(1))
+    whole_x, whole_p = VAE.sample_x(model, z, torch.Generator().manual_seed(1))  # decode(z, x): every row
+    assert torch.equal(band_x, whole_x)
+    torch.testing.assert_close(band_p, whole_p, rtol=0, atol=1e-5)
+    assert 0.05 < band_x.mean() < 0.95
+
+
 def test_context_zero_is_the_factorised_decoder_exactly():
     torch.manual_seed(0)
     plain = MLPVAE(MLPConfig(input_dim=D, hidden_widths=(32,), latent_dim=4))

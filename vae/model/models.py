@@ -283,6 +283,31 @@ class PixelCNNVAE(MLPVAE):
             h = h + torch.tanh(f) * torch.sigmoid(g)
         return self.out(h).reshape(*lead, self.input_dim)
 
+    @torch.no_grad()
+    def sample_x(self, z: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`VAE.sample_x`, the same draws, with each pixel's logit computed on the window it can see: pixel (r, c)
+        reads rows r - reach .. r and columns c - reach .. c + reach only (the first layer reaches k // 2 pixels,
+        each gated layer one more), so the layers run on that window, not on the whole image (their wrong values
+        at the window's edges, where the image goes on, do not reach its pixel)."""
+        lead, side = z.shape[:-1], self.side
+        zf = z.reshape(-1, z.shape[-1])
+        conds = [cond(zf)[:, :, None, None] for cond in self.cond]
+        reach = self.first.kernel_size[0] // 2 + len(self.gated)
+        img = torch.zeros(len(zf), 1, side, side, device=z.device)
+        probs = torch.zeros(len(zf), side, side, device=z.device)
+        for r in range(side):
+            for c in range(side):
+                c0 = max(0, c - reach)
+                h = self.first(img[:, :, max(0, r - reach):r + 1, c0:c + reach + 1])
+                for conv, cz in zip(self.gated, conds):
+                    f, g = (conv(h) + cz).chunk(2, 1)
+                    h = h + torch.tanh(f) * torch.sigmoid(g)
+                p = torch.sigmoid(self.out(h[:, :, -1:, c - c0:c - c0 + 1]).reshape(-1))  # 1x1 layers: its pixel
+                probs[:, r, c] = p
+                draw = torch.rand(lead, generator=generator, device=z.device).reshape(-1)
+                img[:, 0, r, c] = (draw < p).float()
+        return img.reshape(*lead, self.input_dim), probs.reshape(*lead, self.input_dim)
+
 
 # ------------------------------------------------------------------ the 2-D Gaussian toy's VAE
 
