@@ -11,8 +11,9 @@ wall time, so a rerun replaces the page. The sections (`--only` picks some):
 - `schedules`: the settle rule under each learning-rate schedule (linear VAE, latent 5, 10,000 images);
 - `latent50` (only with `--long`, about 10 minutes on 2 cores): the latent-50 MLP on full MNIST until settled
   against a 100-epoch constant-rate reference;
-- `eval-subset` (only with `--only`, which names its page: about 35 minutes): the until-settled maps of
-  `linear-mnist` and `example` on the whole test set and with `--eval-subset 2000`, cell by cell.
+- `eval-subset` (only as `--only eval-subset`, about 35 minutes; its own page, docs/eval-subset.md): the
+  until-settled maps of `linear-mnist` and `example` on the whole test set and with `--eval-subset 2000`,
+  cell by cell.
 """
 
 from __future__ import annotations
@@ -183,9 +184,9 @@ def eval_subset(r: Runner) -> list[str]:
     """Each until-settled map twice, its settle rule fed the whole test set every epoch or its first EVAL_SUBSET
     images (`--eval-subset`; the last epoch's numbers are on the whole test set either way): the same verdicts?"""
     out = [f"## The settle rule on {EVAL_SUBSET:,} test images against all 10,000", "",
-           f"Each until-settled map above run twice, the second with `--eval-subset {EVAL_SUBSET}`: every epoch's "
-           f"diagnostics (and so the settle rule) on the first {EVAL_SUBSET:,} test images; the last epoch's on all "
-           "of them. A cell's verdict is its units in use at the end and whether (and when) it settled.", ""]
+           f"Each until-settled map of docs/maps.md run twice, the second with `--eval-subset {EVAL_SUBSET}`: every "
+           f"epoch's diagnostics (and so the settle rule) on the first {EVAL_SUBSET:,} test images; the last epoch's "
+           "on all of them. A cell's verdict is its units in use at the end and whether (and when) it settled.", ""]
     for name, args in UNTIL_SETTLED.items():
         whole, wall_w, cmd = r.run("jobs.sweep", f"{name}-whole", args)
         part, wall_p, _ = r.run("jobs.sweep", f"{name}-subset", args + ["--eval-subset", str(EVAL_SUBSET)])
@@ -217,23 +218,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.maps", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "./data"))
     parser.add_argument("--only", default="", help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all "
-                                                   "but latent50)")
+                                                   "but latent50 and eval-subset)")
     parser.add_argument("--long", action="store_true", help="also the latent-50 section (about 10 minutes)")
-    parser.add_argument("--page", default=os.path.join(ROOT, "docs", "maps.md"))
+    parser.add_argument("--page", default="", help="where the page goes (default: docs/maps.md; docs/eval-subset.md "
+                                                   "for --only eval-subset)")
     args = parser.parse_args(argv)
     chosen = [s for s in args.only.split(",") if s] or [s for s in SECTIONS
                                                          if s != "eval-subset" and (s != "latent50" or args.long)]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}")
+    if "eval-subset" in chosen and len(chosen) > 1:
+        parser.error("--only: eval-subset writes a page of its own; run it alone")
+    alone = chosen == ["eval-subset"]
+    page = args.page or os.path.join(ROOT, "docs", "eval-subset.md" if alone else "maps.md")
     env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
     env.pop("RAY_ADDRESS", None)
-    body = [__doc__.split("\n\n", 1)[1].strip(), ""]
+    body = [] if alone else [__doc__.split("\n\n", 1)[1].strip(), ""]
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(tmp, env)
         for name in chosen:
             body += SECTIONS[name](runner)
-    print(pages.write(args.page, "The collapse maps the docs cite", "bench.maps", argv, body))
+    if alone:  # its own page: the section's heading becomes the page's title
+        title, body = body[0].removeprefix("## "), body[2:]
+    else:
+        title = "The collapse maps the docs cite"
+    print(pages.write(page, title, "bench.maps", argv, body))
     return 0
 
 
