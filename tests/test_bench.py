@@ -57,3 +57,16 @@ def test_gpu_benches_refuse_in_one_line_without_cuda(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert out == "" and err == f"{prog}: --gpu: no CUDA device here (torch.cuda.is_available() is False)\n"
     assert not (tmp_path / "gpu.parquet").exists()
+
+
+def test_the_eval_subset_section_of_bench_maps_is_refused_beside_others_before_any_run(tmp_path, capsys):
+    """It writes a page of its own (docs/eval-subset.md): mixed with the maps page's sections, it would leave
+    one of the two pages holding the other's sections."""
+    from bench import maps
+
+    page = tmp_path / "page.md"
+    for only, needle in (("eval-subset,toy-grid", "a page of its own"), ("nope", "unknown section")):
+        with pytest.raises(SystemExit) as stop:
+            maps.main(["--only", only, "--page", str(page)])
+        assert stop.value.code == 2 and needle in capsys.readouterr().err
+    assert not page.exists()
