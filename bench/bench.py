@@ -122,7 +122,7 @@ def ours_in_process(data_dir: str, epochs: int, storage: str, name: str, threads
 
 def _child(spec: dict) -> dict[str, float]:
     cfg = TrainConfig(dataset="mnist", data_dir=spec["data_dir"], epochs=spec["epochs"], storage=spec["storage"],
-                      name=spec["name"], iw_samples=0, cpus_per_worker=spec["threads"], subset=spec.get("subset", 0))
+                      name=spec["name"], iw_samples=0, cpus_per_worker=spec["threads"], subset=spec["subset"])
 
     class Timed(LocalSession):  # when each epoch's report (training, evaluation, tables, checkpoint) is done
         def report(self, metrics, checkpoint_dir):

@@ -59,11 +59,16 @@ def _settled(t: pd.Series) -> str:
     return f"yes ({int(t.settle_epoch)})" if t.settled else f"no: {int(t.units_undecided)} undecided"
 
 
+LINEAR_MNIST = ["--dataset", "mnist", "--model", "linear", "--decoder-var", "1", "--latent-dims", "20", "--lrs", "3e-3",
+                "--betas", "0.3,0.5,1,2,3,4.4,6,8", "--until-settled", "--epochs", "20", "--max-epochs", "100",
+                "--iw-samples", "0", "--pack", "auto"]
+EXAMPLE = ["--dataset", "mnist", "--subset", "10000", "--latent-dims", "2,10,50", "--lrs", "1e-3",
+           "--betas", "0.1,0.3,1,2,4,8", "--epochs", "5", "--iw-samples", "0", "--pack", "auto"]
+UNTIL_SETTLED = ["--until-settled", "--max-epochs", "60"]  # the example map's until-settled run
+
+
 def linear_mnist(r: Runner) -> list[str]:
-    res, wall, cmd = r.run("jobs.sweep", "linear-mnist", [
-        "--dataset", "mnist", "--model", "linear", "--decoder-var", "1", "--latent-dims", "20", "--lrs", "3e-3",
-        "--betas", "0.3,0.5,1,2,3,4.4,6,8", "--until-settled", "--epochs", "20", "--max-epochs", "100",
-        "--iw-samples", "0", "--pack", "auto"])
+    res, wall, cmd = r.run("jobs.sweep", "linear-mnist", LINEAR_MNIST)
     cells = res.read("collapse_map").sort_values("beta")
     trials = res.read("trials").set_index("beta")
     rows = [(f"{c.beta:g}", int(c.units_in_use_min), int(c.theory_units), "yes" if c.theory_close else "no",
@@ -80,10 +85,8 @@ def linear_mnist(r: Runner) -> list[str]:
 
 
 def example(r: Runner) -> list[str]:
-    common = ["--dataset", "mnist", "--subset", "10000", "--latent-dims", "2,10,50", "--lrs", "1e-3",
-              "--betas", "0.1,0.3,1,2,4,8", "--epochs", "5", "--iw-samples", "0", "--pack", "auto"]
-    fixed, wall_f, cmd_f = r.run("jobs.sweep", "example-fixed", common)
-    settled, wall_s, cmd_s = r.run("jobs.sweep", "example-settled", common + ["--until-settled", "--max-epochs", "60"])
+    fixed, wall_f, cmd_f = r.run("jobs.sweep", "example-fixed", EXAMPLE)
+    settled, wall_s, cmd_s = r.run("jobs.sweep", "example-settled", EXAMPLE + UNTIL_SETTLED)
     betas = sorted(fixed.read("trials").beta.unique())
     rows = []
     for label, res in (("fixed 5 epochs", fixed), ("until settled (settled at epoch)", settled)):
@@ -170,14 +173,7 @@ def latent50(r: Runner) -> list[str]:
 
 
 EVAL_SUBSET = 2000
-UNTIL_SETTLED = {  # the until-settled maps above, each run on the whole test set and on its first EVAL_SUBSET images
-    "linear-mnist": ["--dataset", "mnist", "--model", "linear", "--decoder-var", "1", "--latent-dims", "20", "--lrs",
-                     "3e-3", "--betas", "0.3,0.5,1,2,3,4.4,6,8", "--until-settled", "--epochs", "20", "--max-epochs",
-                     "100", "--iw-samples", "0", "--pack", "auto"],
-    "example": ["--dataset", "mnist", "--subset", "10000", "--latent-dims", "2,10,50", "--lrs", "1e-3",
-                "--betas", "0.1,0.3,1,2,4,8", "--epochs", "5", "--iw-samples", "0", "--pack", "auto",
-                "--until-settled", "--max-epochs", "60"],
-}
+SETTLED_MAPS = {"linear-mnist": LINEAR_MNIST, "example": EXAMPLE + UNTIL_SETTLED}  # run whole and on EVAL_SUBSET
 
 
 def eval_subset(r: Runner) -> list[str]:
@@ -187,10 +183,10 @@ def eval_subset(r: Runner) -> list[str]:
            f"Each until-settled map of docs/maps.md run twice, the second with `--eval-subset {EVAL_SUBSET}`: every "
            f"epoch's diagnostics (and so the settle rule) on the first {EVAL_SUBSET:,} test images; the last epoch's "
            "on all of them. A cell's verdict is its units in use at the end and whether (and when) it settled.", ""]
-    for name, args in UNTIL_SETTLED.items():
+    keys = ["latent_dim", "beta"]
+    for name, args in SETTLED_MAPS.items():
         whole, wall_w, cmd = r.run("jobs.sweep", f"{name}-whole", args)
         part, wall_p, _ = r.run("jobs.sweep", f"{name}-subset", args + ["--eval-subset", str(EVAL_SUBSET)])
-        keys = ["latent_dim", "beta"]
         a = whole.read("trials").set_index(keys).sort_index()
         b = part.read("trials").set_index(keys).sort_index()
         rows, same = [], 0
