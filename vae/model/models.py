@@ -22,6 +22,13 @@ from vae.model import losses
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 
 
+def draw_pixel(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Bernoulli pixel per entry of p ([...], the images' leading shape): 1.0 where a uniform draw falls
+    below p. Every autoregressive sampler draws through this, one call a pixel in raster order, so the fast
+    samplers draw what `VAE.sample_x` draws from the same generator."""
+    return (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
+
+
 class VAE(nn.Module):
     likelihood = "gaussian"
     latent_dim: int
@@ -63,7 +70,7 @@ class VAE(nn.Module):
         for i in range(self.input_dim):
             p = torch.sigmoid(self.decode(z, x)[..., i])
             probs[..., i] = p
-            x[..., i] = (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
+            x[..., i] = draw_pixel(p, generator)
         return x, probs
 
     def decode_sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -226,7 +233,7 @@ class AutoregressiveMLPVAE(MLPVAE):
         for i in range(self.input_dim):
             p = torch.sigmoid(base[..., i] + summed[..., i] + self.act(hidden) @ out[i])
             probs[..., i] = p
-            xi = (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
+            xi = draw_pixel(p, generator)
             x[..., i] = xi
             summed += xi[..., None] * direct[i]
             hidden += xi[..., None] * into[i]
@@ -304,8 +311,7 @@ class PixelCNNVAE(MLPVAE):
                     h = h + torch.tanh(f) * torch.sigmoid(g)
                 p = torch.sigmoid(self.out(h[:, :, -1:, c - c0:c - c0 + 1]).reshape(-1))  # 1x1 layers: its pixel
                 probs[:, r, c] = p
-                draw = torch.rand(lead, generator=generator, device=z.device).reshape(-1)
-                img[:, 0, r, c] = (draw < p).float()
+                img[:, 0, r, c] = draw_pixel(p.view(lead), generator).reshape(-1)
         return img.reshape(*lead, self.input_dim), probs.reshape(*lead, self.input_dim)
 
 
