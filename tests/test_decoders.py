@@ -44,35 +44,31 @@ def test_an_autoregressive_decoder_sees_exactly_the_w_pixels_before_each_one(con
         assert dep[torch.arange(1, D), torch.arange(D - 1)].all()
 
 
-@pytest.mark.parametrize("context", [28, 784])
-def test_the_incremental_sampler_draws_what_a_whole_decoder_pass_per_pixel_draws(context):
+def _draws_as_the_whole_pass_does(model, z: torch.Tensor) -> None:
+    """model.sample_x (its fast sampler) against VAE.sample_x (decode(z, x) over the whole image at every
+    pixel), from one generator seed, with weights drawn large enough that pixels depend on those before them."""
     from vae.model.models import VAE
 
-    torch.manual_seed(0)
-    model = AutoregressiveMLPVAE(AutoregressiveConfig(input_dim=D, hidden_widths=(64,), latent_dim=3, context=context))
-    for p in model.parameters():  # trained-looking weights: pixels that depend on those before them
+    for p in model.parameters():
         p.data.normal_(0, 0.3)
-    z = torch.randn(5, 3)
     fast_x, fast_p = model.sample_x(z, torch.Generator().manual_seed(1))
-    slow_x, slow_p = VAE.sample_x(model, z, torch.Generator().manual_seed(1))  # decode(z, x) at every pixel
+    slow_x, slow_p = VAE.sample_x(model, z, torch.Generator().manual_seed(1))
     assert torch.equal(fast_x, slow_x)
     torch.testing.assert_close(fast_p, slow_p, rtol=0, atol=1e-5)
     assert 0.05 < fast_x.mean() < 0.95  # both values drawn: a path, not a constant image
 
 
-def test_the_pixelcnn_sampler_on_the_window_a_pixel_sees_draws_what_the_whole_image_draws():
-    from vae.model.models import VAE
+@pytest.mark.parametrize("context", [28, 784])
+def test_the_incremental_sampler_draws_what_a_whole_decoder_pass_per_pixel_draws(context):
+    torch.manual_seed(0)
+    model = AutoregressiveMLPVAE(AutoregressiveConfig(input_dim=D, hidden_widths=(64,), latent_dim=3, context=context))
+    _draws_as_the_whole_pass_does(model, torch.randn(5, 3))
 
+
+def test_the_pixelcnn_sampler_on_the_window_a_pixel_sees_draws_what_the_whole_image_draws():
     torch.manual_seed(0)
     model = PixelCNNVAE(PixelCNNConfig(input_dim=D, hidden_widths=(16,), latent_dim=3, layers=2, channels=8)).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.3)
-    z = torch.randn(3, 3)
-    band_x, band_p = model.sample_x(z, torch.Generator().manual_seed(1))
-    whole_x, whole_p = VAE.sample_x(model, z, torch.Generator().manual_seed(1))  # decode(z, x): every row
-    assert torch.equal(band_x, whole_x)
-    torch.testing.assert_close(band_p, whole_p, rtol=0, atol=1e-5)
-    assert 0.05 < band_x.mean() < 0.95
+    _draws_as_the_whole_pass_does(model, torch.randn(3, 3))
 
 
 def test_context_zero_is_the_factorised_decoder_exactly():

@@ -101,14 +101,15 @@ def test_more_workers_than_a_local_instance_has_fail_at_once(ray_cluster):
     launch.check_resources(launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=2)))
 
 
-def _start(tmp_path, name, epochs=400):
+def _start(tmp_path, name):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "jobs.train", *TOY, "--lr", "0.01", "--storage", str(tmp_path), "--name", name,
-           "--epochs", str(epochs)]
+           "--epochs", "400"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    _wait_for_rows(Results(str(tmp_path / name)), 4)
-    return proc, Results(str(tmp_path / name)), cmd, env
+    res = Results(str(tmp_path / name))
+    _wait_for_rows(res, 4)
+    return proc, res, cmd, env
 
 
 def _wait_for_rows(res: Results, n: int) -> None:
