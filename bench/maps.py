@@ -174,13 +174,13 @@ def latent50(r: Runner) -> list[str]:
 
 EVAL_SUBSET = 2000
 SETTLED_MAPS = {"linear-mnist": LINEAR_MNIST, "example": EXAMPLE + UNTIL_SETTLED}  # run whole and on EVAL_SUBSET
+EVAL_TITLE = f"The settle rule on {EVAL_SUBSET:,} test images against all 10,000"  # its page's title
 
 
 def eval_subset(r: Runner) -> list[str]:
     """Each until-settled map twice, its settle rule fed the whole test set every epoch or its first EVAL_SUBSET
     images (`--eval-subset`; the last epoch's numbers are on the whole test set either way): the same verdicts?"""
-    out = [f"## The settle rule on {EVAL_SUBSET:,} test images against all 10,000", "",
-           f"Each until-settled map of docs/maps.md run twice, the second with `--eval-subset {EVAL_SUBSET}`: every "
+    out = [f"Each until-settled map of docs/maps.md run twice, the second with `--eval-subset {EVAL_SUBSET}`: every "
            f"epoch's diagnostics (and so the settle rule) on the first {EVAL_SUBSET:,} test images; the last epoch's "
            "on all of them. A cell's verdict is its units in use at the end and whether (and when) it settled.", ""]
     keys = ["latent_dim", "beta"]
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = Runner(tmp, env)
         for name in chosen:
             body += SECTIONS[name](runner)
-    if alone:  # its own page: the section's heading becomes the page's title
-        title, body = body[0].removeprefix("## "), body[2:]
-    else:
-        title = "The collapse maps the docs cite"
+    title = EVAL_TITLE if alone else "The collapse maps the docs cite"
     print(pages.write(page, title, "bench.maps", argv, body))
     return 0
 
