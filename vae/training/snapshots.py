@@ -43,15 +43,14 @@ def _rows(trial_id: str, epoch: int, kind: str, values: torch.Tensor, pair: int 
 def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     gen = streams.snapshot_prior(seed)
+    noise = streams.snapshot_noise(seed) if device.type == "cpu" else None  # the decoder's own draws
     rows: list[dict[str, Any]] = []
     if data.image_shape is None:  # 2-D toy: true test points once, generated points every time
         if epoch == 0:
             rows += _rows(trial_id, epoch, "original", data.test.x[:N_POINTS])
         z = torch.randn(N_POINTS, model.latent_dim, generator=gen).to(device)
         rows += _rows(trial_id, epoch, "generated", model.decode_mean(z))
-        noisy_gen = streams.snapshot_noise(seed)
-        noisy = model.decode_sample(z, noisy_gen if device.type == "cpu" else None)
-        rows += _rows(trial_id, epoch, "generated_noisy", noisy)
+        rows += _rows(trial_id, epoch, "generated_noisy", model.decode_sample(z, noise))
         return rows
     x = data.test.x[:N_ORIGINALS].to(device)
     mu, _ = model.encode(x)
@@ -67,7 +66,6 @@ def image_rows(model, data: Data, trial_id: str, epoch: int, seed: int) -> list[
         codes.append(("manifold", -1, grid))
     # one decoder call for them all: an autoregressive decoder draws its pixels one at a time, so it walks the
     # image once, not once per kind (its draws from the trial's snapshot noise: the same images every run)
-    noise = streams.snapshot_noise(seed) if device.type == "cpu" else None
     images = model.decode_mean(torch.cat([z for _, _, z in codes]), noise)
     for (kind, pair, z), part in zip(codes, images.split([len(z) for _, _, z in codes])):
         rows += _rows(trial_id, epoch, kind, part, pair)
