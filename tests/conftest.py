@@ -8,7 +8,9 @@ once instead, naming both ways out. No test itself ever reaches the network.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -33,24 +35,63 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def free_port() -> int:
+    """A port free now, for a Ray head's fixed ones (the dashboard's default, 8265, is one for the whole machine,
+    and pytest-xdist's workers may start two heads at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _mnist_is_here() -> bool:
     return (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Fetch MNIST once if a selected test needs it and it is not on disk (or stop, when offline)."""
-    if _mnist_is_here() or not any("data_dir" in getattr(item, "fixturenames", ()) for item in session.items):
+def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort): pytest-xdist's two workers then start the long end-to-end runs
+    early and fill in with the short ones, instead of one worker ending alone on a long test. And MNIST fetched
+    once if a selected test needs it and it is not on disk (or the session stopped, when offline)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if _mnist_is_here() or not any("data_dir" in getattr(item, "fixturenames", ()) for item in items):
         return
     if offline():
-        pytest.exit(f"MNIST is not in {DATA_DIR}: point {DATA_DIR_ENV} at a folder that holds it, "
-                    f"or unset {OFFLINE_ENV} to let the tests download it there once", returncode=2)
+        return _stop(session, items, f"MNIST is not in {DATA_DIR}: point {DATA_DIR_ENV} at a folder that holds it, "
+                                     f"or unset {OFFLINE_ENV} to let the tests download it there once")
     from vae.model.data import DataError, download_mnist
 
-    print(f"\nMNIST is not in {DATA_DIR}: downloading it there once for the tests", file=sys.stderr, flush=True)
-    try:
-        download_mnist(DATA_DIR)
-    except DataError as e:
-        pytest.exit(str(e), returncode=2)
+    Path(DATA_DIR).mkdir(parents=True, exist_ok=True)
+    with open(Path(DATA_DIR) / ".download.lock", "w") as lock:  # pytest-xdist's workers: one downloads, the other waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _mnist_is_here():
+            return
+        print(f"\nMNIST is not in {DATA_DIR}: downloading it there once for the tests", file=sys.stderr, flush=True)
+        try:
+            download_mnist(DATA_DIR)
+        except DataError as e:
+            _stop(session, items, str(e))
+
+
+def _stop(session: pytest.Session, items: list[pytest.Item], message: str) -> None:
+    """End the session before any test runs, with `message` and exit code 2. A pytest-xdist worker runs none of
+    its tests and hands the message to the controller (an exit there would only restart the worker)."""
+    if not hasattr(session.config, "workerinput"):
+        pytest.exit(message, returncode=2)
+    items.clear()
+    session.shouldstop = message
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one torch thread and leaves the count as it found it. Two runs a test compares then
+    block their matrix products the same way (with two threads, a pack's wider products and a trial's alone are
+    blocked differently and drift apart by about 1e-4 in 3 epochs), a run that sets its own count
+    (`cpus_per_worker`) does not leak it into the next test, and pytest-xdist's two workers share 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

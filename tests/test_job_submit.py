@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import DATA_DIR, ROOT
+from tests.conftest import DATA_DIR, ROOT, free_port
 from vae.tables.results import Results
 
 pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
