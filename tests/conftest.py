@@ -49,11 +49,15 @@ def _mnist_is_here() -> bool:
 
 def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
     """The slow tests first (a stable sort): pytest-xdist's two workers then start the long end-to-end runs
-    early and fill in with the short ones, instead of one worker ending alone on a long test. And MNIST fetched
-    once if a selected test needs it and it is not on disk (or the session stopped, when offline)."""
+    early and fill in with the short ones, instead of one worker ending alone on a long test. Then MNIST
+    (`_fetch_mnist`): here, not later, so that a pytest-xdist worker can still drop its tests."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    if _mnist_is_here() or not any("data_dir" in getattr(item, "fixturenames", ()) for item in items):
-        return
+    if not _mnist_is_here() and any("data_dir" in getattr(item, "fixturenames", ()) for item in items):
+        _fetch_mnist(session, items)
+
+
+def _fetch_mnist(session: pytest.Session, items: list[pytest.Item]) -> None:
+    """Fetch MNIST once for the selected tests that need it (or stop the session, when offline)."""
     if offline():
         return _stop(session, items, f"MNIST is not in {DATA_DIR}: point {DATA_DIR_ENV} at a folder that holds it, "
                                      f"or unset {OFFLINE_ENV} to let the tests download it there once")

@@ -37,10 +37,12 @@ def test_the_tests_find_mnist_where_the_first_command_downloads_it(data_dir, tmp
     assert " passed" in run.stdout and "error" not in run.stdout.splitlines()[-1]
 
 
-def test_offline_without_mnist_stops_at_once_naming_both_ways_out(tmp_path):
+@pytest.mark.parametrize("processes", [[], ["-n", "0"]], ids=["xdist-workers", "one-process"])
+def test_offline_without_mnist_stops_at_once_naming_both_ways_out(tmp_path, processes):
+    """In pytest-xdist's workers (the default) the stop reaches the controller; in one process, pytest.exit."""
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     env.update(VAE_DATA_DIR=str(tmp_path / "empty"), VAE_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *processes,
                           "tests/test_data.py::test_mnist_is_seed_one_intensities"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
