@@ -140,6 +140,8 @@ def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster,
     job = subprocess.Popen(_train(tmp_path, data_dir, "cont", **{"max-failures": "2"}), cwd=ROOT,
                            env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _held(hold, 2, root)  # both workers half-way through epoch 2, epoch 1's checkpoint registered
+    done = glob.glob(f"{root}/epochs/*.e0000[01].parquet")
+    before = {p: os.stat(p).st_mtime_ns for p in done}
     busy = _nodes_of(cluster, "RayTrainWorker")
     assert len(busy) == 2, busy
     cluster.remove_node(nodes[busy[-1]])
@@ -149,6 +151,7 @@ def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster,
     assert any(line.startswith("jobs.train: lost node ") for line in out.splitlines()), out[-3000:]
     epochs = _epochs(root)
     assert sorted(epochs.epoch) == list(range(6)) and set(epochs.num_workers) == {2}
+    assert len(done) == 2 and {p: os.stat(p).st_mtime_ns for p in done} == before  # restarted from epoch 1's checkpoint
     assert Results(root).read("trials").status.tolist() == ["finished"]
 
 
