@@ -101,6 +101,30 @@ def test_more_workers_than_a_local_instance_has_fail_at_once(ray_cluster):
     launch.check_resources(launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=2)))
 
 
+@pytest.mark.parametrize("address, attaches", [(None, False), ("", False), ("local", False), ("auto", True),
+                                               ("10.0.0.5:6379", True)])
+def test_without_ray_address_a_job_starts_its_own_instance_never_one_a_ray_start_left(monkeypatch, address, attaches):
+    """`ray.init()` alone attaches to the cluster a `ray start` (or a test's `ray.cluster_utils.Cluster`) last
+    recorded on this machine; a job would then size and check that cluster as a local instance of its own."""
+    import ray
+
+    from vae import launch
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for key in launch.LOCAL_TRAIN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    launch.connect()
+    (kwargs,) = calls
+    assert launch.attached() is attaches
+    assert kwargs.get("address") == (None if attaches else "local")
+
+
 def _start(tmp_path, name):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "jobs.train", *TOY, "--lr", "0.01", "--storage", str(tmp_path), "--name", name,

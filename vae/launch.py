@@ -30,11 +30,14 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABL
 
 
 def connect(verbose: bool = False, num_cpus: int | None = None) -> None:
-    """Attach to the cluster in RAY_ADDRESS / `ray start`, or start a local one.
+    """Attach to the cluster in RAY_ADDRESS (`ray job submit` sets it for its jobs; `auto` finds a `ray start`
+    cluster on this machine), or start a local one (RAY_ADDRESS unset, empty or `local`).
 
-    Ray's own log stream (worker prefixes, controller chatter) stays off
-    unless `verbose`; progress comes from the results tables instead. A local
-    cluster gets `LOCAL_TRAIN_ENV` (unless the environment already sets them).
+    Without RAY_ADDRESS the local instance is always a new one: `ray.init()` alone would attach to whatever
+    cluster a `ray start` on this machine last recorded, which the run would then take for a local instance it
+    may size and check as one. Ray's own log stream (worker prefixes, controller chatter) stays off unless
+    `verbose`; progress comes from the results tables instead. A local cluster gets `LOCAL_TRAIN_ENV` (unless
+    the environment already sets them).
     """
     import ray
 
@@ -48,11 +51,10 @@ def connect(verbose: bool = False, num_cpus: int | None = None) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
     kwargs: dict[str, Any] = dict(logging_level=level, log_to_driver=verbose)
-    attaching = bool(os.environ.get("RAY_ADDRESS"))
-    if not attaching:
+    if not attached():
         for key, value in LOCAL_TRAIN_ENV.items():  # inherited by the local raylet and so by every worker
             os.environ.setdefault(key, value)
-        kwargs["include_dashboard"] = False
+        kwargs.update(address="local", include_dashboard=False)
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
@@ -80,7 +82,7 @@ PENDING_EVERY_S = 60.0  # while a run waits for an autoscaling cluster, say so t
 
 def attached() -> bool:
     """Whether we joined a cluster started elsewhere (it may autoscale) rather than starting a local one."""
-    return bool(os.environ.get("RAY_ADDRESS"))
+    return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
 
 
 def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> str:
