@@ -22,7 +22,8 @@ import pytest
 from tests.conftest import DATA_DIR, ROOT, free_port
 from vae.tables.results import Results
 
-pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
+# end to end through Ray: the full suite, not -m "not slow"; one pytest-xdist worker runs both on one head
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-head")]
 
 BIN = Path(sys.executable).parent
 
