@@ -63,29 +63,6 @@ def test_two_gloo_workers_train_disjoint_shards_in_step(ray_cluster, tmp_path, d
     assert res.read("trials").status.tolist() == ["finished"]
 
 
-def test_killed_worker_run_is_resumed_by_rerunning_the_name(ray_cluster, tmp_path, data_dir):
-    cfg = mnist_cfg(tmp_path, data_dir, epochs=4, name="resume", max_failures=0)
-    marker = tmp_path / "killed"
-    env = {FAULT_EPOCH_ENV: "3", FAULT_MARKER_ENV: str(marker)}
-    first = tmp_path / "first.jsonl"
-    with pytest.raises(ray.train.TrainingFailedError):  # SIGKILLed in epoch 3, no restarts allowed
-        launch.fit(cfg, env_vars=env, callbacks=[RecordRanks(str(first))])
-    assert marker.exists()
-    res = Results(f"{tmp_path}/resume")
-    assert sorted(res.read("epochs").epoch) == [0, 1, 2]
-    # the reports (with their checkpoints) the Train controller took in before the kill: epochs 1 .. kept
-    kept = [json.loads(line)[0]["epoch"] for line in first.read_text().splitlines()]
-    assert kept and kept == list(range(1, len(kept) + 1))
-    probe = tmp_path / "second.jsonl"
-    second = launch.fit(cfg, env_vars=env, callbacks=[RecordRanks(str(probe))])  # same storage + name
-    assert second.error is None
-    # it continued from the last checkpoint taken in: it trained the epochs after it only (a restart reports 1)
-    assert [json.loads(line)[0]["epoch"] for line in probe.read_text().splitlines()] == list(range(kept[-1] + 1, 5))
-    epochs = res.read("epochs")
-    assert sorted(epochs.epoch) == [0, 1, 2, 3, 4]
-    assert res.read("trials").status.tolist() == ["finished"]
-
-
 def test_worker_killed_mid_epoch_restarts_from_checkpoint_within_one_run(ray_cluster, tmp_path, data_dir):
     base = mnist_cfg(tmp_path, data_dir, epochs=3, name="clean")
     assert launch.fit(base).error is None

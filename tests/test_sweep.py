@@ -130,51 +130,43 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_sweeps_on_one_storage_keep_their_own_rows(tmp_path):
+def test_two_sweeps_on_one_storage_keep_their_own_rows_and_an_errored_trial_is_retried_on_resume(tmp_path):
+    """Two sweeps at once on one storage, each on its own Ray: one of them ("left", under ASHA) has a trial
+    SIGKILLed once with no retries allowed, so it ends with that trial failed; `--resume --retry-errored` trains
+    it again. (One run checks both: a second pair of sweeps would only start Ray twice more.)"""
+    from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
+
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    flaky = {**env, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
+    common = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2", "--lrs",
+              "1e-2", "--iw-samples", "0", "--max-concurrent", "1", "--cpus-per-trial", "0.5", "--storage", str(tmp_path)]
+    left_args = [sys.executable, "-m", "jobs.sweep", *common, "--betas", "0.3,3", "--epochs", "3",
+                 "--max-failures", "0", "--scheduler", "asha", "--name", "left"]
 
-    def start(name: str, betas: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear",
-                                 "--decoder-var", "1", "--latent-dims", "2", "--lrs", "1e-2", "--betas", betas,
-                                 "--epochs", "1", "--iw-samples", "0", "--max-concurrent", "1",
-                                 "--cpus-per-trial", "0.5", "--storage", str(tmp_path), "--name", name],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    first, second = start("left", "0.1,0.2"), start("right", "5,6")
-    assert first.wait(timeout=300) == 0, first.stdout.read()[-2000:]
+    first = start(left_args, flaky)
+    second = start([sys.executable, "-m", "jobs.sweep", *common, "--betas", "5,6", "--epochs", "1", "--name", "right"], env)
+    assert first.wait(timeout=300) == 1, first.stdout.read()[-2000:]  # one trial was SIGKILLed once
     assert second.wait(timeout=300) == 0, second.stdout.read()[-2000:]
-    left, right = Results(f"{tmp_path}/left").read("trials"), Results(f"{tmp_path}/right").read("trials")
-    assert sorted(left.beta) == [0.1, 0.2] and sorted(right.beta) == [5, 6]
+    assert (tmp_path / "killed").exists()
+    left_res = Results(f"{tmp_path}/left")
+    left, right = left_res.read("trials"), Results(f"{tmp_path}/right").read("trials")
+    assert sorted(left.beta) == [0.3, 3] and sorted(right.beta) == [5, 6]
     assert set(left.trial_id).isdisjoint(right.trial_id)
+    assert sorted(left.status) == ["failed", "finished"] and set(right.status) == {"finished"}
+    assert left[left.status == "failed"].error.iloc[0] != ""
     again = subprocess.run([sys.executable, "-m", "jobs.sweep", "--storage", str(tmp_path), "--name", "left"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists; use --resume" in again.stderr
-
-
-@pytest.mark.slow
-def test_an_errored_trial_is_recorded_failed_and_retried_on_resume(tmp_path):
-    from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
-
-    env = {**os.environ, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
-    env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "-m", "jobs.sweep", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
-            "--latent-dims", "2", "--lrs", "1e-2", "--betas", "0.3,3", "--epochs", "3", "--iw-samples", "0",
-            "--max-concurrent", "1", "--max-failures", "0", "--scheduler", "asha",
-            "--storage", str(tmp_path), "--name", "flaky"]
-    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]  # one trial was SIGKILLed once
-    res = Results(f"{tmp_path}/flaky")
-    trials = res.read("trials")
-    assert sorted(trials.status) == ["failed", "finished"]
-    assert trials[trials.status == "failed"].error.iloc[0] != ""
-    again = subprocess.run(args + ["--resume", "--retry-errored"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    trials = res.read("trials")
-    assert sorted(trials.status) == ["finished", "finished"]
-    assert not res.read("epochs").duplicated(["trial_id", "epoch"]).any()
-    assert len(res.read("epochs")) == 2 * 4
+    retried = subprocess.run(left_args + ["--resume", "--retry-errored"], cwd=ROOT, env=flaky, capture_output=True,
+                             text=True, timeout=300)
+    assert retried.returncode == 0, retried.stdout[-2000:] + retried.stderr[-2000:]
+    assert sorted(left_res.read("trials").status) == ["finished", "finished"]
+    epochs = left_res.read("epochs")
+    assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 2 * 4
 
 
 def test_the_private_tune_hook_for_restored_callbacks_still_exists():
