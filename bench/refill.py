@@ -9,8 +9,11 @@ Each map runs twice under `jobs.sweep` on this machine, back to back (`--refille
 For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / (slots x steps the
 pack ran), from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
 counted once, as a share of the wall of the trials the sweep ran at once; the rest is evaluation, tables,
-checkpoints and Ray), and how their verdicts compare, configuration by configuration (units in use and
-settled; `compare_verdicts`: rounding may move an unsettled count within its own undecided units, and
+checkpoints, Ray, and trials not yet or no longer running), split in two: how long the trials ran (Tune's own
+`time_total_s`, summed) as a share of the trials the sweep could run at once x its wall, and the training
+steps' share of the trials' own time; the training floor (the wall with every slot full and nothing but
+training, at the run's own training rate), and how their verdicts compare, configuration by configuration
+(units in use and settled; `compare_verdicts`: rounding may move an unsettled count within its own undecided units, and
 nothing else may differ). The maps: the pytorch/examples MLP on MNIST until settled (the
 README's map, or a smaller one by the flags), and the 2-D toy's linear map of bench.pack (96 configurations,
 fixed budget: refilling has nothing to refill there, and must not be slower). Writes docs/refill.md
@@ -20,6 +23,8 @@ fixed budget: refilling has nothing to refill there, and must not be slower). Wr
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -50,10 +55,26 @@ def sweep(args: list[str], storage: str, name: str, pack: str, env: dict[str, st
     training = steps.drop_duplicates(["pack_id", "step"]).epoch_seconds.sum()
     verdicts = trials.set_index("trial_id")[["units_in_use", "settled", "units_undecided"]]  # ids: from the points
     at_once = min(len(packs), os.cpu_count() or 1)  # trials the sweep ran at once (a CPU each)
-    return {"wall": wall, "packs": len(packs), "slots": int(packs.slots.max()), "utilisation": slot_utilisation(packs),
+    utilisation = slot_utilisation(packs)
+    running = trial_seconds(root)
+    return {"running": running, "running_share": running / (wall * at_once), "in_trial": float(training) / max(running, 1e-9),
+            "wall": wall, "packs": len(packs), "slots": int(packs.slots.max()), "utilisation": utilisation,
             "member_epochs": int(packs.member_epochs.sum()), "training": float(training),
             "share": float(training) / (wall * at_once), "at_once": at_once,
+            # the wall at this run's own training rate with every slot full and nothing but training running
+            "floor": float(training) * utilisation / at_once,
             "settled": int(trials.settled.sum()), "trials": len(trials), "verdicts": verdicts.sort_index()}
+
+
+def trial_seconds(root: str) -> float:
+    """Tune's own record of how long the sweep's trials ran (the last `time_total_s` in each trial's
+    result.json: from its start, set-up included, to its last report), summed over the trials."""
+    total = 0.0
+    for path in glob.glob(f"{root}/*/result.json"):
+        with open(path) as fh:
+            lines = [line for line in fh.read().splitlines() if line.strip()]
+        total += float(json.loads(lines[-1]).get("time_total_s", 0.0)) if lines else 0.0
+    return total
 
 
 def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict[str, str],
@@ -68,10 +89,16 @@ def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict
         if r is not None:
             rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
                          r["member_epochs"], f"{r['training']:.0f} ({100 * r['share']:.0f}%)",
-                         f"{r['settled']}/{r['trials']}"))
+                         f"{r['running']:.0f} ({100 * r['running_share']:.0f}%)", f"{100 * r['in_trial']:.0f}%",
+                         f"{r['floor']:.0f}", f"{r['settled']}/{r['trials']}"))
     lines = [f"```bash\npython -m jobs.sweep {' '.join(args)} --pack {'auto' if refilled_only else 'N|auto'}\n```", ""]
     lines += pages.table(["run", "wall (s)", "packs", "slots a pack", "slot utilisation", "member-epochs",
-                          f"training steps (s; share of {after['at_once']} trials' wall)", "settled"], rows)
+                          f"training steps (s; share of {after['at_once']} trials' wall)",
+                          f"trials running (s; share of {after['at_once']} x wall)", "training in the trials' time",
+                          "training floor (s)", "settled"], rows)
+    lines += [f"Training floor: the wall at the run's own training rate with every slot full and nothing but training "
+              f"(training steps x slot utilisation / {after['at_once']} trials at once): no packing or evaluation "
+              "policy makes the map faster than that on this machine without a faster training step.", ""]
     if before is None:
         print(f"bench.refill: {label}: refilled wall {after['wall']:.0f}s, utilisation "
               f"{100 * after['utilisation']:.0f}%", flush=True)

@@ -65,8 +65,8 @@ def train_pack(configs: Sequence[TrainConfig | Mapping[str, Any]], session=None,
         step = done
         while members.busy():
             step += 1
-            t0 = time.perf_counter()
             _refill(run, step - 1)
+            t0 = time.perf_counter()  # the epoch's training time (a refilled member's set-up is not in it)
             trains = _train_epoch(run, step)
             cpu.clear_denormals(list(run.model.parameters()) + pack.moments(run.opt))
             seconds = time.perf_counter() - t0
