@@ -1,4 +1,4 @@
-"""The loop under Ray Train: two gloo workers, per-rank probes, resume after a killed worker."""
+"""The loop under Ray Train: two gloo workers, per-rank probes, a killed worker restarted from its checkpoint."""
 
 import json
 
@@ -13,6 +13,8 @@ from vae.config import TrainConfig, resolve
 from vae.model.data import shard_indices
 from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 from vae.training.batches import shard_digest
+from vae.training.loop import train_loop
+from vae.training.session import LocalSession
 from vae.tables.results import Results
 
 pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
@@ -65,7 +67,7 @@ def test_two_gloo_workers_train_disjoint_shards_in_step(ray_cluster, tmp_path, d
 
 def test_worker_killed_mid_epoch_restarts_from_checkpoint_within_one_run(ray_cluster, tmp_path, data_dir):
     base = mnist_cfg(tmp_path, data_dir, epochs=3, name="clean")
-    assert launch.fit(base).error is None
+    train_loop(base, LocalSession())  # the clean run: the same loop in this process, on one thread as the worker
     cfg = base.replace(name="killed", max_failures=1)
     marker = tmp_path / "killed"
     probe = tmp_path / "ranks.jsonl"
