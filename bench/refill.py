@@ -117,7 +117,7 @@ def compare_verdicts(a: pd.DataFrame, b: pd.DataFrame) -> str:
     one seed and epoch gathers one batch and runs wide products; refilled slots run per-member products), so a
     trajectory can drift by rounding, and a count may move within its own undecided units: a difference is
     only a disagreement where both runs settled, or where it exceeds the undecided units either run reports."""
-    both = a.join(b, rsuffix="_b", how="inner")
+    both = a.merge(b, left_index=True, right_index=True, how="inner", suffixes=("", "_b"))
     same = both[(both.units_in_use == both.units_in_use_b) & (both.settled == both.settled_b)]
     rest = both.drop(same.index)
     gap = (rest.units_in_use - rest.units_in_use_b).abs()

@@ -70,3 +70,26 @@ def test_the_eval_subset_section_of_bench_maps_is_refused_beside_others_before_a
             maps.main(["--only", only, "--page", str(page)])
         assert stop.value.code == 2 and needle in capsys.readouterr().err
     assert not page.exists()
+
+
+def test_refill_verdicts_are_the_same_moved_within_their_undecided_units_or_disagree():
+    from bench.refill import compare_verdicts
+
+    cols = ["units_in_use", "settled", "units_undecided"]
+    a = pd.DataFrame([[2, True, 0], [3, False, 2], [5, True, 0]], index=["x", "y", "z"], columns=cols)
+    b = pd.DataFrame([[2, True, 0], [4, False, 1], [4, True, 0]], index=["x", "y", "z"], columns=cols)
+    text = compare_verdicts(a, b)
+    assert text.startswith("**1 of 3** the same")
+    assert "1 moved within their undecided units" in text and "y: 3 unsettled against 4 unsettled, 2 undecided" in text
+    assert text.endswith("**1** disagree beyond that (z)")  # both settled: a difference is a disagreement
+
+
+def test_refill_reads_how_long_the_trials_ran_from_tunes_own_result_files(tmp_path):
+    import json
+
+    from bench.refill import trial_seconds
+
+    for trial, totals in (("trial_0", [1.0, 2.5]), ("trial_1", [4.0]), ("trial_2", [])):
+        (tmp_path / trial).mkdir()
+        (tmp_path / trial / "result.json").write_text("".join(json.dumps({"time_total_s": t}) + "\n" for t in totals))
+    assert trial_seconds(str(tmp_path)) == 6.5  # each trial's last time_total_s; one that reported nothing: 0
