@@ -57,3 +57,20 @@ def test_the_cli_refuses_to_download_when_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_OFFLINE", "1")
     with pytest.raises(DataError, match="VAE_OFFLINE=1 forbids downloading"):
         load_mnist(str(tmp_path))
+
+
+def test_the_installed_pytest_keeps_xdist_groups_on_one_worker(tmp_path):
+    """The suite runs its tests on the shared Ray instance as one pytest-xdist group (tests/conftest.py). On
+    pytest 9.2 xdist 3.8's loadgroup drops the groups without a word (pytest-dev/pytest-xdist#1386): each worker
+    then starts an instance of its own. This fails there, so a pytest that breaks it is not installed unnoticed."""
+    (tmp_path / "test_groups.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.xdist_group('g')\n@pytest.mark.parametrize('i', range(4))\ndef test_grouped(i):\n    pass\n\n"
+        "@pytest.mark.parametrize('i', range(4))\ndef test_free(i):\n    pass\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-c", os.devnull, "-p", "no:cacheprovider", "-n", "2",
+                          "--dist", "loadgroup", "-v", "test_groups.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:]
+    grouped = [line for line in run.stdout.splitlines() if "test_grouped" in line and "PASSED" in line]
+    assert len(grouped) == 4 and all(line.rstrip().endswith("@g") for line in grouped), run.stdout[-2000:]
+    assert len({line.split()[0] for line in grouped}) == 1, run.stdout[-2000:]  # one worker ran the group
