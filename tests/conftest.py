@@ -43,6 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def recorded_run(root: Path, kind: str = "train", **config) -> dict:
+    """A run.json as an earlier start of the toy linear VAE (plus `config`) would have left it in `root`."""
+    from vae.config import TrainConfig, resolve
+    from vae.tables.results import Results
+
+    cfg = resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0,
+                              storage=str(root.parent), name=root.name, **config)).to_dict()
+    info = {"kind": kind, "command": "python -m jobs.train ...", "config": cfg}
+    Results(str(root)).write_json("run.json", info)
+    return info
+
+
 def _mnist_is_here() -> bool:
     return (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 

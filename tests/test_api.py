@@ -8,6 +8,7 @@ import torch
 
 import vae
 import vae.api
+from tests.conftest import recorded_run
 from vae.config import ConfigError
 
 
@@ -50,17 +51,13 @@ def test_train_returns_its_tables_figures_and_a_model_to_use(ray_cluster, tmp_pa
                   storage=str(tmp_path), name="api", beta=2.0, quiet=True)
 
 
-@pytest.mark.slow
 def test_a_failed_run_raises_with_the_clis_line(tmp_path):
-    """A rerun with other settings is refused before Ray starts (no Ray here; the end-to-end test below does the
+    """A rerun with other settings is refused before Ray starts (no Ray here; the end-to-end test above does the
     same after a real run): run.json as a first run of these settings leaves it."""
-    from vae.tables.results import Results
-
-    kw = dict(dataset="gaussian2d", model="linear", decoder_var=1, epochs=1, iw_samples=0, storage=str(tmp_path), name="b")
-    first = {"kind": "train", "command": "python -m jobs.train ...", "config": vae.api.train_config(**kw).to_dict()}
-    Results(str(tmp_path / "b")).write_json("run.json", first)
+    recorded_run(tmp_path / "b", epochs=1)
     with pytest.raises(vae.RunFailed, match=r"was run with other settings \(--beta 1.0 -> 2.0\);"):
-        vae.train(**kw, beta=2.0, quiet=True)
+        vae.train(dataset="gaussian2d", model="linear", decoder_var=1, epochs=1, iw_samples=0, storage=str(tmp_path),
+                  name="b", beta=2.0, quiet=True)
 
 
 @pytest.mark.slow

@@ -14,27 +14,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, recorded_run
 from vae.tables.results import Results
 
 TOY = ["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--iw-samples", "0"]
 
 
-def _recorded_run(root: Path, kind: str = "train", **config) -> dict:
-    """A run.json as an earlier start would have left it."""
-    from vae.config import TrainConfig, resolve
-
-    cfg = resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0,
-                              storage=str(root.parent), name=root.name, **config)).to_dict()
-    info = {"kind": kind, "command": "python -m jobs.train ...", "config": cfg}
-    Results(str(root)).write_json("run.json", info)
-    return info
-
-
 def test_a_rerun_with_other_settings_is_refused_before_ray_naming_each_field(tmp_path, capsys):
     from jobs import train
 
-    before = _recorded_run(tmp_path / "X", beta=1.0, lr=1e-3, epochs=3)
+    before = recorded_run(tmp_path / "X", beta=1.0, lr=1e-3, epochs=3)
     code = train.main([*TOY, "--storage", str(tmp_path), "--name", "X", "--epochs", "5", "--beta", "4",
                        "--lr", "0.01"])
     err = capsys.readouterr().err.strip()
@@ -48,7 +37,7 @@ def test_changing_only_the_budget_extends_the_run(tmp_path):
     from vae.config import TrainConfig, resolve
     from vae.tables.runs import check_identity
 
-    _recorded_run(tmp_path / "X", epochs=3)
+    recorded_run(tmp_path / "X", epochs=3)
     cfg = resolve(TrainConfig(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0,
                               storage=str(tmp_path), name="X", epochs=5))
     assert check_identity(Results(str(tmp_path / "X")), "train", cfg.to_dict()) == \
@@ -58,7 +47,7 @@ def test_changing_only_the_budget_extends_the_run(tmp_path):
 def test_a_train_run_cannot_land_in_a_sweeps_folder(tmp_path, capsys):
     from jobs import train
 
-    _recorded_run(tmp_path / "S", kind="sweep")
+    recorded_run(tmp_path / "S", kind="sweep")
     assert train.main([*TOY, "--storage", str(tmp_path), "--name", "S"]) == 2
     assert "holds a sweep run, not a train" in capsys.readouterr().err
 
