@@ -11,10 +11,11 @@ pack ran), from `trials/`), where the time went (the packs' training steps, `epo
 counted once, as a share of the wall of the trials the sweep ran at once; the rest is evaluation, tables,
 checkpoints, Ray, and trials not yet or no longer running), split in two: how long the trials ran (Tune's own
 `time_total_s`, summed) as a share of the trials the sweep could run at once x its wall, and the training
-steps' share of the trials' own time; the training floor (the wall with every slot full and nothing but
-training, at the run's own training rate), and how their verdicts compare, configuration by configuration
-(units in use and settled; `compare_verdicts`: rounding may move an unsettled count within its own undecided units, and
-nothing else may differ). The maps: the pytorch/examples MLP on MNIST until settled (the
+steps' share of the trials' own time; the training floor (training steps x slot utilisation / trials at
+once: the wall with every slot full and nothing but training, at that run's cost of a member-epoch, which
+one pack a shape's shared batches lower); and how their verdicts compare, configuration by configuration
+(units in use and settled; `compare_verdicts`: rounding may move an unsettled count within its own undecided
+units, and nothing else may differ). The maps: the pytorch/examples MLP on MNIST until settled (the
 README's map, or a smaller one by the flags), and the 2-D toy's linear map of bench.pack (96 configurations,
 fixed budget: refilling has nothing to refill there, and must not be slower). Writes docs/refill.md
 (or `--page`).
@@ -96,9 +97,6 @@ def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict
                           f"training steps (s; share of {after['at_once']} trials' wall)",
                           f"trials running (s; share of {after['at_once']} x wall)", "training in the trials' time",
                           "training floor (s)", "settled"], rows)
-    lines += [f"Training floor: the wall at the run's own training rate with every slot full and nothing but training "
-              f"(training steps x slot utilisation / {after['at_once']} trials at once): no packing or evaluation "
-              "policy makes the map faster than that on this machine without a faster training step.", ""]
     if before is None:
         print(f"bench.refill: {label}: refilled wall {after['wall']:.0f}s, utilisation "
               f"{100 * after['utilisation']:.0f}%", flush=True)
