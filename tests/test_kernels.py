@@ -53,6 +53,9 @@ def test_packed_linear_backward_passes_gradcheck_in_double(shared):
 
 @pytest.mark.parametrize("k, shared", [(1, True), (3, False), (3, True)])
 def test_linear_squared_error_passes_gradcheck_and_equals_the_plain_terms(k, shared):
+    # seeded: float32 rounding puts about 1.5 % of random draws just past assert_close's default tolerance, and
+    # unseeded draws depend on which tests ran before in the process
+    torch.manual_seed(0)
     x = torch.rand(4, 6) if shared else torch.rand(k, 4, 6)
     z = torch.randn(1, 4, 3) if k == 1 else torch.randn(1, k, 4, 3)
     w, bias = (torch.randn(6, 3), torch.randn(6)) if k == 1 else (torch.randn(k, 6, 3), torch.randn(k, 6))
