@@ -3,11 +3,12 @@
 Each map runs twice under `jobs.sweep` on this machine, back to back (`--refilled-only`: the second alone):
 - *one pack a shape* (as before refilling: `--pack N`, N the configurations of a shape, so every shape is one
   pack whose slots idle once their members end), and
-- *refilled* (`--pack auto`: queues of about 4 configurations a slot, refilled as members end, the costliest
-  queues first; on MNIST with `--eval-subset 2000`: the epochs before a member's last measured on 2,000 test
-  images, its last on all 10,000).
-For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / (slots x steps the
-pack ran), from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
+- *refilled* (`--pack auto`: each shape dealt to queues of about 4 configurations a slot, a multiple of the
+  trials at once; slots refilled as members end and given up once the queue is empty; the costliest queues
+  first; on MNIST with `--eval-subset 2000`: the epochs before a member's last measured on 2,000 test images,
+  its last on all 10,000).
+For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / slot-steps the packs
+trained, from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
 counted once, as a share of the wall of the trials the sweep ran at once; the rest is evaluation, tables,
 checkpoints, Ray, and trials not yet or no longer running), split in two: how long the trials ran (Tune's own
 `time_total_s`, summed) as a share of the trials the sweep could run at once x its wall, and the training

@@ -1,5 +1,6 @@
 """Continuous packing: a pack's slot takes the next queued configuration when its member ends
-(vae/training/pack.py `Members.refill`, vae/training/loop.py `_refill`), and that configuration trains as if alone."""
+(vae/training/pack.py `Members.refill`, vae/training/slots.py `refill`), and that configuration trains as if
+alone; once nothing waits, the pack gives up its ended slots (`shrink`)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_a_refilled_slots_rows_equal_its_configuration_trained_alone(tmp_path):
     assert len(_rows(packed, "images")) == len(_rows(alone, "images"))
     # utilisation: member-epochs a 3, b 1, c 3, d 3 = 10 over 2 slots x 6 steps
     (u,) = pack_utilisation(Results(packed).read("trials")).itertuples()
-    assert (u.slots, u.steps, u.member_epochs) == (2, 6, 10) and abs(u.utilisation - 10 / 12) < 1e-9
+    assert (u.slots, u.steps, u.member_epochs, u.slot_steps) == (2, 6, 10, 12) and abs(u.utilisation - 10 / 12) < 1e-9
 
 
 SCRIPT = """
@@ -96,15 +97,63 @@ def test_a_queue_longer_than_its_slots_finishes_every_configuration_once_also_af
     np.testing.assert_allclose(got.test_loss.to_numpy(), ref.test_loss.to_numpy(), rtol=1e-5)
 
 
+# b diverges in its first epoch and d takes its slot; a and c end at step 3, and e takes a's slot with the queue
+# then empty: from step 4 the pack trains on two slots, e's and d's (two still once d ends: a pack of one is the plain model)
+SHRINK = [dict(trial_id="a", lr=1e-3, beta=0.5), dict(trial_id="b", lr=30.0, seed=2),
+          dict(trial_id="c", lr=3e-3, beta=2.0, seed=1), dict(trial_id="d", lr=1e-3, beta=1.0, seed=3),
+          dict(trial_id="e", lr=3e-3, seed=4, beta=2.0)]
+PACK_SCRIPT = """
+import json, sys
+from vae.config import TrainConfig
+from vae.training.loop import train_pack
+from vae.training.session import LocalSession
+storage, name, slots, kw, points = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+session = LocalSession(storage + "/" + name + "/ck")
+train_pack([TrainConfig(**kw, **p, storage=storage, name=name) for p in points], session, slots=slots)
+print(json.dumps([r["epoch"] for r in session.reports]))
+"""
+
+
+def test_a_pack_gives_up_its_ended_slots_once_its_queue_is_empty_also_across_a_sigkill(tmp_path):
+    for p in SHRINK:
+        train_loop(TrainConfig(**KW, **p, storage=str(tmp_path), name="alone"), LocalSession())
+    marker, args = str(tmp_path / "killed"), [str(tmp_path), "packed", "3", json.dumps(KW), json.dumps(SHRINK)]
+    env = {**os.environ, "VAE_FAULT_KILL_EPOCH": "5", "VAE_FAULT_MARKER": marker}
+    runs = [subprocess.run([sys.executable, "-c", PACK_SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=300) for _ in range(2)]
+    assert runs[0].returncode == -9 and os.path.exists(marker)  # killed in step 5, after the pack shrank
+    assert runs[1].returncode == 0, runs[1].stderr
+    assert json.loads(runs[1].stdout.strip().splitlines()[-1]) == [5, 6]  # from the shrunk pack's checkpoint
+    alone, packed = str(tmp_path / "alone"), str(tmp_path / "packed")
+    trials = _rows(packed, "trials").set_index("trial_id")
+    assert trials.status.to_dict() == {"a": "finished", "b": "diverged", "c": "finished", "d": "finished",
+                                       "e": "finished"}
+    assert trials.pack_offset.to_dict() == {"a": 0, "b": 0, "c": 0, "d": 1, "e": 3}
+    assert trials.pack_slots.to_dict() == {"a": 3, "b": 3, "c": 3, "d": 2, "e": 2}  # slots when each row was written
+    _same(_rows(alone, "epochs"), _rows(packed, "epochs"),
+          ["epoch", "train_loss", "train_kl", "test_loss", "mutual_info", "units_in_use", "lr_now", "kl_weight"])
+    _same(_rows(alone, "kl_per_dim"), _rows(packed, "kl_per_dim"), ["epoch", "dim", "kl", "activity"])
+    _same(_rows(alone, "trials"), _rows(packed, "trials"), ["status", "epochs_done", "test_loss", "iw_nll"])
+    # member-epochs a 3, b 1, c 3, d 3, e 3 = 13 in 3 x 3 + 3 x 2 slot-steps (18 had it kept its three slots)
+    (u,) = pack_utilisation(Results(packed).read("trials")).itertuples()
+    assert (u.slots, u.steps, u.member_epochs, u.slot_steps) == (3, 6, 13, 15)
+
+
 def test_queues_spread_each_shape_over_slots_and_start_the_costliest_first():
     points = [dict(latent_dim=z, lr=lr, beta=b) for z in (2, 50) for lr in (1e-3, 1e-2) for b in range(12)]
     slots = packing.slots_for(points, concurrent=2)
     assert slots == 6  # 48 configurations over 2 trials at once, about DEPTH = 4 through each slot
     qs = packing.queues(points, slots, concurrent=2, cost=lambda p: p["latent_dim"])
-    assert [(len(q), q[0]["latent_dim"]) for q in qs] == [(24, 50), (24, 2)]
+    # each shape dealt to the 2 trials at once, the costliest shape first: both trials start it and end it together
+    assert [(len(q), q[0]["latent_dim"]) for q in qs] == [(12, 50), (12, 50), (12, 2), (12, 2)]
     assert all(len({p["latent_dim"] for p in q}) == 1 for q in qs)
     assert sorted(map(str, sum(qs, []))) == sorted(map(str, points))
-    # one shape and more trials at once than queues: the largest queue is halved until every trial has one
+    # dealt in turn: each queue holds both learning rates and every other beta, in the shape's order
+    assert [(p["lr"], p["beta"]) for p in qs[1]] == [(lr, b) for lr in (1e-3, 1e-2) for b in range(1, 12, 2)]
+    # one shape and more trials at once: a queue for each
     one = [p for p in points if p["latent_dim"] == 2]
     assert [len(q) for q in packing.queues(one, 12, concurrent=4)] == [6, 6, 6, 6]
+    # a deep shape: more queues, still a multiple of the trials at once (96 by 3 slots, about 4 deep: 8 of 12)
+    many = [dict(latent_dim=2, lr=1e-3, beta=b) for b in range(96)]
+    assert [len(q) for q in packing.queues(many, 3, concurrent=2)] == [12] * 8
     assert packing.queues(one, 1, concurrent=2) == [[p] for p in packing.by_shape(one)[0]]  # one slot: alone

@@ -165,7 +165,7 @@ def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, 
     packs = pack_utilisation(trials)
     if len(packs) and (packs.slots > 1).any():
         emit(f"{PROG}: {len(packs)} packs, slot utilisation {100 * slot_utilisation(packs):.0f}% "
-             f"({packs.member_epochs.sum()} member-epochs in {(packs.slots * packs.steps).sum()} slot-steps; per pack "
+             f"({packs.member_epochs.sum()} member-epochs in {packs.slot_steps.sum()} slot-steps; per pack "
              f"{', '.join(f'{100 * u:.0f}%' for u in packs.utilisation)})")
     agree = collapse.theory_agreement(table)
     if agree["cells"]:

@@ -2,9 +2,10 @@
 
 A pack (vae/training/pack.py) trains configurations of one shape as one model of K slots, each slot taking the
 next queued configuration when its member ends. For a sweep's grid or random points this module cuts the
-configurations into queues (`queues`): each shape's configurations split so that about `DEPTH` pass through
-each slot, at least as many queues as the cluster runs trials at once, the costliest first (Tune starts trials
-in order, so the largest latent sizes start first and the cheap queues fill in at the end). How many slots
+configurations into queues (`queues`): each shape's configurations dealt to a multiple of the trials the
+cluster runs at once, so that about `DEPTH` pass through each slot and those trials start and end each shape
+together, the costliest first (Tune starts trials in order, so the largest latent sizes start first and the
+cheap queues fill in at the end). How many slots
 `--pack auto` gives a pack is `slots_for`, within memory (`member_bytes`). A boundary search's rounds are packs
 without queues (`groups`). The library never needs this module: a lone `train_pack` call is a pack of whatever
 it is handed.
@@ -73,26 +74,24 @@ def queues(points: Sequence[dict[str, Any]], slots: int, concurrent: int, shared
            cost: Callable[[dict[str, Any]], float] | None = None) -> list[list[dict]]:
     """The configurations as the queues of packs of `slots` slots, one shape each, costliest first.
 
-    Each shape's configurations are cut into `ceil(n / (slots * DEPTH))` queues (about DEPTH a slot); the
-    largest queue is halved while there are fewer queues than the `concurrent` trials the cluster runs at once,
-    so no slot of the cluster waits from the start; the queues are ordered by `cost` (a configuration's
-    expected training cost; default: one each) times their length, largest first, so that Tune, which starts
-    trials in order, ends with the cheap ones. With one slot a pack, every configuration is its own trial."""
+    Each shape's configurations are dealt in turn (the first to queue 1, the second to queue 2, ...) to a
+    multiple of the `concurrent` trials the cluster runs at once: as many as keep about DEPTH a slot, and at least
+    one for each concurrent trial (no more than the shape has). Dealt, a shape's queues hold the same mix of its
+    learning rates and betas, and so take about as long as each other: the trials the cluster runs at once start a
+    shape together and end it together, and no trial runs alone at the end while the others' slots wait (cut
+    into runs instead, a queue would hold one corner of the grid, which may settle much later than the rest). The queues are
+    ordered by `cost` (a configuration's expected training cost; default: one each) times their length, largest
+    first, so that Tune, which starts trials in order, ends with the cheap ones. Each queue keeps its shape's
+    order (`by_shape`). With one slot a pack, every configuration is its own trial."""
     if slots <= 1:
         return [[p] for members in by_shape(points, shared) for p in members]
     cost = cost or (lambda p: 1.0)
     out = []
     for members in by_shape(points, shared):
-        out += _cut(members, math.ceil(len(members) / (slots * DEPTH)))
-
-    def weight(q: list[dict]) -> float:
-        return len(q) * cost(q[0])
-
-    while len(out) < concurrent and max(len(q) for q in out) > 1:
-        largest = max(out, key=weight)
-        out.remove(largest)
-        out += _cut(largest, 2)
-    return sorted(out, key=weight, reverse=True)
+        lanes = max(1, concurrent)
+        n = min(len(members), lanes * math.ceil(len(members) / (slots * DEPTH * lanes)))
+        out += [members[i::n] for i in range(n)]
+    return sorted(out, key=lambda q: len(q) * cost(q[0]), reverse=True)
 
 
 def groups(points: Sequence[dict[str, Any]], size: int, shared: dict[str, Any] | None = None) -> list[list[dict]]:

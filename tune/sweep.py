@@ -13,6 +13,7 @@ import math
 import time
 from typing import Any
 
+import pandas as pd
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -258,4 +259,7 @@ def _settle_one(sweep, res, table, epochs, where: dict[str, Any], failure, inter
     wall = float(known.wall_seconds) if known is not None else float("nan")
     cfg = sweep.trial_config(trial_id=tid, **where)
     pack = str(known.pack_id) if known is not None and isinstance(known.pack_id, str) else tid
-    res.write("trials", [trial_row(cfg, tid, status, error, done, final, wall, pack_id=pack)], file_key(tid))
+    where_packed = {k: int(known[k]) for k in ("pack_slots", "pack_offset", "pack_slot_steps")
+                    if known is not None and pd.notna(known[k])}  # as the loop last wrote them
+    res.write("trials", [trial_row(cfg, tid, status, error, done, final, wall, pack_id=pack, **where_packed)],
+              file_key(tid))

@@ -389,8 +389,8 @@ def build_report(root: str, out: str | None = None, trial_id: str | None = None,
             page.sections.append(
                 f"<h2>How full the packs ran</h2><p>Slot utilisation over all packs: {100 * slot_utilisation(packs):.0f}% "
                 "(member-epochs "
-                "trained / (slots x steps the pack ran); a slot is refilled from its pack's queue when its member "
-                "ends).</p>" + table_html(packs))
+                "trained / slot-steps the packs trained; a slot is refilled from its pack's queue when its member "
+                "ends, and once the queue is empty the pack gives up its ended slots).</p>" + table_html(packs))
     elif len(trials) == 1:  # a single training run: its figures on the index too
         page.sections += [figure_html(fig) for fig in figures]
     show_all = [c for c in ["trial_id", "latent_dim", "lr", "beta", "seed", "status", "error", "epochs_done",

@@ -73,6 +73,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("pack_id", pa.string()),  # the packed trial that trained it (vae/training/pack.py); its own id when alone
         ("pack_slots", pa.int64()),  # the slots of that pack (1: alone)
         ("pack_offset", pa.int64()),  # the pack's step when it took its slot (0 unless a refilled slot's)
+        ("pack_slot_steps", pa.int64()),  # slots x steps that pack had trained when this row was written
     ]),
     # test-set encoder means (latest epoch) with labels, for latent-space plots
     "latents": pa.schema(KEY + [("epoch", pa.int64()), ("index", pa.int64()), ("label", pa.int64()),
@@ -162,10 +163,10 @@ def kl_rows(trial_id: str, epoch: int, kl: Iterable[float], activity: Iterable[f
 
 def trial_row(config: Any, trial_id: str, status: str, error: str, epochs_done: int,
               final: Mapping[str, Any], wall_seconds: float, pack_id: str = "", pack_slots: int = 1,
-              pack_offset: int = 0) -> dict[str, Any]:
+              pack_offset: int = 0, pack_slot_steps: int = 0) -> dict[str, Any]:
     """The row of `trials/`: where the trial stopped and its final metrics (NaN / 0 where it has none)."""
     row = {"trial_id": trial_id, **config_row(config), "status": status, "error": error, "pack_id": pack_id or trial_id,
-           "pack_slots": int(pack_slots), "pack_offset": int(pack_offset),
+           "pack_slots": int(pack_slots), "pack_offset": int(pack_offset), "pack_slot_steps": int(pack_slot_steps),
            "epochs_done": int(epochs_done), "wall_seconds": float(wall_seconds),
            "settled": bool(final.get("settled", False)), "settle_epoch": int(final.get("settle_epoch", -1)),
            "units_undecided": int(final.get("units_undecided", 0)), "end_reason": str(final.get("end_reason", ""))}
@@ -178,21 +179,26 @@ def trial_row(config: Any, trial_id: str, status: str, error: str, epochs_done: 
 
 def pack_utilisation(trials: pd.DataFrame) -> pd.DataFrame:
     """How full each pack ran, from `trials/` rows: per pack_id its slots, the steps it ran (the latest
-    `pack_offset + epochs_done` of its members), the member-epochs trained, and the slot utilisation
-    member-epochs / (slots x steps). A trial alone is a pack of one slot, always full while it ran."""
-    cols = ["pack_id", "slots", "steps", "member_epochs", "utilisation"]
+    `pack_offset + epochs_done` of its members), the member-epochs trained, the slot-steps it trained (the
+    latest `pack_slot_steps` of its members: fewer than slots x steps once it gave up ended slots; slots x steps
+    where its rows do not say), and the slot utilisation member-epochs / slot-steps. A trial alone is a pack of
+    one slot, always full while it ran."""
+    cols = ["pack_id", "slots", "steps", "member_epochs", "slot_steps", "utilisation"]
     if trials.empty:
         return pd.DataFrame(columns=cols)
     t = trials.assign(pack_slots=trials.pack_slots.fillna(1).clip(lower=1).astype(int),
-                      pack_offset=trials.pack_offset.fillna(0).astype(int))
+                      pack_offset=trials.pack_offset.fillna(0).astype(int),
+                      pack_slot_steps=trials.pack_slot_steps.fillna(0).astype(int))
     out = t.assign(end=t.pack_offset + t.epochs_done).groupby("pack_id").agg(
-        slots=("pack_slots", "max"), steps=("end", "max"), member_epochs=("epochs_done", "sum")).reset_index()
-    return out.assign(utilisation=out.member_epochs / (out.slots * out.steps).clip(lower=1))[cols]
+        slots=("pack_slots", "max"), steps=("end", "max"), member_epochs=("epochs_done", "sum"),
+        recorded=("pack_slot_steps", "max")).reset_index()
+    out["slot_steps"] = out.recorded.where(out.recorded > 0, out.slots * out.steps)
+    return out.assign(utilisation=out.member_epochs / out.slot_steps.clip(lower=1))[cols]
 
 
 def slot_utilisation(packs: pd.DataFrame) -> float:
     """All packs' member-epochs over their slot-steps (`pack_utilisation`'s rows): how full the sweep's packs ran."""
-    return float(packs.member_epochs.sum() / max(1, (packs.slots * packs.steps).sum()))
+    return float(packs.member_epochs.sum() / max(1, packs.slot_steps.sum()))
 
 
 def file_key(trial_id: str, epoch: int | None = None) -> str:

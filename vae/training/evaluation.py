@@ -64,6 +64,13 @@ class Recorder:
             self.write_trial(m, "running", "", 0, {})
         self.evaluate(model, test_eps, members, None, 0.0)
 
+    def keep(self, slots: Sequence[int], test_x: torch.Tensor) -> None:
+        """Only `slots` stay, renumbered in order (the pack gave up the others: vae/training/loop.py's `shrink`),
+        with the pack's test images as they now are."""
+        self.test_x = test_x
+        self.data_of = [self.data_of[k] for k in slots]
+        self.mi_eps = [self.mi_eps[k] for k in slots]
+
     def place(self, m: Member, data_index: int) -> None:
         """Slot m.k now holds member m, whose data is `datas[data_index]`: its own fixed MI noise."""
         self.data_of[m.k] = data_index
@@ -202,7 +209,8 @@ class Recorder:
     def write_trial(self, m: Member, status: str, error: str, epochs_done: int, final: dict[str, Any]) -> None:
         began = self.began.setdefault(m.trial_id, time.time() if m.offset else self.started)
         row = trial_row(m.cfg, m.trial_id, status, error, epochs_done, final, time.time() - began,
-                        pack_id=self.members.pack_id, pack_slots=len(self.members), pack_offset=m.offset)
+                        pack_id=self.members.pack_id, pack_slots=len(self.members), pack_offset=m.offset,
+                        pack_slot_steps=self.members.slot_steps)
         self.results.write("trials", [row], file_key(m.trial_id))
 
     def end_tracking(self, m: Member) -> None:

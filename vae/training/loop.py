@@ -4,11 +4,13 @@ Ray Train runs it on every worker (`train_func`), a Tune trial runs it in its ow
 directly with a `LocalSession`. It trains a pack of K configurations of one shape as one model (vae/training/pack.py;
 a lone trial is a pack of one): each member with its own seed, data order, noise, optimiser state, schedule,
 epoch count, settle history and rows. A pack may hold more configurations than slots: when a member ends, its slot
-takes the next one, trained from its own fresh weights as if alone. Rank 0 alone evaluates and writes the tables
+takes the next one, trained from its own fresh weights as if alone; once none is left to take, the pack keeps only
+its live members' slots. Rank 0 alone evaluates and writes the tables
 (vae/training/evaluation.py); every rank reports each step of the pack with a checkpoint (vae/training/restore.py).
 
     set up: data, models, optimiser, fixed test noise; restore the latest checkpoint
-    each step: open slots take queued configurations -> every live member trains its next epoch
+    each step: open slots take queued configurations (once none wait, ended slots are given up)
+               -> every live member trains its next epoch
                -> members that diverged end -> evaluate and write rows -> schedules step
                -> decide who ends (agreed across ranks) -> report with a checkpoint
 """
@@ -23,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from vae.config import TrainConfig, is_resolved, resolve
-from vae.model import fast, streams
+from vae.model import fast
 from vae.model.data import Data, load
 from vae.model.models import model_for
 from vae.training import aggressive, cpu, pack, restore
@@ -32,6 +34,7 @@ from vae.training.evaluation import Recorder
 from vae.training.faults import FaultPlan
 from vae.training.pack import LIVE, Members
 from vae.training.session import RayTrainSession, from_rank0
+from vae.training.slots import data_key, place, refill, shrink, test_noise
 from vae.training.step import train_step
 
 
@@ -65,9 +68,12 @@ def train_pack(configs: Sequence[TrainConfig | Mapping[str, Any]], session=None,
         step = done
         while members.busy():
             step += 1
-            _refill(run, step - 1)
+            refill(run, step - 1)
+            if session.world_size == 1:  # once the queue is empty, ended slots cost a step nothing
+                shrink(run, pack.to_shrink(members))
             t0 = time.perf_counter()  # the epoch's training time (a refilled member's set-up is not in it)
             trains = _train_epoch(run, step)
+            members.slot_steps += len(members)
             cpu.clear_denormals(list(run.model.parameters()) + pack.moments(run.opt))
             seconds = time.perf_counter() - t0
             _end_diverged(run, trains, seconds)
@@ -109,12 +115,16 @@ class _Run:
 
     def restore(self) -> int:
         """Load the latest usable checkpoint (vae/training/restore.py); returns the pack's last finished step
-        (0: none). Each slot then holds the member the checkpoint says, with its data and noise."""
+        (0: none). Each slot then holds the member the checkpoint says, with its data and noise; a pack that had
+        given up slots gives them up again first."""
         rec = self.recorder
-        done, wall = restore.restore(self.session, self.members, self.model, self.opt, self.schedules,
-                                     rec and rec.results, self.note)
+        state = restore.choose(self.session, self.members, rec and rec.results, self.note)
+        if state is None:
+            return 0
+        shrink(self, list(range(len(state["extra"]["members"]))))
+        done, wall = restore.load(state, self.members, self.model, self.opt, self.schedules)
         for m in self.members:
-            _place(self, m)
+            place(self, m)
         if rec:
             rec.started -= wall
         return done
@@ -140,10 +150,10 @@ def _set_up(cfgs: list[TrainConfig], session, slots: int | None = None) -> _Run:
     if device.type == "cpu":
         cpu.tune_allocator()
     # Every configuration's splits (the 2-D toy's depend on the seed; MNIST is one), the distinct ones loaded once.
-    keys = [_data_key(c) for c in cfgs]
+    keys = [data_key(c) for c in cfgs]
     distinct = list(dict.fromkeys(keys))
     datas = [load(c.dataset, c.data_dir, c.seed, c.subset) for c in (cfgs[keys.index(key)] for key in distinct)]
-    data_of = [distinct.index(_data_key(m.cfg)) for m in members]
+    data_of = [distinct.index(data_key(m.cfg)) for m in members]
     n_train = len(datas[0].train)
     train_x = (datas[0].train.x if len(datas) == 1 else torch.cat([d.train.x for d in datas])).to(device)
     # [N, D] when the members share the data (a pack's layers then take it as it is), else [K, N, D]
@@ -157,54 +167,13 @@ def _set_up(cfgs: list[TrainConfig], session, slots: int | None = None) -> _Run:
     split = cfg.mitigation == "aggressive"  # one optimiser for the encoder, one for the decoder
     # Fixed test noise (as the 2-D Gaussian toy's tutorial does): the same eps every epoch, so test losses
     # compare across epochs; each member draws its own, as its own run would.
-    test_eps = pack.stack_tensors([_test_noise(m.cfg, test_x.shape[-2]) for m in members], 1).to(device)
+    test_eps = pack.stack_tensors([test_noise(m.cfg, test_x.shape[-2]) for m in members], 1).to(device)
     return _Run(session=session, members=members, cfg=cfg, device=device, datas=datas, distinct=distinct,
                 train_x=train_x, n_train=n_train, offsets=torch.tensor([u * n_train for u in data_of])[:, None],
                 test_x=test_x, model=model, opt=pack.optimizer(model, lrs, split),
                 schedules=pack.MemberSchedules(lrs, cfg.schedule, cfg.budget), test_eps=test_eps,
                 recorder=Recorder(members, datas, data_of, test_x) if session.rank == 0 else None,
                 fault=FaultPlan.from_env())
-
-
-def _data_key(c: TrainConfig) -> tuple:
-    return c.dataset, c.seed if c.dataset == "gaussian2d" else 0, c.subset
-
-
-def _test_noise(c: TrainConfig, n_test: int) -> torch.Tensor:
-    return torch.randn(c.num_mc, n_test, c.latent_dim, generator=streams.test_noise(c.seed))
-
-
-def _place(run: _Run, m: pack.Member) -> None:
-    """Slot m.k's per-member data for the member it now holds: its split, test images and fixed test noise."""
-    k, u = m.k, run.distinct.index(_data_key(m.cfg))
-    run.offsets[k] = u * run.n_train
-    noise = _test_noise(m.cfg, run.test_x.shape[-2]).to(run.device)
-    if len(run.members) == 1:
-        run.test_eps.copy_(noise)
-    else:
-        run.test_eps[:, k] = noise
-    if run.test_x.dim() == 3:
-        run.test_x[k] = run.datas[u].test.x.to(run.device)
-    if run.recorder:
-        run.recorder.place(m, u)
-
-
-def _refill(run: _Run, offset: int) -> None:
-    """Each slot whose member has ended takes the next queued configuration after the pack's step `offset`:
-    that configuration's fresh weights (from its seed, as its own run), a fresh optimiser state and schedule,
-    its data and noise; rank 0 writes its 'running' row and epoch 0. The same on every rank (the ends were
-    agreed)."""
-    fresh = []
-    for k in run.members.open_slots():
-        m = run.members.refill(k, offset)
-        torch.manual_seed(m.cfg.seed)
-        pack.load_member(run.plain(), k, model_for(m.cfg, run.train_x.shape[1]).to(run.device))
-        pack.reset(run.opt, k)
-        run.schedules.reset(k, m.cfg.lr, m.cfg.schedule, m.cfg.budget)
-        _place(run, m)
-        fresh.append(m)
-    if fresh and run.recorder:
-        run.recorder.begin(fresh, run.plain(), run.test_eps)
 
 
 def _train_epoch(run: _Run, step: int) -> list[dict[str, float]]:

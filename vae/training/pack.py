@@ -128,7 +128,8 @@ class Members(list):
     member ends (settled, diverged, its budget spent) its slot takes the next one (`refill`), which trains from
     its own seed's fresh weights with its own optimiser state, schedule and epoch count, as if alone. The
     members that left their slots are kept in `departed`. With as many slots as configurations (the default)
-    nothing is queued: every member trains from the pack's first step."""
+    nothing is queued: every member trains from the pack's first step. Once nothing waits, the loop may give
+    up ended slots (`to_shrink`, `keep`)."""
 
     def __init__(self, cfgs: Sequence[Any], slots: int | None = None):
         check_members(cfgs)
@@ -138,6 +139,7 @@ class Members(list):
         self.queue = list(cfgs[slots:])
         self.departed: list[Member] = []
         self.pack_id = pack_id([c.run_id for c in cfgs])
+        self.slot_steps = 0  # slots x steps the pack has trained (fewer slots once it shrank: `to_shrink`)
 
     def live(self) -> list[Member]:
         return [m for m in self if m.status == LIVE]
@@ -152,6 +154,15 @@ class Members(list):
         self.departed.append(self[k])
         self[k] = Member(k, cfg, aggressive=cfg.mitigation == "aggressive", offset=offset)
         return self[k]
+
+    def keep(self, slots: Sequence[int]) -> None:
+        """Only `slots` stay, renumbered 0, 1, ... in that order (a pack giving up ended slots: `shrink`); the
+        members of the others depart."""
+        kept = [self[k] for k in slots]
+        self.departed += [m for k, m in enumerate(self) if k not in slots]
+        self[:] = kept
+        for k, m in enumerate(self):
+            m.k = k
 
     def busy(self) -> bool:
         """Work left: a live member, or a configuration waiting for a slot."""
@@ -184,7 +195,8 @@ class Members(list):
     def saved(self) -> dict[str, Any]:
         """Where every member stands, for the checkpoint: the slots' members and those that departed (the queue is
         what remains of `configs`)."""
-        return {"members": [m.saved() for m in self], "departed": [m.saved() for m in self.departed]}
+        return {"members": [m.saved() for m in self], "departed": [m.saved() for m in self.departed],
+                "slot_steps": self.slot_steps}
 
     def restore(self, saved: dict[str, Any]) -> list[dict[str, Any]]:
         """Back to the slots a checkpoint saved (`saved`: its `extra`): which configuration each slot held, the
@@ -204,7 +216,43 @@ class Members(list):
             self.departed.append(m)
         held = {m.trial_id for m in self.departed} | {m.trial_id for m in self}
         self.queue = [c for c in self.configs if c.run_id not in held]
+        self.slot_steps = int(saved.get("slot_steps", 0))
         return states
+
+
+def to_shrink(members: Members) -> list[int]:
+    """The slots a pack keeps once no configuration waits for one: its live members' (at least two: a pack of one
+    is the plain model, not a stacked one); every slot when none ended or a configuration still waits."""
+    live = [m.k for m in members if m.status == LIVE]
+    if members.queue or not live or len(members) <= 2 or len(live) == len(members):
+        return list(range(len(members)))
+    idle = [m.k for m in members if m.status != LIVE]
+    return sorted(live + idle[:max(0, 2 - len(live))])
+
+
+def select(model: nn.Module, slots: Sequence[int]) -> nn.Module:
+    """A stacked model holding only members `slots` (every parameter and buffer of a pack has the member axis
+    first: `stack_models`), as a new module; the pack's own is left as it was."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in out.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    index = torch.tensor(list(slots), device=p.device)
+                    module._parameters[name] = nn.Parameter(p.index_select(0, index), p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = b.index_select(0, torch.tensor(list(slots), device=b.device))
+    return out
+
+
+def select_state(state: dict[str, Any], slots: Sequence[int]) -> dict[str, Any]:
+    """A pack's optimiser state (`PackAdam`'s, or an `EncoderDecoderAdam`'s two) for members `slots` only."""
+    if "encoder" in state:
+        return {part: select_state(state[part], slots) for part in ("encoder", "decoder")}
+    index = torch.tensor(list(slots))
+    return {"lr": state["lr"][index], "steps": state["steps"][index], "frozen": state["frozen"][index],
+            **{key: [t.index_select(0, index.to(t.device)) for t in state[key]] for key in ("exp_avg", "exp_avg_sq")}}
 
 
 def per_member(values: Sequence[float], device: Any, *shape: int) -> float | torch.Tensor:
@@ -406,6 +454,12 @@ class MemberSchedules:
         self.holders[k] = fresh.holders[0]
         if self.schedulers:
             self.schedulers[k] = fresh.schedulers[0]
+
+    def keep(self, slots: Sequence[int]) -> None:
+        """Only the schedules of `slots` stay, in that order (a pack giving up ended slots)."""
+        self.holders = [self.holders[k] for k in slots]
+        if self.schedulers:
+            self.schedulers = [self.schedulers[k] for k in slots]
 
     def state_dict(self) -> dict[str, Any]:
         return {"lrs": self.lrs(), "schedulers": [s.state_dict() for s in self.schedulers]}

@@ -20,10 +20,10 @@ from vae.tables.results import Results
 from vae.training.session import from_rank0
 
 
-def restore(session, members: Members, model: torch.nn.Module, opt, schedules, results: Results | None,
-            note: Callable[..., None]) -> tuple[int, float]:
-    """Load the checkpoint vae/training/resume.py chooses, if any; returns (the last finished epoch (0: none), the
-    wall seconds spent before it). `note(**fields)` records how it resumed in run.json."""
+def choose(session, members: Members, results: Results | None, note: Callable[..., None]) -> dict[str, Any] | None:
+    """The checkpoint vae/training/resume.py chooses, loaded (None: start afresh). `note(**fields)` records how
+    it resumed in run.json. Its `extra["members"]` are the slots it had: fewer than the pack's when it had
+    given up ended slots (pack.shrink); the loop shrinks to them before `load`."""
     def say(text: str, key: str) -> None:  # every rank makes the same choice: rank 0 says it
         if session.rank == 0:
             print(text, file=sys.stderr, flush=True)
@@ -31,13 +31,17 @@ def restore(session, members: Members, model: torch.nn.Module, opt, schedules, r
 
     with session.latest_checkpoint() as folder:
         if folder is None:
-            return 0, 0.0
+            return None
         state = resume.latest_readable(folder, members.pack_id, say)
         gap, lacking = _first_gap(session, members, results, int(state["epoch"]), resume.saved_members(state["extra"]))
         if gap >= 0:
             state = resume.before(folder, members.pack_id, gap, lacking, say)
-            if state is None:
-                return 0, 0.0
+    return state
+
+
+def load(state: dict[str, Any], members: Members, model: torch.nn.Module, opt, schedules) -> tuple[int, float]:
+    """The chosen checkpoint into the pack (as many slots as it saved); returns (the last finished step, the
+    wall seconds spent before it)."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     extra = state["extra"]
