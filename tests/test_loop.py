@@ -138,6 +138,19 @@ def test_denormal_weights_and_moments_are_cleared_after_an_epoch(tmp_path):
     assert weight[0, 0].item() == 0.0 and moment[0, 0].item() == 0.0 and weight[1, 0].item() == pytest.approx(1e-3)
 
 
+def test_mutual_information_is_measured_at_the_snapshot_epochs_and_the_last(tmp_path):
+    """I(x; z) costs O(N^2): measured at epochs 0, 1, 2, 4, 8, ..., the budget's last and a run's last (here one
+    that settled before its budget), empty between; the settle rule's KL and activity every epoch."""
+    train_loop(toy(tmp_path, name="mi", model="linear", decoder_var="1", lr=1e-2, iw_samples=0, epochs=5,
+                   until_settled=True, max_epochs=40), LocalSession())
+    e = Results(f"{tmp_path}/mi").read("epochs").sort_values("epoch")
+    last = int(e.epoch.max())
+    assert 5 <= last < 40  # it settled before its budget (a last epoch that is no snapshot epoch of its own)
+    assert list(e.epoch[e.mutual_info.notna()]) == sorted({0, 1, 2, 4, 8, 16, 32} & set(range(last)) | {last})
+    kl = Results(f"{tmp_path}/mi").read("kl_per_dim")
+    assert sorted(kl.epoch.unique()) == list(range(last + 1))
+
+
 def test_an_eval_subset_measures_epochs_on_its_images_and_the_last_on_all_of_them(tmp_path):
     """--eval-subset N: the epochs before the last are measured on the first N test images (the training is the
     same), the last epoch on the whole test set: its row and the trial's equal a run measured on all throughout."""

@@ -2,8 +2,9 @@
 results tables (vae/tables/results.py) and the member's tracker.
 
 Per member and epoch: the fixed-noise test loss, KL per unit, unit activity, units in use (with the run's
-thresholds), mutual information on `MI_SUBSET` test images, whether the collapse state has settled
-(vae/training/settle.py); at snapshot epochs, images and latents; at the end, the IW NLL on `iw_subset` test images.
+thresholds), whether the collapse state has settled (vae/training/settle.py); at snapshot epochs and the last (and
+every epoch of an aggressive phase), mutual information on `MI_SUBSET` test images; at snapshot epochs, images
+and latents; at the end, the IW NLL on `iw_subset` test images.
 An epoch's rows of every member are written as one file per table (`flush`), keyed by the pack, so a redone
 epoch replaces them.
 """
@@ -118,31 +119,36 @@ class Recorder:
         eps = test_eps if len(self.members) == 1 else test_eps[:, m.k]
         return diagnostics.evaluate(self.member_model(model, m), x, eps)
 
-    def _units(self, m: Member, ev: diagnostics.Evaluation) -> tuple[float, torch.Tensor, int]:
-        """I(x; z) on the first MI_SUBSET images with the member's fixed noise, each unit's activity, and the
-        active units' count."""
+    def _mutual_info(self, m: Member, ev: diagnostics.Evaluation) -> float:
+        """I(x; z) on the first MI_SUBSET images with the member's fixed noise."""
         n_mi = min(len(self.mi_eps[m.k]), len(ev.mu))
         mu, logvar = ev.mu[:n_mi], ev.logvar[:n_mi]
-        mi = diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k][:n_mi]))
-        activity = diagnostics.unit_activity(ev.mu)
-        return mi, activity, diagnostics.active_units(activity, m.cfg.active_threshold)
+        return diagnostics.mutual_info(mu, logvar, losses.reparameterize(mu, logvar, self.mi_eps[m.k][:n_mi]))
 
     def _evaluate_member(self, m: Member, model: VAE, test_eps: torch.Tensor, ev: diagnostics.Evaluation, epoch: int,
                          train: dict[str, float] | None, seconds: float) -> None:
+        """Member m's row after `epoch`. Each unit's KL and activity every epoch (the settle rule's); I(x; z), an
+        O(N^2) estimate that cost about a third of an epoch's evaluation, at the snapshot epochs, the last, and
+        every epoch of an aggressive phase (which ends on it); images and latents at the snapshot epochs and the
+        last."""
         cfg = m.cfg
         model.eval()
-        mi, activity, active = self._units(m, ev)
-        aggressive.end_of_epoch(m, mi)  # aggressive training's phase ends once I(x; z) stops rising
+        activity = diagnostics.unit_activity(ev.mu)
+        active = diagnostics.active_units(activity, cfg.active_threshold)
         state = m.observe(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float), self.thresholds)
         used = state.units_in_use  # counted by vae.tables.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
+        snapshot = epoch in self.snapshot_epochs or final
         if final and len(ev.mu) < self.test_x.shape[-2]:  # the numbers it ends with: on the whole test set
             ev = self._whole_test_set(model, test_eps, m)
-            mi, activity, active = self._units(m, ev)
+            activity = diagnostics.unit_activity(ev.mu)
+            active = diagnostics.active_units(activity, cfg.active_threshold)
             used = units_in_use(ev.kl_per_dim.numpy(), activity.numpy(), self.thresholds)
+        mi = self._mutual_info(m, ev) if snapshot or m.aggressive else float("nan")
+        aggressive.end_of_epoch(m, mi)  # aggressive training's phase ends once I(x; z) stops rising
         row = self.epoch_row(m, epoch, train, ev, seconds, active=active, used=used, mi=mi, state=state)
         self.pending["kl_per_dim"] += kl_rows(m.trial_id, epoch, ev.kl_per_dim.tolist(), activity.tolist())
-        if epoch in self.snapshot_epochs or final:
+        if snapshot:
             plain, data = self.member_model(model, m), self.datas[self.data_of[m.k]]
             self.pending["images"] += snapshots.image_rows(plain, data, m.trial_id, epoch, cfg.seed)
             self.results.write("latents", snapshots.latent_rows(ev.mu, data.test.y, m.trial_id, epoch),
