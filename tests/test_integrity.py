@@ -399,17 +399,19 @@ def test_the_test_only_hold_waits_in_its_step_until_released_and_never_again(tmp
     from vae.training.faults import FAULT_HOLD_ENV, FAULT_MARKER_ENV, FaultPlan
 
     marker = str(tmp_path / "hold")
-    monkeypatch.setenv(FAULT_HOLD_ENV, "2")
+    monkeypatch.setenv(FAULT_HOLD_ENV, "2,4")
     monkeypatch.setenv(FAULT_MARKER_ENV, marker)
     plan = FaultPlan.from_env()
     assert plan.step_in(1, 10, 0) == -1 and plan.step_in(2, 10, 0) == 5 and plan.step_in(2, 10, 1) == 5
-    held = threading.Thread(target=plan.fire, args=(2,))
-    held.start()
-    while not list(tmp_path.glob("hold.held-*")):
-        time.sleep(0.01)
-    held.join(timeout=0.5)  # a hold that did not wait has returned by now; a real one waits for its release
-    assert held.is_alive()
-    (tmp_path / "hold.release").touch()
-    held.join(timeout=10)
-    assert not held.is_alive() and not (tmp_path / "hold").exists()  # released, and nothing killed
-    assert plan.step_in(2, 10, 0) == -1  # a restarted worker passes the step
+    for step in (2, 4):
+        held = threading.Thread(target=plan.fire, args=(step,))
+        held.start()
+        while not list(tmp_path.glob(f"hold.held-{step}-*")):
+            time.sleep(0.01)
+        held.join(timeout=0.5)  # a hold that did not wait has returned by now; a real one waits for its release
+        assert held.is_alive()
+        (tmp_path / f"hold.release-{step}").touch()
+        held.join(timeout=10)
+        assert not held.is_alive() and not (tmp_path / "hold").exists()  # released, and nothing killed
+        assert plan.step_in(step, 10, 0) == -1  # a restarted worker passes the step
+    assert plan.step_in(3, 10, 0) == -1

@@ -41,35 +41,35 @@ def _env(cluster) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1"}
 
 
-def _hold(monkeypatch, tmp_path) -> str:
-    """Every worker started from now on waits half-way through step 2 (after step 1's checkpoint) until the test
-    releases it (vae/training/faults.py), so a node stops mid-step however fast the machine. Set before the
-    nodes start: their raylets, and so the workers, inherit this process's environment."""
+def _hold(monkeypatch, tmp_path, steps: str = "2") -> str:
+    """Every worker started from now on waits half-way through each of `steps` (after the step before's
+    checkpoint) until the test releases it (vae/training/faults.py), so a node stops mid-step however fast the
+    machine. Set before the nodes start: their raylets, and so the workers, inherit this process's environment."""
     hold = str(tmp_path / "hold")
-    monkeypatch.setenv(FAULT_HOLD_ENV, "2")
+    monkeypatch.setenv(FAULT_HOLD_ENV, steps)
     monkeypatch.setenv(FAULT_MARKER_ENV, hold)
     return hold
 
 
-def _held(hold: str, workers: int, run: str | None = None) -> None:
-    """`workers` workers hold in step 2; with `run` (a Ray Train run's folder), also Train's controller has
-    registered step 1's checkpoint (it polls its workers for their reports: a checkpoint reported is not yet one
-    a restart would use)."""
-    _wait_for(lambda: len(glob.glob(f"{hold}.held-*")) >= workers)
+def _held(hold: str, workers: int, run: str | None = None, step: int = 2) -> None:
+    """`workers` workers hold in `step`; with `run` (a Ray Train run's folder), also Train's controller has
+    registered the step before's checkpoint (it polls its workers for their reports: a checkpoint reported is not
+    yet one a restart would use)."""
+    _wait_for(lambda: len(glob.glob(f"{hold}.held-{step}-*")) >= workers)
     if run:
-        _wait_for(lambda: _checkpointed(f"{run}/checkpoint_manager_snapshot.json"))
+        _wait_for(lambda: _checkpointed(f"{run}/checkpoint_manager_snapshot.json", step - 1))
 
 
-def _checkpointed(snapshot: str) -> bool:
+def _checkpointed(snapshot: str, epoch: int) -> bool:
     try:
         with open(snapshot) as fh:
-            return any(r["metrics"].get("epoch", 0) >= 1 for r in json.load(fh)["checkpoint_results"])
+            return any(r["metrics"].get("epoch", 0) >= epoch for r in json.load(fh)["checkpoint_results"])
     except (OSError, ValueError, KeyError):
         return False
 
 
-def _release(hold: str) -> None:
-    open(f"{hold}.release", "w").close()
+def _release(hold: str, step: int = 2) -> None:
+    open(f"{hold}.release-{step}", "w").close()
 
 
 def _wait_for(condition, timeout: float = 240.0) -> None:
@@ -96,28 +96,42 @@ def _epochs(root: str):
     return Results(root).read("epochs")
 
 
-def test_a_training_job_that_loses_a_node_ends_saying_so_and_resumes_once_the_capacity_is_back(
+def test_a_training_job_continues_on_the_nodes_left_then_ends_saying_so_when_none_can_hold_it_and_resumes(
         cluster, tmp_path, data_dir, monkeypatch):
-    """Two workers, one on each of two nodes; the second node stops mid-epoch and nothing replaces it: the job
-    waits --node-wait seconds, ends with exit 1 naming the node and how to resume, and a rerun once a node is
-    back trains only the epochs that were not done."""
-    hold = _hold(monkeypatch, tmp_path)
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    """Three one-CPU nodes, two workers. Mid-epoch 2 the node of one worker stops: Ray Train restarts the workers
+    from epoch 1's checkpoint on the two nodes left, within --max-failures. Mid-epoch 4 the node of another stops
+    and nothing replaces it: one CPU is left for two workers, so the job waits --node-wait seconds and ends with
+    exit 1 naming the nodes and how to resume; a rerun once a node is back trains only the epochs not done."""
+    hold = _hold(monkeypatch, tmp_path, "2,4")
+    nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(3))}
     root = f"{tmp_path}/lost"
-    cmd = _train(tmp_path, data_dir, "lost", **{"max-failures": "2", "node-wait": "5"})
+    # --max-failures 4: each node stops gracefully (its raylet drains), and a restart that Train starts before the
+    # GCS has marked it dead can place a worker on it once more: a second failure for one loss, seen under load
+    cmd = _train(tmp_path, data_dir, "lost", **{"max-failures": "4", "node-wait": "5"})
     job = subprocess.Popen(cmd, cwd=ROOT, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
-    _held(hold, 2, root)  # both workers half-way through epoch 2, epoch 1's checkpoint registered
-    cluster.remove_node(nodes[1])
-    _release(hold)
+    _held(hold, 2, root, step=2)  # both workers half-way through epoch 2, epoch 1's checkpoint registered
+    done = glob.glob(f"{root}/epochs/*.e0000[01].parquet")
+    before = {p: os.stat(p).st_mtime_ns for p in done}
+    busy = _nodes_of(cluster, "RayTrainWorker")
+    assert len(busy) == 2, busy
+    cluster.remove_node(nodes.pop(busy[-1]))
+    _release(hold, step=2)
+    _held(hold, 2, root, step=4)  # the restarted workers half-way through epoch 4, epoch 3's checkpoint registered
+    assert len(done) == 2 and {p: os.stat(p).st_mtime_ns for p in done} == before  # restarted from epoch 1's
+    busy = _nodes_of(cluster, "RayTrainWorker")
+    assert len(busy) == 2 and set(busy) <= set(nodes), busy  # on the two nodes left
+    cluster.remove_node(nodes.pop(busy[-1]))
+    _release(hold, step=4)
     out, _ = job.communicate(timeout=300)
     lines = out.strip().splitlines()
     assert job.returncode == 1, out[-3000:]
-    assert any(line.startswith("jobs.train: lost node ") and "during epoch" in line for line in lines), out[-3000:]
+    lost = [line for line in lines if line.startswith("jobs.train: lost node ") and "during epoch" in line]
+    assert [int(line.split("during epoch ")[1].split(":")[0]) for line in lost] == [2, 4], out[-3000:]
     assert lines[-1].startswith("jobs.train: lost node "), lines[-1]
     assert "none came back in 5s (--node-wait)" in lines[-1] and "resume with the same command" in lines[-1]
     done = int(_epochs(root).epoch.max())
-    assert done < 5
+    assert done == 3
     first = glob.glob(f"{root}/epochs/*.e00000.parquet")
     before = {p: os.stat(p).st_mtime_ns for p in first}
     cluster.add_node(num_cpus=1)  # the capacity is back
@@ -126,32 +140,7 @@ def test_a_training_job_that_loses_a_node_ends_saying_so_and_resumes_once_the_ca
     assert f"resuming lost: epochs up to {done} are done" in again.stdout
     assert first and {p: os.stat(p).st_mtime_ns for p in first} == before  # continued, not trained from the start
     epochs = _epochs(root)
-    assert sorted(epochs.epoch) == list(range(6))  # no epoch lost or doubled
-
-
-def test_a_training_job_continues_on_the_nodes_left_within_max_failures(cluster, tmp_path, data_dir, monkeypatch):
-    """Three one-CPU nodes, two workers: the node of one worker stops mid-epoch; Ray Train restarts the
-    worker group from the latest checkpoint on the two nodes left, and the job finishes with every epoch once."""
-    hold = _hold(monkeypatch, tmp_path)
-    nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(3))}
-    root = f"{tmp_path}/cont"
-    # --max-failures 2: the node stops gracefully (its raylet drains), and a restart that Train starts before the
-    # GCS has marked it dead can place a worker on it once more: a second failure, seen under load
-    job = subprocess.Popen(_train(tmp_path, data_dir, "cont", **{"max-failures": "2"}), cwd=ROOT,
-                           env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _held(hold, 2, root)  # both workers half-way through epoch 2, epoch 1's checkpoint registered
-    done = glob.glob(f"{root}/epochs/*.e0000[01].parquet")
-    before = {p: os.stat(p).st_mtime_ns for p in done}
-    busy = _nodes_of(cluster, "RayTrainWorker")
-    assert len(busy) == 2, busy
-    cluster.remove_node(nodes[busy[-1]])
-    _release(hold)
-    out, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, out[-3000:]
-    assert any(line.startswith("jobs.train: lost node ") for line in out.splitlines()), out[-3000:]
-    epochs = _epochs(root)
-    assert sorted(epochs.epoch) == list(range(6)) and set(epochs.num_workers) == {2}
-    assert len(done) == 2 and {p: os.stat(p).st_mtime_ns for p in done} == before  # restarted from epoch 1's checkpoint
+    assert sorted(epochs.epoch) == list(range(6)) and set(epochs.num_workers) == {2}  # no epoch lost or doubled
     assert Results(root).read("trials").status.tolist() == ["finished"]
 
 

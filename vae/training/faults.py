@@ -4,10 +4,10 @@ queue): SIGKILL a worker once, or hold every worker until the test has done what
 The reliability tests set in the environment of the processes they start (Ray Train workers, Tune trials, jobs):
 - `VAE_FAULT_KILL_EPOCH=K` and `VAE_FAULT_MARKER=<file>`: rank 0 is killed in step K; the marker records that
   the kill happened, so the restarted worker goes on;
-- `VAE_FAULT_HOLD_EPOCH=K` and `VAE_FAULT_MARKER=<file>`: every worker, in step K, writes `<file>.held-<pid>`
-  and waits until `<file>.release` exists (a node can then be stopped while its worker is mid-step, however
-  fast the machine). Once released, later workers pass step K without holding. (A hold and a kill are meant
-  for different steps: in the same step the hold wins.)
+- `VAE_FAULT_HOLD_EPOCH=K[,K2,...]` and `VAE_FAULT_MARKER=<file>`: every worker, in step K, writes
+  `<file>.held-K-<pid>` and waits until `<file>.release-K` exists (a node can then be stopped while its worker is
+  mid-step, however fast the machine); the same in each step listed. Once released, later workers pass that
+  step without holding. (A hold and a kill are meant for different steps: in the same step the hold wins.)
 The plan is read once, when the loop sets up; the training step only compares a step number.
 """
 
@@ -27,20 +27,27 @@ def _step(name: str) -> int:
     return int(value) if value.strip().lstrip("-").isdigit() else -1
 
 
+def _steps(name: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in os.environ.get(name, "").split(",") if v.strip().isdigit())
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     epoch: int = -1  # the step whose rank 0 is killed (-1: none)
     marker: str = ""
-    hold: int = -1  # the step in which every rank waits for `marker + '.release'` (-1: none)
+    holds: tuple[int, ...] = ()  # the steps in which every rank waits for `marker + '.release-<step>'`
 
     @classmethod
     def from_env(cls) -> "FaultPlan":
-        return cls(_step(FAULT_EPOCH_ENV), os.environ.get(FAULT_MARKER_ENV, ""), _step(FAULT_HOLD_ENV))
+        return cls(_step(FAULT_EPOCH_ENV), os.environ.get(FAULT_MARKER_ENV, ""), _steps(FAULT_HOLD_ENV))
+
+    def released(self, epoch: int) -> bool:
+        return os.path.exists(f"{self.marker}.release-{epoch}")
 
     def step_in(self, epoch: int, steps: int, rank: int) -> int:
         """The batch of the pack's step `epoch` at which rank `rank` is killed or held (-1: none)."""
         killed = epoch == self.epoch and rank == 0 and not self.done()
-        held = epoch == self.hold and bool(self.marker) and not os.path.exists(self.marker + ".release")
+        held = epoch in self.holds and bool(self.marker) and not self.released(epoch)
         return steps // 2 if killed or held else -1
 
     def done(self) -> bool:
@@ -48,10 +55,10 @@ class FaultPlan:
 
     def fire(self, epoch: int) -> None:
         """What step_in planned for this batch of step `epoch`: hold until released, or the kill."""
-        if epoch == self.hold:
-            open(f"{self.marker}.held-{os.getpid()}", "w").close()
+        if epoch in self.holds:
+            open(f"{self.marker}.held-{epoch}-{os.getpid()}", "w").close()
             deadline = time.monotonic() + HOLD_LIMIT
-            while not os.path.exists(self.marker + ".release") and time.monotonic() < deadline:
+            while not self.released(epoch) and time.monotonic() < deadline:
                 time.sleep(0.05)
             return
         if self.marker:
