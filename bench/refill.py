@@ -1,8 +1,9 @@
-"""python -m bench.refill: continuous packing against packs cut one per shape, on the same maps in one command.
+"""python -m bench.refill: continuous packing against packs without a queue, on the same maps in one command.
 
 Each map runs twice under `jobs.sweep` on this machine, back to back (`--refilled-only`: the second alone):
-- *one pack a shape* (as before refilling: `--pack N`, N the configurations of a shape, so every shape is one
-  pack whose slots idle once their members end), and
+- *packs without a queue* (`--pack N`, N the configurations of a shape: each shape is dealt to the trials at
+  once as below, and each pack holds all its configurations from its first step, so no slot is ever refilled;
+  before refilling, one such pack a shape ran with every slot to its slowest member's end), and
 - *refilled* (`--pack auto`: each shape dealt to queues of about 4 configurations a slot, a multiple of the
   trials at once; slots refilled as members end and given up once the queue is empty; the costliest queues
   first; on MNIST with `--eval-subset 2000`: the epochs before a member's last measured on 2,000 test images,
@@ -14,7 +15,7 @@ checkpoints, Ray, and trials not yet or no longer running), split in two: how lo
 `time_total_s`, summed) as a share of the trials the sweep could run at once x its wall, and the training
 steps' share of the trials' own time; the training floor (training steps x slot utilisation / trials at
 once: the wall with every slot full and nothing but training, at that run's cost of a member-epoch, which
-one pack a shape's shared batches lower); and how their verdicts compare, configuration by configuration
+packs without a queue's shared batches lower); and how their verdicts compare, configuration by configuration
 (units in use and settled; `compare_verdicts`: rounding may move an unsettled count within its own undecided
 units, and nothing else may differ). The maps: the pytorch/examples MLP on MNIST until settled (the
 README's map, or a smaller one by the flags), and the 2-D toy's linear map of bench.pack (96 configurations,
@@ -87,7 +88,7 @@ def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict
                   "auto", env)
     rows = []
     refilled = "refilled (--pack auto" + (f" --eval-subset {eval_subset})" if eval_subset else ")")
-    for name, r in (("one pack a shape", before), (refilled, after)):
+    for name, r in (("packs without a queue", before), (refilled, after)):
         if r is not None:
             rows.append((name, f"{r['wall']:.0f}", r["packs"], r["slots"], f"{100 * r['utilisation']:.0f}%",
                          r["member_epochs"], f"{r['training']:.0f} ({100 * r['share']:.0f}%)",
@@ -101,7 +102,7 @@ def compare(label: str, args: list[str], per_shape: int, storage: str, env: dict
     if before is None:
         print(f"bench.refill: {label}: refilled wall {after['wall']:.0f}s, utilisation "
               f"{100 * after['utilisation']:.0f}%", flush=True)
-        return lines + ["The run of one pack a shape was not made (`--refilled-only`).", ""]
+        return lines + ["The run of packs without a queue was not made (`--refilled-only`).", ""]
     verdicts = compare_verdicts(before["verdicts"], after["verdicts"])
     print(f"bench.refill: {label}: wall {before['wall']:.0f}s -> {after['wall']:.0f}s "
           f"({before['wall'] / after['wall']:.2f}x), utilisation {100 * before['utilisation']:.0f}% -> "
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-mnist", action="store_true", help="the toy map only")
     parser.add_argument("--skip-toy", action="store_true", help="the MNIST map only")
     parser.add_argument("--refilled-only", action="store_true",
-                        help="the refilled runs alone (no run of one pack a shape to compare with: the README's map "
-                             "that way took about an hour on 2 cores)")
+                        help="the refilled runs alone (no run of packs without a queue to compare with)")
     parser.add_argument("--page", default=os.path.join(ROOT, "docs", "refill.md"))
     args = parser.parse_args(argv)
     env = {**os.environ, "VAE_DATA_DIR": os.path.abspath(args.data_dir)}
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(page: str, argv: list[str] | None, body: list[str], refilled_only: bool) -> int:
-    title = "Continuous packing: " + ("refilled slots" if refilled_only else "refilled slots against one pack a shape")
+    title = "Continuous packing: " + ("refilled slots" if refilled_only else "refilled slots against packs without a queue")
     print(pages.write(page, title, "bench.refill", argv, body))
     return 0
 
