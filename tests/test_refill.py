@@ -58,19 +58,23 @@ import json, sys
 from vae.config import TrainConfig
 from vae.training.loop import train_pack
 from vae.training.session import LocalSession
-storage, name, slots = sys.argv[1], sys.argv[2], int(sys.argv[3])
-kw = dict(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0, subset=1000, epochs=3,
-          until_settled=True, max_epochs=6, lr=1e-2, storage=storage, name=name)
+storage, name, slots, kw, points = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
 session = LocalSession(storage + "/" + name + "/ck")
-train_pack([TrainConfig(**kw, trial_id=f"t{i}", beta=b, seed=i) for i, b in enumerate([0.3, 1, 3, 0.5, 2, 6])],
-           session, slots=slots)
+train_pack([TrainConfig(**kw, **p, storage=storage, name=name) for p in points], session, slots=slots)
 print(json.dumps([r["epoch"] for r in session.reports]))
 """
+# six linear VAEs on the toy until settled (3 to 6 epochs each)
+QUEUE_KW = dict(dataset="gaussian2d", model="linear", decoder_var="1", iw_samples=0, subset=1000, epochs=3,
+                until_settled=True, max_epochs=6, lr=1e-2)
+QUEUE = [dict(trial_id=f"t{i}", beta=b, seed=i) for i, b in enumerate([0.3, 1, 3, 0.5, 2, 6])]
 
 
-def _run(storage: str, name: str, slots: int, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, storage, name, str(slots)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=300)
+def _run(storage: str, name: str, slots: int, kw: dict = QUEUE_KW, points: list = QUEUE,
+         **env: str) -> subprocess.CompletedProcess:
+    """`points` (with `kw`) as one pack of `slots` slots in a process of its own, its checkpoint kept in
+    <storage>/<name>/ck: stdout's last line lists the pack's steps it reported."""
+    return subprocess.run([sys.executable, "-c", SCRIPT, storage, name, str(slots), json.dumps(kw), json.dumps(points)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
 def test_a_queue_longer_than_its_slots_finishes_every_configuration_once_also_after_a_sigkill(tmp_path):
@@ -102,25 +106,14 @@ def test_a_queue_longer_than_its_slots_finishes_every_configuration_once_also_af
 SHRINK = [dict(trial_id="a", lr=1e-3, beta=0.5), dict(trial_id="b", lr=30.0, seed=2),
           dict(trial_id="c", lr=3e-3, beta=2.0, seed=1), dict(trial_id="d", lr=1e-3, beta=1.0, seed=3),
           dict(trial_id="e", lr=3e-3, seed=4, beta=2.0)]
-PACK_SCRIPT = """
-import json, sys
-from vae.config import TrainConfig
-from vae.training.loop import train_pack
-from vae.training.session import LocalSession
-storage, name, slots, kw, points = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
-session = LocalSession(storage + "/" + name + "/ck")
-train_pack([TrainConfig(**kw, **p, storage=storage, name=name) for p in points], session, slots=slots)
-print(json.dumps([r["epoch"] for r in session.reports]))
-"""
 
 
 def test_a_pack_gives_up_its_ended_slots_once_its_queue_is_empty_also_across_a_sigkill(tmp_path):
     for p in SHRINK:
         train_loop(TrainConfig(**KW, **p, storage=str(tmp_path), name="alone"), LocalSession())
-    marker, args = str(tmp_path / "killed"), [str(tmp_path), "packed", "3", json.dumps(KW), json.dumps(SHRINK)]
-    env = {**os.environ, "VAE_FAULT_KILL_EPOCH": "5", "VAE_FAULT_MARKER": marker}
-    runs = [subprocess.run([sys.executable, "-c", PACK_SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
-                           env=env, timeout=300) for _ in range(2)]
+    marker = str(tmp_path / "killed")
+    runs = [_run(str(tmp_path), "packed", 3, KW, SHRINK, VAE_FAULT_KILL_EPOCH="5", VAE_FAULT_MARKER=marker)
+            for _ in range(2)]
     assert runs[0].returncode == -9 and os.path.exists(marker)  # killed in step 5, after the pack shrank
     assert runs[1].returncode == 0, runs[1].stderr
     assert json.loads(runs[1].stdout.strip().splitlines()[-1]) == [5, 6]  # from the shrunk pack's checkpoint
@@ -157,3 +150,39 @@ def test_queues_spread_each_shape_over_slots_and_start_the_costliest_first():
     many = [dict(latent_dim=2, lr=1e-3, beta=b) for b in range(96)]
     assert [len(q) for q in packing.queues(many, 3, concurrent=2)] == [12] * 8
     assert packing.queues(one, 1, concurrent=2) == [[p] for p in packing.by_shape(one)[0]]  # one slot: alone
+
+
+def test_utilisation_reads_the_slot_steps_a_pack_recorded_and_a_stopped_members_row_keeps_them(tmp_path):
+    """A pack's slot-steps are its members' latest `pack_slot_steps` (fewer than slots x steps once it shrank);
+    tables written before that column say slots x steps. A member that `settle_trials` marks afterwards (a signal
+    ended the sweep) keeps the pack columns the loop wrote for it."""
+    from tune.points import trial_key
+    from tune.space import SweepConfig
+    from tune.sweep import settle_trials
+    from vae.tables.results import epoch_row, file_key, slot_utilisation, trial_row
+
+    sweep = SweepConfig(dataset="gaussian2d", model="linear", decoder_var="1", latent_dims="2", lrs="1e-2",
+                        betas="1,2", storage=str(tmp_path), name="s")
+    res = Results(f"{tmp_path}/s")
+    where = [dict(latent_dim=2, lr=1e-2, beta=b, seed=0) for b in (1.0, 2.0)]
+    for p, (status, done, offset) in zip(where, [("finished", 4, 0), ("running", 3, 2)]):
+        tid = trial_key(p)
+        res.write("trials", [trial_row(sweep.trial_config(trial_id=tid, **p), tid, status, "", done, {}, 1.0,
+                                       pack_id="pk", pack_slots=3, pack_offset=offset, pack_slot_steps=10)],
+                  file_key(tid))
+    tid = trial_key(where[1])  # the member still training when the signal came: epochs 0 to 3 written
+    row = epoch_row(sweep.trial_config(**where[1]), tid, 0, 1.0, None, None, 0, 0)
+    res.write("epochs", [{**row, "epoch": e} for e in range(4)], file_key(tid))
+
+    class Result:  # what Tune's ResultGrid hands settle_trials for the pack's trial
+        config, error = {"members": where}, None
+
+    settle_trials(sweep, [Result()], interrupted="SIGTERM")
+    trials = res.read("trials").set_index("trial_id")
+    assert trials.loc[tid, "status"] == "interrupted"
+    assert trials.loc[tid, ["pack_slots", "pack_offset", "pack_slot_steps"]].tolist() == [3, 2, 10]
+    (u,) = pack_utilisation(res.read("trials")).itertuples()
+    assert (u.slots, u.steps, u.member_epochs, u.slot_steps) == (3, 5, 7, 10) and u.utilisation == 0.7
+    old = res.read("trials").assign(pack_slot_steps=None)  # a table from before the column
+    assert slot_utilisation(pack_utilisation(old)) == 7 / 15
+

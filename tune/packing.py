@@ -85,10 +85,9 @@ def queues(points: Sequence[dict[str, Any]], slots: int, concurrent: int, shared
     order (`by_shape`). With one slot a pack, every configuration is its own trial."""
     if slots <= 1:
         return [[p] for members in by_shape(points, shared) for p in members]
-    cost = cost or (lambda p: 1.0)
+    cost, lanes = cost or (lambda p: 1.0), max(1, concurrent)
     out = []
     for members in by_shape(points, shared):
-        lanes = max(1, concurrent)
         n = min(len(members), lanes * math.ceil(len(members) / (slots * DEPTH * lanes)))
         out += [members[i::n] for i in range(n)]
     return sorted(out, key=lambda q: len(q) * cost(q[0]), reverse=True)

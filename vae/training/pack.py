@@ -234,15 +234,15 @@ def select(model: nn.Module, slots: Sequence[int]) -> nn.Module:
     """A stacked model holding only members `slots` (every parameter and buffer of a pack has the member axis
     first: `stack_models`), as a new module; the pack's own is left as it was."""
     out = copy.deepcopy(model)
+    index = torch.tensor(list(slots), device=next(model.parameters()).device)
     with torch.no_grad():
         for module in out.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:
-                    index = torch.tensor(list(slots), device=p.device)
                     module._parameters[name] = nn.Parameter(p.index_select(0, index), p.requires_grad)
             for name, b in list(module._buffers.items()):
                 if b is not None:
-                    module._buffers[name] = b.index_select(0, torch.tensor(list(slots), device=b.device))
+                    module._buffers[name] = b.index_select(0, index)
     return out
 
 
