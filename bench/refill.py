@@ -4,10 +4,10 @@ Each map runs twice under `jobs.sweep` on this machine, back to back (`--refille
 - *packs without a queue* (`--pack N`, N the configurations of a shape: each shape is dealt to the trials at
   once as below, and each pack holds all its configurations from its first step, so no slot is ever refilled;
   before refilling, one such pack a shape ran with every slot to its slowest member's end), and
-- *refilled* (`--pack auto`: each shape dealt to queues of about 4 configurations a slot, a multiple of the
-  trials at once; slots refilled as members end and given up once the queue is empty; the costliest queues
-  first; on MNIST with `--eval-subset 2000`: the epochs before a member's last measured on 2,000 test images,
-  its last on all 10,000).
+- *refilled* (`--pack auto`: each shape dealt to queues, a multiple of the trials at once, more where a queue
+  would pass more than about 4 configurations through a slot; slots refilled as members end and given up once
+  the queue is empty; the costliest queues first; on MNIST with `--eval-subset 2000`: the epochs before a
+  member's last measured on 2,000 test images, its last on all 10,000).
 For each: the sweep's wall (Ray's start-up included), the slot utilisation (member-epochs / slot-steps the packs
 trained, from `trials/`), where the time went (the packs' training steps, `epoch_seconds` of each pack step
 counted once, as a share of the wall of the trials the sweep ran at once; the rest is evaluation, tables,
