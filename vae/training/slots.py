@@ -63,7 +63,8 @@ def shrink(run: Any, slots: Sequence[int]) -> None:
     """Only `slots` train from now on (`pack.to_shrink`: once the queue is empty, the live members'): the stacked
     model, its optimiser state, the schedules, each slot's data offset, test images and noise keep those members'
     slices, renumbered in order; the others depart. A member's numbers do not change (its slices are its own),
-    while a step's work falls with the slots. Not under data parallelism, whose model the session has wrapped."""
+    while a step's work falls with the slots. The loop shrinks a running pack only without data parallelism
+    (the session has wrapped that model); a restore shrinks to the checkpoint's slots before the session wraps it."""
     slots = list(slots)
     if len(slots) == len(run.members):
         return
