@@ -131,6 +131,25 @@ def test_the_aggressive_phase_ends_when_mutual_information_stops_rising_and_is_s
     assert out["status"] == "finished" and list(epochs.mitigation.unique()) == ["aggressive"]
 
 
+def test_mutual_information_is_measured_every_epoch_of_an_aggressive_phase(tmp_path, data_dir, monkeypatch):
+    """The phase ends on I(x; z), so it is measured in each of its epochs, not only at the snapshot epochs (0, 1,
+    2, 4 and the last of a 5-epoch budget); at beta 0.1 the phase lasts the whole budget."""
+    phase = set()
+    real = aggressive.encoder_steps
+
+    def spy(run, *args, **kwargs):
+        phase.update(m.epoch for m in run.members)
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(aggressive, "encoder_steps", spy)
+    train_loop(TrainConfig(dataset="binarized-mnist", subset=400, epochs=5, latent_dim=4, hidden_dim=32,
+                           batch_size=100, beta=0.1, mitigation="aggressive", iw_samples=0, storage=str(tmp_path),
+                           name="mi", data_dir=data_dir), LocalSession())
+    epochs = _rows(str(tmp_path / "mi"), "epochs").set_index("epoch")
+    assert 3 in phase  # an epoch of the phase that is no snapshot epoch
+    assert epochs.mutual_info[sorted(phase)].notna().all()
+
+
 def test_a_packed_sweep_over_decoder_contexts_equals_its_members_trained_alone(tmp_path, data_dir):
     kw = dict(dataset="binarized-mnist", decoder="autoregressive", hidden_dim=32, latent_dim=4, epochs=2,
               iw_samples=10, iw_subset=40, subset=300, storage=str(tmp_path), data_dir=data_dir)
