@@ -1,10 +1,9 @@
-"""Nothing mixed, nothing hung: run identity, one writer, impossible requests, signals, damaged tables, YAML."""
+"""Nothing mixed, nothing hung: run identity, one writer, impossible requests, damaged tables, YAML (the signals that stop a run: test_s3_storage)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -112,62 +111,6 @@ def test_without_ray_address_a_job_starts_its_own_instance_never_one_a_ray_start
     (kwargs,) = calls
     assert launch.attached() is attaches
     assert kwargs.get("address") == (None if attaches else "local")
-
-
-def _start(tmp_path, name):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "jobs.train", *TOY, "--lr", "0.01", "--storage", str(tmp_path), "--name", name,
-           "--epochs", "400"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    res = Results(str(tmp_path / name))
-    _wait_for_rows(res, 4)
-    return proc, res, cmd, env
-
-
-def _wait_for_rows(res: Results, n: int) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline and len(res.read("epochs")) < n:
-        time.sleep(0.3)
-
-
-def _latest_checkpoint_epoch(root: Path) -> int:
-    import torch
-
-    files = sorted(root.glob("checkpoint_*/state.pt"))
-    return max(int(torch.load(f, weights_only=True)["epoch"]) for f in files)
-
-
-def _stopped_by(proc: subprocess.Popen, sig: int, code: int, res: Results, root: Path) -> tuple[str, int]:
-    """Send `sig`; the job must end with `code` after a whole epoch, its trial marked, the tables and the
-    checkpoint agreeing, and the resume command printed. (Its stdout, the last epoch.)"""
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=90)
-    assert proc.returncode == code, err[-2000:]
-    assert "resume with: python -m jobs.train" in err and "interrupted" in err
-    assert "*** SIGTERM" not in err and "Stack trace" not in err and "Traceback" not in err
-    trial = res.read("trials").iloc[0]
-    last = int(res.read("epochs").epoch.max())
-    assert trial.status == "interrupted" and trial.epochs_done == last
-    assert _latest_checkpoint_epoch(root) == last  # the tables and the checkpoint agree
-    assert not (root / ".lock").exists() and not (root / ".stop").exists()
-    assert sorted(res.read("epochs").epoch) == list(range(last + 1))  # each epoch once
-    return out, last
-
-
-@pytest.mark.slow
-def test_a_signal_stops_after_a_whole_epoch_marks_the_trial_and_says_how_to_resume(tmp_path):
-    """SIGTERM (a scheduler's stop), then the printed command resumes and trains on from the next epoch, and
-    Ctrl-C (SIGINT) stops that run the same way: both signals end to end in two runs."""
-    proc, res, cmd, env = _start(tmp_path, "sig")
-    _, last = _stopped_by(proc, signal.SIGTERM, 143, res, tmp_path / "sig")
-    again = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    _wait_for_rows(res, last + 3)  # two epochs past the interrupted one
-    out, stop = _stopped_by(again, signal.SIGINT, 130, res, tmp_path / "sig")
-    assert f"epochs up to {last} are done" in out
-    trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("epoch ")]
-    assert trained == list(range(last + 1, stop + 1)) and stop >= last + 2  # only what was left, from the next
 
 
 def test_a_damaged_table_file_is_named_by_every_reader_and_set_aside_by_a_resume(tmp_path, capsys):
@@ -304,30 +247,6 @@ def test_names_with_whitespace_or_control_characters_are_refused(name):
 
     with pytest.raises(ConfigError, match="--name"):
         TrainConfig(name=name)
-
-
-@pytest.mark.slow
-def test_a_signal_ends_a_sweep_with_its_state_saved_and_its_trials_marked(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "jobs.sweep", *TOY, "--latent-dims", "2", "--lrs", "0.01", "--betas", "0.3,3",
-           "--epochs", "400", "--storage", str(tmp_path), "--name", "sw"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    res = Results(str(tmp_path / "sw"))
-    deadline = time.time() + 120
-    while time.time() < deadline and len(res.read("epochs")) < 6:
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert f"finish it with: python -m jobs.sweep --resume --name sw --storage {tmp_path}" in err
-    trials = res.read("trials")
-    assert len(trials) and (trials.status == "interrupted").all()
-    assert trials.end_reason.str.contains("--resume continues it").all()
-    from ray import tune
-
-    assert tune.Tuner.can_restore(str(tmp_path / "sw"))
-    assert not (tmp_path / "sw" / ".lock").exists()
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):

@@ -130,10 +130,15 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_sweeps_on_one_storage_keep_their_own_rows_and_an_errored_trial_is_retried_on_resume(tmp_path):
-    """Two sweeps at once on one storage, each on its own Ray: one of them ("left", under ASHA) has a trial
+def test_two_sweeps_on_one_storage_keep_their_own_rows_an_errored_trial_is_retried_and_a_signal_saves_state(
+        tmp_path):
+    """Two sweeps at once on one storage, each on its own Ray. One of them ("left", under ASHA) has a trial
     SIGKILLed once with no retries allowed, so it ends with that trial failed; `--resume --retry-errored` trains
-    it again. (One run checks both: a second pair of sweeps would only start Ray twice more.)"""
+    it again. The other ("right") is stopped by SIGTERM (a scheduler's stop) once it trains: its state is saved,
+    its trials marked, and it says how to finish. (One run checks all three: each more pair of sweeps
+    would only start Ray again.)"""
+    from ray import tune
+
     from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
     env = dict(os.environ)
@@ -145,18 +150,29 @@ def test_two_sweeps_on_one_storage_keep_their_own_rows_and_an_errored_trial_is_r
                  "--max-failures", "0", "--scheduler", "asha", "--name", "left"]
 
     def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
     first = start(left_args, flaky)
-    second = start([sys.executable, "-m", "jobs.sweep", *common, "--betas", "5,6", "--epochs", "1", "--name", "right"], env)
+    second = start([sys.executable, "-m", "jobs.sweep", *common, "--betas", "5,6", "--epochs", "1000", "--name",
+                    "right"], env)
+    right_res = Results(f"{tmp_path}/right")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(right_res.read("epochs")) < 3:  # right is training, not starting
+        time.sleep(0.3)
+    second.send_signal(signal.SIGTERM)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 143, out[-2000:]
+    assert f"finish it with: python -m jobs.sweep --resume --name right --storage {tmp_path}" in out
     assert first.wait(timeout=300) == 1, first.stdout.read()[-2000:]  # one trial was SIGKILLed once
-    assert second.wait(timeout=300) == 0, second.stdout.read()[-2000:]
     assert (tmp_path / "killed").exists()
     left_res = Results(f"{tmp_path}/left")
-    left, right = left_res.read("trials"), Results(f"{tmp_path}/right").read("trials")
-    assert sorted(left.beta) == [0.3, 3] and sorted(right.beta) == [5, 6]
+    left, right = left_res.read("trials"), right_res.read("trials")
+    assert sorted(left.beta) == [0.3, 3] and len(right) and set(right.beta) <= {5, 6}
     assert set(left.trial_id).isdisjoint(right.trial_id)
-    assert sorted(left.status) == ["failed", "finished"] and set(right.status) == {"finished"}
+    assert sorted(left.status) == ["failed", "finished"] and set(right.status) == {"interrupted"}
+    assert right.end_reason.str.contains("--resume continues it").all()
+    assert tune.Tuner.can_restore(str(tmp_path / "right")) and not (tmp_path / "right" / ".lock").exists()
     assert left[left.status == "failed"].error.iloc[0] != ""
     again = subprocess.run([sys.executable, "-m", "jobs.sweep", "--storage", str(tmp_path), "--name", "left"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
