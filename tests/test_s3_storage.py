@@ -1,14 +1,18 @@
-"""--storage s3://...: tables and Ray Train checkpoints on a real S3-compatible server (moto) on 127.0.0.1."""
+"""--storage s3://...: tables and Ray Train checkpoints on a real S3-compatible server (moto) on 127.0.0.1, and the
+signals that stop a run: both end to end in one pair of runs."""
 
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import ROOT
-from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
 pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
 
@@ -33,36 +37,67 @@ def s3_env():
     server.stop()
 
 
-def test_tables_and_checkpoints_live_in_s3_and_a_run_resumes_from_there(s3_env, tmp_path, monkeypatch):
-    args = [sys.executable, "-m", "jobs.train", "--dataset", "gaussian2d", "--epochs", "3", "--iw-samples", "5",
-            "--storage", "s3://vae/runs", "--name", "s3run", "--max-failures", "0"]
-    env = {**s3_env, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}
+def _wait_for_rows(res, n: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and len(res.read("epochs")) < n:
+        time.sleep(0.3)
+
+
+def _stopped_by(proc: subprocess.Popen, sig: int, code: int, res) -> tuple[str, int]:
+    """Send `sig`; the job must end with `code` after a whole epoch, its trial marked, the tables and the
+    checkpoint in S3 agreeing, and the resume command printed. (Its stdout, the last epoch.)"""
+    import torch
+
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == code, err[-2000:]
+    assert "resume with: python -m jobs.train" in err and "interrupted" in err
+    assert "*** SIGTERM" not in err and "Stack trace" not in err and "Traceback" not in err
+    trial = res.read("trials").iloc[0]
+    last = int(res.read("epochs").epoch.max())
+    assert trial.status == "interrupted" and trial.epochs_done == last
+    checkpoints = [i.path for i in res.fs.get_file_info(pafs.FileSelector(res.path))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]  # beside the tables
+    saved = []
+    for folder in checkpoints:
+        with res.fs.open_input_file(f"{folder}/state.pt") as src:
+            saved.append(int(torch.load(io.BytesIO(src.read()), weights_only=True)["epoch"]))
+    assert max(saved) == last  # the tables and the checkpoint agree
+    for name in (".lock", ".stop"):
+        assert res.fs.get_file_info(f"{res.path}/{name}").type == pafs.FileType.NotFound, name
+    assert sorted(res.read("epochs").epoch) == list(range(last + 1))  # each epoch once
+    return out, last
+
+
+def test_a_signal_stops_a_run_in_s3_after_a_whole_epoch_and_the_printed_command_resumes_it_from_there(
+        s3_env, monkeypatch):
+    """Tables and Ray Train checkpoints in S3. SIGTERM (a scheduler's stop) ends the run after a whole epoch,
+    its trial marked and the command to resume it printed; that command continues from the next epoch out of
+    S3 (the epochs done are not written again, as a restart would), and Ctrl-C (SIGINT) stops it the same way:
+    both signals and the storage end to end in two runs."""
     for k, v in s3_env.items():  # for pyarrow's S3 client in this process, undone after the test
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
-    import pyarrow.fs as pafs
-
     from vae.tables.results import Results
 
-    fs, path = pafs.FileSystem.from_uri("s3://vae/runs/s3run")
+    cmd = [sys.executable, "-m", "jobs.train", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
+           "--iw-samples", "0", "--lr", "0.01", "--epochs", "400", "--storage", "s3://vae/runs", "--name", "sig"]
 
-    def written(step: int) -> dict:  # when each epoch file up to the pack's step `step` was last written
-        files = fs.get_file_info(pafs.FileSelector(f"{path}/epochs", recursive=False))
-        return {i.base_name: i.mtime for i in files if any(i.base_name.endswith(f".e{e:05d}.parquet")
-                                                          for e in range(step + 1))}
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=s3_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
 
-    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 1 and (tmp_path / "killed").exists(), first.stdout[-2000:] + first.stderr[-2000:]
-    done = written(1)
-    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert "epochs up to 1 are done" in second.stdout, second.stdout[-2000:]
-    # it continued from epoch 1's checkpoint in S3: epochs 0 and 1 were not written again (a restart rewrites them)
-    assert len(done) == 2 and written(1) == done
-
-    res = Results("s3://vae/runs/s3run")
-    epochs = res.read("epochs")
-    assert sorted(epochs.epoch) == [0, 1, 2, 3]
-    assert res.read("trials").status.tolist() == ["finished"]
-    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))]
-    assert any(n.startswith("checkpoint_") for n in names), names  # Ray Train's checkpoints beside the tables
+    res = Results("s3://vae/runs/sig")
+    first = start()
+    _wait_for_rows(res, 4)
+    _, last = _stopped_by(first, signal.SIGTERM, 143, res)
+    done = {i.base_name: i.mtime for i in res.fs.get_file_info(pafs.FileSelector(f"{res.path}/epochs"))}
+    assert len(done) == last + 1
+    again = start()
+    _wait_for_rows(res, last + 3)  # two epochs past the interrupted one
+    out, stop = _stopped_by(again, signal.SIGINT, 130, res)
+    assert f"epochs up to {last} are done" in out
+    trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("epoch ")]
+    assert trained == list(range(last + 1, stop + 1)) and stop >= last + 2  # only what was left, from the next
+    files = {i.base_name: i.mtime for i in res.fs.get_file_info(pafs.FileSelector(f"{res.path}/epochs"))}
+    assert {name: files[name] for name in done} == done  # continued from S3, not trained from the start
