@@ -146,6 +146,20 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def linear_sweep(ray_cluster, tmp_path_factory) -> str:
+    """The folder of a finished sweep of the linear VAE on the toy data, whose collapse theory gives (the data's
+    covariance eigenvalues 1.5 and 0.5, decoder variance 1: units die at beta 0.5 and 1.5): run once for the
+    tests that read one."""
+    from jobs import sweep as sweep_job
+
+    storage = tmp_path_factory.mktemp("linear")
+    assert sweep_job.main(["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
+                           "--lrs", "1e-2", "--betas", "0.2,1,3", "--epochs", "6", "--iw-samples", "5",
+                           "--storage", str(storage), "--name", "linear"]) == 0
+    return str(storage / "linear")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test on the shared instance after it was ended (another run of them, in a selection of tests) starts it again."""
     if _uses_ray(item) and "ray" in sys.modules:

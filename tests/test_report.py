@@ -137,18 +137,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.slow
-def test_sweep_report_loads_every_image_in_headless_chromium(ray_cluster, tmp_path):
+def test_sweep_report_loads_every_image_in_headless_chromium(linear_sweep, tmp_path):
     if CHROMIUM is None:  # CI installs Debian's chromium and sets VAE_REQUIRE_BROWSER: there it must not skip
         if os.environ.get("VAE_REQUIRE_BROWSER") == "1":
             pytest.fail("VAE_REQUIRE_BROWSER=1 but no chromium on PATH: the report was never opened in a browser")
         pytest.skip("Debian's chromium is not installed (.ci/run installs it and sets VAE_REQUIRE_BROWSER=1)")
-    from jobs import sweep as sweep_job
-
-    assert sweep_job.main(["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims",
-                           "2", "--lrs", "1e-2", "--betas", "0.3,3", "--epochs", "2", "--iw-samples", "5",
-                           "--storage", str(tmp_path), "--name", "tiny"]) == 0
-    assert report_job.main([str(tmp_path / "tiny")]) == 0
-    out = tmp_path / "tiny" / "report"
+    out = tmp_path / "report"  # the sweep's folder is shared: the report goes here
+    assert report_job.main([linear_sweep, "--out", str(out)]) == 0
     page = (out / "index.html").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
     for name in ("collapse-map.png", "rate-distortion.png"):
@@ -156,7 +151,7 @@ def test_sweep_report_loads_every_image_in_headless_chromium(ray_cluster, tmp_pa
     for link in re.findall(r'href="(trial-[^"]+\.html)"', page):
         assert (out / link).is_file()
     # What the sweep found comes first, from the map's own numbers.
-    table = Results(str(tmp_path / "tiny")).read("collapse_map")
+    table = Results(linear_sweep).read("collapse_map")
     assert page.index("What the sweep found") < page.index("What was run")
     assert f"<b>{len(table)} cells</b>" in page and f"{int((table.status == 'healthy').sum())} healthy" in page
     # Measure the real pages in the browser at 1280 px: a copy beside each reports every <img>'s natural

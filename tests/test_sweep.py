@@ -33,31 +33,15 @@ def test_mnist_grid_maps_collapse_at_large_beta(ray_cluster, tmp_path, data_dir)
 
 
 @pytest.mark.slow
-def test_linear_vae_loses_units_as_beta_rises_and_a_diverging_trial_is_kept(ray_cluster, tmp_path):
+def test_linear_vae_loses_units_as_beta_rises(linear_sweep):
     # Data covariance eigenvalues 1.5 and 0.5, decoder variance 1: units die at beta 0.5 and 1.5.
-    rc = sweep_job.main(["--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1", "--latent-dims", "2",
-                         "--lrs", "1e-2", "--betas", "0.2,1,3", "--epochs", "6", "--iw-samples", "5",
-                         "--storage", str(tmp_path), "--name", "linear"])
-    assert rc == 0
-    table = Results(f"{tmp_path}/linear").read("collapse_map").sort_values("beta")
+    table = Results(linear_sweep).read("collapse_map").sort_values("beta")
     assert table.units_in_use_mean.tolist() == [2, 1, 0]
     assert table.critical_beta_lower.iloc[0] == 1.0 and table.critical_beta_upper.iloc[0] == 3.0
 
-    rc = sweep_job.main(["--dataset", "gaussian2d", "--model", "gaussian-mlp", "--latent-dims", "2",
-                         "--lrs", "1e-3,10", "--betas", "1", "--epochs", "2", "--iw-samples", "5",
-                         "--storage", str(tmp_path), "--name", "diverge"])
-    assert rc == 0
-    res = Results(f"{tmp_path}/diverge")
-    trials = res.read("trials").set_index("lr")
-    assert trials.loc[10.0, "status"] == "diverged" and "epoch 1" in trials.loc[10.0, "error"]
-    assert trials.loc[1e-3, "status"] == "finished" and trials.loc[1e-3, "epochs_done"] == 2
-    table = res.read("collapse_map").set_index("lr")
-    assert table.loc[10.0, "frac_diverged"] == 1.0 and table.loc[10.0, "status"] == "diverged"
-
 
 @pytest.mark.slow
-def test_a_packed_sweep_writes_the_rows_of_the_unpacked_one_and_isolates_a_diverging_member(ray_cluster, tmp_path,
-                                                                                             monkeypatch):
+def test_a_packed_sweep_writes_the_rows_of_the_unpacked_one_and_isolates_a_diverging_member(ray_cluster, tmp_path):
     import numpy as np
 
     args = ["--dataset", "gaussian2d", "--model", "gaussian-mlp", "--latent-dims", "2", "--lrs", "1e-3,10",
@@ -69,12 +53,16 @@ def test_a_packed_sweep_writes_the_rows_of_the_unpacked_one_and_isolates_a_diver
                      for n in ("alone", "packed"))
     assert list(alone.trial_id) == list(packed.trial_id) and len(packed) == 8
     assert list(alone.status) == list(packed.status) and set(packed[packed.lr == 10].status) == {"diverged"}
+    for trials in (alone, packed):  # a diverging trial is kept, with the epoch it diverged in
+        assert trials[trials.lr == 10].error.str.contains("epoch 1").all()
+        assert set(trials[trials.lr == 1e-3].status) == {"finished"} and set(trials[trials.lr == 1e-3].epochs_done) == {2}
     assert packed.pack_id.nunique() == 2 and (alone.pack_id == alone.trial_id).all()
     ok = packed.status == "finished"
     np.testing.assert_allclose(packed[ok].test_loss, alone[ok].test_loss, rtol=1e-4)
     np.testing.assert_allclose(packed[ok].iw_nll, alone[ok].iw_nll, rtol=1e-4)
     maps = [Results(f"{tmp_path}/{n}").read("collapse_map").sort_values(["lr", "beta"]) for n in ("alone", "packed")]
     assert maps[0].status.tolist() == maps[1].status.tolist()
+    assert set(maps[0][maps[0].lr == 10].frac_diverged) == {1.0} and set(maps[0][maps[0].lr == 10].status) == {"diverged"}
 
 
 def test_bad_sweep_input_exits_2_before_ray(tmp_path):
