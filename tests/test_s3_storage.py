@@ -38,9 +38,17 @@ def s3_env():
 
 
 def _wait_for_rows(res, n: int) -> None:
+    """Until the run has written `n` epoch files: one listing a poll (reading them all each time costs the moto
+    server in this process a request per file)."""
     deadline = time.time() + 120
-    while time.time() < deadline and len(res.read("epochs")) < n:
+    while time.time() < deadline and len(_epoch_files(res)) < n:
         time.sleep(0.3)
+
+
+def _epoch_files(res) -> dict:
+    """When each epoch file was last written, by name."""
+    return {i.base_name: i.mtime for i in res.fs.get_file_info(pafs.FileSelector(f"{res.path}/epochs",
+                                                                                  allow_not_found=True))}
 
 
 def _stopped_by(proc: subprocess.Popen, sig: int, code: int, res) -> tuple[str, int]:
@@ -91,7 +99,7 @@ def test_a_signal_stops_a_run_in_s3_after_a_whole_epoch_and_the_printed_command_
     first = start()
     _wait_for_rows(res, 4)
     _, last = _stopped_by(first, signal.SIGTERM, 143, res)
-    done = {i.base_name: i.mtime for i in res.fs.get_file_info(pafs.FileSelector(f"{res.path}/epochs"))}
+    done = _epoch_files(res)
     assert len(done) == last + 1
     again = start()
     _wait_for_rows(res, last + 3)  # two epochs past the interrupted one
@@ -99,5 +107,5 @@ def test_a_signal_stops_a_run_in_s3_after_a_whole_epoch_and_the_printed_command_
     assert f"epochs up to {last} are done" in out
     trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("epoch ")]
     assert trained == list(range(last + 1, stop + 1)) and stop >= last + 2  # only what was left, from the next
-    files = {i.base_name: i.mtime for i in res.fs.get_file_info(pafs.FileSelector(f"{res.path}/epochs"))}
+    files = _epoch_files(res)
     assert {name: files[name] for name in done} == done  # continued from S3, not trained from the start
