@@ -334,3 +334,42 @@ def test_the_test_only_hold_waits_in_its_step_until_released_and_never_again(tmp
         assert not held.is_alive() and not (tmp_path / "hold").exists()  # released, and nothing killed
         assert plan.step_in(step, 10, 0) == -1  # a restarted worker passes the step
     assert plan.step_in(3, 10, 0) == -1
+
+
+KILL_WAITS = """
+import os, sys
+from vae.training.faults import FaultPlan
+marker, ready = sys.argv[1], sys.argv[2]
+def restartable():
+    open(ready + ".asked", "w").close()
+    return os.path.exists(ready)
+FaultPlan(epoch=2, marker=marker).fire(2, restartable)
+print("not killed")
+"""
+
+
+def test_the_test_only_kill_waits_until_the_step_befores_checkpoint_is_registered(tmp_path):
+    """A kill half-way through step K first waits until the checkpoint of step K - 1 is one a restart would use
+    (under Ray Train: registered in its run's snapshot); only then the process dies, by SIGKILL."""
+    import pyarrow.fs as pafs
+
+    from vae.training.faults import SNAPSHOT, checkpoint_registered
+
+    marker, ready = str(tmp_path / "killed"), str(tmp_path / "ready")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_WAITS, marker, ready], cwd=ROOT)
+    deadline = time.time() + 60
+    while not os.path.exists(ready + ".asked") and time.time() < deadline:
+        time.sleep(0.01)
+    assert os.path.exists(ready + ".asked")
+    time.sleep(0.3)  # asked, and asked again: a kill that did not wait would be dead by now
+    assert proc.poll() is None
+    Path(ready).touch()
+    assert proc.wait(timeout=30) == -9 and os.path.exists(marker)
+
+    fs, snapshot = pafs.LocalFileSystem(), str(tmp_path / SNAPSHOT)
+    assert not checkpoint_registered(fs, snapshot, 1)  # no snapshot yet
+    Path(snapshot).write_text(json.dumps({"checkpoint_results": [{"metrics": {"epoch": 1}}, {"metrics": {"epoch": 2}}]}))
+    assert checkpoint_registered(fs, snapshot, 2) and not checkpoint_registered(fs, snapshot, 3)
+    Path(snapshot).write_text("{")  # cut short while Ray rewrote it: not registered, no error
+    assert not checkpoint_registered(fs, snapshot, 1)
+

@@ -5,17 +5,17 @@ stop). The jobs attach to it through RAY_ADDRESS, as on a real cluster."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 import subprocess
 import sys
 import time
 
+import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import ROOT, free_port
 from vae.tables.results import Results
-from vae.training.faults import FAULT_HOLD_ENV, FAULT_MARKER_ENV
+from vae.training.faults import FAULT_HOLD_ENV, FAULT_MARKER_ENV, SNAPSHOT, checkpoint_registered
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +48,9 @@ def _held(hold: str, workers: int, run: str | None = None, step: int = 2) -> Non
     yet one a restart would use)."""
     _wait_for(lambda: len(glob.glob(f"{hold}.held-{step}-*")) >= workers)
     if run:
-        _wait_for(lambda: _checkpointed(f"{run}/checkpoint_manager_snapshot.json", step - 1))
+        _wait_for(lambda: checkpoint_registered(pafs.LocalFileSystem(), f"{run}/{SNAPSHOT}", step - 1))
 
 
-def _checkpointed(snapshot: str, epoch: int) -> bool:
-    try:
-        with open(snapshot) as fh:
-            return any(r["metrics"].get("epoch", 0) >= epoch for r in json.load(fh)["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def _release(hold: str, step: int = 2) -> None:

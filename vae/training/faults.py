@@ -8,18 +8,36 @@ The reliability tests set in the environment of the processes they start (Ray Tr
   `<file>.held-K-<pid>` and waits until `<file>.release-K` exists (a node can then be stopped while its worker is
   mid-step, however fast the machine); the same in each step listed. Once released, later workers pass that
   step without holding. (A hold and a kill are meant for different steps: in the same step the hold wins.)
+A kill waits, first, until the step before's checkpoint is one a restart would use (under Ray Train: until the
+controller has registered it, `checkpoint_registered`). Killed in the moment between a worker's report and
+that, a restart goes back one checkpoint more: a fault of its own, which the tests would otherwise meet by chance.
 The plan is read once, when the loop sets up; the training step only compares a step number.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 FAULT_EPOCH_ENV, FAULT_HOLD_ENV, FAULT_MARKER_ENV = "VAE_FAULT_KILL_EPOCH", "VAE_FAULT_HOLD_EPOCH", "VAE_FAULT_MARKER"
 HOLD_LIMIT = 600.0  # seconds a held worker waits for its release before it goes on anyway
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record, in its run folder, of the checkpoints it registered
+
+
+def checkpoint_registered(fs, path: str, step: int) -> bool:
+    """Whether the Ray Train snapshot at `path` (on pyarrow filesystem `fs`) holds a checkpoint of step `step` or
+    later: the controller polls its workers for their reports, so a checkpoint a worker has reported is not yet
+    one a restart uses."""
+    try:
+        with fs.open_input_stream(path) as src:
+            results = json.loads(src.read().decode())["checkpoint_results"]
+        return any(r["metrics"].get("epoch", -1) >= step for r in results)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _step(name: str) -> int:
@@ -53,14 +71,18 @@ class FaultPlan:
     def done(self) -> bool:
         return bool(self.marker) and os.path.exists(self.marker)
 
-    def fire(self, epoch: int) -> None:
-        """What step_in planned for this batch of step `epoch`: hold until released, or the kill."""
+    def fire(self, epoch: int, restartable: Callable[[], bool] = lambda: True) -> None:
+        """What step_in planned for this batch of step `epoch`: hold until released, or the kill, once
+        `restartable()` says the step before's checkpoint is one a restart would use."""
         if epoch in self.holds:
             open(f"{self.marker}.held-{epoch}-{os.getpid()}", "w").close()
             deadline = time.monotonic() + HOLD_LIMIT
             while not self.released(epoch) and time.monotonic() < deadline:
                 time.sleep(0.05)
             return
+        deadline = time.monotonic() + HOLD_LIMIT
+        while not restartable() and time.monotonic() < deadline:
+            time.sleep(0.1)
         if self.marker:
             open(self.marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)

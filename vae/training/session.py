@@ -34,6 +34,11 @@ class LocalSession:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
 
+    def restartable(self, step: int) -> bool:
+        """Whether step `step`'s checkpoint (reported) is one a restart would use: here and in a Tune trial,
+        as soon as `report` returns."""
+        return True
+
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
         found = self.checkpoint_dir and os.path.isfile(os.path.join(self.checkpoint_dir, "state.pt"))
@@ -70,6 +75,15 @@ class RayTrainSession:
         import ray.train
 
         return _folder_of(ray.train.get_checkpoint())
+
+    def restartable(self, step: int) -> bool:
+        """Once the controller has registered it in its run's snapshot (vae/training/faults.py)."""
+        import ray.train
+
+        from vae.training.faults import checkpoint_registered
+
+        storage = ray.train.get_context().get_storage()  # Train's own run folder (a sweep's trial has its own)
+        return checkpoint_registered(storage.storage_filesystem, storage.checkpoint_manager_snapshot_path, step)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
