@@ -8,6 +8,7 @@ SIGINT / SIGTERM after a whole epoch (rerun the same command to resume).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from vae.config import parse_train_args
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
                               warn=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True),
                               handle_signals=True)
     print(f"{PROG}: {line}", file=sys.stderr if code else sys.stdout, flush=True)
+    from vae import launch
+
+    if launch.left_a_thread():  # a fit given up on (a lost node): end here, not in finalisers under that thread
+        sys.stdout.flush()
+        os._exit(code)
     return code
 
 

@@ -373,3 +373,19 @@ def test_the_test_only_kill_waits_until_the_step_befores_checkpoint_is_registere
     Path(snapshot).write_text("{")  # cut short while Ray rewrote it: not registered, no error
     assert not checkpoint_registered(fs, snapshot, 1)
 
+
+def test_a_fit_given_up_on_is_remembered_until_its_thread_ends():
+    """`in_thread` gives up on a helper thread when `abandon()` says so (a lost node): `left_a_thread` then tells
+    the CLI to end with os._exit after its last line, not in finalisers under that thread."""
+    import threading
+
+    from vae import launch
+
+    release = threading.Event()
+    assert launch.in_thread(lambda: 7) == 7 and not launch.left_a_thread()
+    with pytest.raises(launch.Abandoned):
+        launch.in_thread(release.wait, abandon=lambda: True)
+    assert launch.left_a_thread()
+    release.set()
+    launch._LEFT[-1].join(timeout=10)
+    assert not launch.left_a_thread()  # it ended after all: nothing left to step around

@@ -118,6 +118,16 @@ class Abandoned(RuntimeError):
     """`in_thread` stopped waiting: its `abandon()` said so."""
 
 
+_LEFT: list[threading.Thread] = []  # helper threads `in_thread` gave up on, still inside `fn`
+
+
+def left_a_thread() -> bool:
+    """Whether a helper thread that `in_thread` gave up on is still running. A process that ends normally then
+    runs Python's and Ray's finalisers under that thread, which is inside Ray's client (seen: SIGSEGV after the
+    job's last line); the CLI ends such a process with `os._exit` once it has said everything."""
+    return any(t.is_alive() for t in _LEFT)
+
+
 def in_thread(fn: Callable[..., Any], *args: Any, abandon: Callable[[], bool] | None = None) -> Any:
     """fn(*args) on a helper thread while the main thread waits (and so can run signal handlers);
     its result, or its exception raised here; `Abandoned` once `abandon()` is true (the helper thread, a
@@ -135,6 +145,7 @@ def in_thread(fn: Callable[..., Any], *args: Any, abandon: Callable[[], bool] | 
     while thread.is_alive():
         thread.join(0.2)
         if abandon is not None and abandon():
+            _LEFT.append(thread)
             raise Abandoned("abandoned")
     if "error" in out:
         raise out["error"]
