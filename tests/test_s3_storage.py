@@ -1,5 +1,5 @@
-"""--storage s3://...: tables and Ray Train checkpoints on a real S3-compatible server (moto) on 127.0.0.1, and the
-signals that stop a run: both end to end in one pair of runs."""
+"""--storage s3://...: tables and Ray Train checkpoints on a real S3-compatible server (moto) on 127.0.0.1, and what
+stops a run there (a lost worker with no restarts, SIGTERM, SIGINT): all end to end in three runs of one command."""
 
 import io
 import os
@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import ROOT
+from vae.training.faults import FAULT_EPOCH_ENV, FAULT_MARKER_ENV
 
 pytestmark = pytest.mark.slow  # end to end through Ray: the full suite, not -m "not slow"
 
@@ -77,35 +78,51 @@ def _stopped_by(proc: subprocess.Popen, sig: int, code: int, res) -> tuple[str, 
     return out, last
 
 
-def test_a_signal_stops_a_run_in_s3_after_a_whole_epoch_and_the_printed_command_resumes_it_from_there(
-        s3_env, monkeypatch):
-    """Tables and Ray Train checkpoints in S3. SIGTERM (a scheduler's stop) ends the run after a whole epoch,
-    its trial marked and the command to resume it printed; that command continues from the next epoch out of
-    S3 (the epochs done are not written again, as a restart would), and Ctrl-C (SIGINT) stops it the same way:
-    both signals and the storage end to end in two runs."""
+def _resumed(out: str, after: int, stop: int) -> None:
+    """A resumed run's stdout: it said where it resumed and trained only the epochs after `after`, up to `stop`."""
+    assert f"epochs up to {after} are done" in out, out[-2000:]
+    trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("epoch ")]
+    assert trained == list(range(after + 1, stop + 1)) and stop >= after + 2  # only what was left, from the next
+
+
+def test_a_run_in_s3_that_fails_or_is_stopped_by_a_signal_resumes_from_there_with_the_same_command(
+        s3_env, tmp_path, monkeypatch):
+    """Tables and Ray Train checkpoints in S3, one command run three times. The first loses its worker in epoch
+    2 with no restarts allowed: exit 1 and one line. Each rerun continues from the checkpoint in S3 (the epochs
+    done are not written again, as a restart would) and is stopped by a signal: SIGTERM (a scheduler's stop),
+    then Ctrl-C (SIGINT), each after a whole epoch, its trial marked and the command to resume it printed.
+    (Storage, failure and both signals end to end in three runs.)"""
     for k, v in s3_env.items():  # for pyarrow's S3 client in this process, undone after the test
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
     from vae.tables.results import Results
 
     cmd = [sys.executable, "-m", "jobs.train", "--dataset", "gaussian2d", "--model", "linear", "--decoder-var", "1",
-           "--iw-samples", "0", "--lr", "0.01", "--epochs", "400", "--storage", "s3://vae/runs", "--name", "sig"]
+           "--iw-samples", "0", "--lr", "0.01", "--epochs", "400", "--max-failures", "0", "--storage", "s3://vae/runs",
+           "--name", "s3run"]
+    env = {**s3_env, FAULT_EPOCH_ENV: "2", FAULT_MARKER_ENV: str(tmp_path / "killed")}  # the first run only
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=s3_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
 
-    res = Results("s3://vae/runs/sig")
+    res = Results("s3://vae/runs/s3run")
     first = start()
-    _wait_for_rows(res, 4)
-    _, last = _stopped_by(first, signal.SIGTERM, 143, res)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 1 and (tmp_path / "killed").exists(), out[-2000:] + err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("jobs.train: failed: ") and "results so far in s3://vae/runs/s3run" in last_line
+    assert "Traceback" not in err
     done = _epoch_files(res)
-    assert len(done) == last + 1
-    again = start()
+    assert len(done) == 2  # epochs 0 and 1: the worker died in epoch 2
+    second = start()
+    _wait_for_rows(res, 4)
+    out, last = _stopped_by(second, signal.SIGTERM, 143, res)
+    _resumed(out, 1, last)
+    assert {name: mtime for name, mtime in _epoch_files(res).items() if name in done} == done  # from S3's checkpoint
+    done = _epoch_files(res)
+    third = start()
     _wait_for_rows(res, last + 3)  # two epochs past the interrupted one
-    out, stop = _stopped_by(again, signal.SIGINT, 130, res)
-    assert f"epochs up to {last} are done" in out
-    trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("epoch ")]
-    assert trained == list(range(last + 1, stop + 1)) and stop >= last + 2  # only what was left, from the next
-    files = _epoch_files(res)
-    assert {name: files[name] for name in done} == done  # continued from S3, not trained from the start
+    out, stop = _stopped_by(third, signal.SIGINT, 130, res)
+    _resumed(out, last, stop)
+    assert {name: mtime for name, mtime in _epoch_files(res).items() if name in done} == done
