@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                               warn=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True),
                               handle_signals=True)
     print(f"{PROG}: {line}", file=sys.stderr if code else sys.stdout, flush=True)
-    from vae import launch
+    from vae import launch  # loaded with vae.api above (pyarrow): after parsing, as that one
 
     if launch.left_a_thread():  # a fit given up on (a lost node): end here, not in finalisers under that thread
         sys.stdout.flush()

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
+from vae.training.faults import checkpoint_registered
+
 
 class LocalSession:
     """One process, no Ray: plain tests and benchmarks.
@@ -79,8 +81,6 @@ class RayTrainSession:
     def restartable(self, step: int) -> bool:
         """Once the controller has registered it in its run's snapshot (vae/training/faults.py)."""
         import ray.train
-
-        from vae.training.faults import checkpoint_registered
 
         storage = ray.train.get_context().get_storage()  # Train's own run folder (a sweep's trial has its own)
         return checkpoint_registered(storage.storage_filesystem, storage.checkpoint_manager_snapshot_path, step)
