@@ -191,6 +191,28 @@ def test_a_resume_with_no_checkpoint_before_the_missing_epoch_trains_again_from_
     assert "epoch 1 of s is missing from kl_per_dim/" in capsys.readouterr().err
 
 
+def test_a_resume_that_finds_rows_but_no_checkpoint_says_it_trains_again_from_the_start(tmp_path, capsys):
+    """Rows in the tables but no checkpoint to continue from (a worker killed before Ray registered the one it
+    reported): the run trains from the start, writes the same rows, and says so instead of going on silently
+    after the driver's "epochs up to N are done"."""
+    from vae.config import TrainConfig
+    from vae.training.loop import train_loop
+    from vae.training.session import LocalSession
+
+    cfg = TrainConfig(dataset="gaussian2d", epochs=2, iw_samples=0, storage=str(tmp_path), name="s")
+    train_loop(cfg, LocalSession(str(tmp_path / "first")))
+    res = Results(str(tmp_path / "s"))
+    before = res.read("epochs").sort_values("epoch").reset_index(drop=True)
+    assert "training again from the start" not in capsys.readouterr().err  # a fresh run has nothing to say
+    session = LocalSession(str(tmp_path / "none-kept"))  # the same run, no checkpoint to resume from
+    train_loop(cfg, session)
+    assert [r["epoch"] for r in session.reports] == [1, 2]
+    assert "no checkpoint of the epochs already in the tables" in capsys.readouterr().err  # (a job's run.json
+    # gets it too, as `redone`, and its driver says it: test_the_driver_says_once_how_the_worker_resumed's path)
+    after = res.read("epochs").sort_values("epoch").reset_index(drop=True)
+    pd.testing.assert_frame_equal(after[["epoch", "test_loss"]], before[["epoch", "test_loss"]])
+
+
 def test_first_gap_finds_the_earliest_missing_epoch_over_a_packs_members():
     from vae.training.resume import first_gap
 

@@ -31,6 +31,11 @@ def choose(session, members: Members, results: Results | None, note: Callable[..
 
     with session.latest_checkpoint() as folder:
         if folder is None:
+            ids = [m.trial_id for m in members]
+            if results is not None and len(results.read("epochs", ds.field("trial_id").isin(ids))):
+                say("no checkpoint of the epochs already in the tables (its worker died before Ray registered "
+                    "the last one it reported, or none was kept): training again from the start (seeded: the same "
+                    "rows come out)", "redone")
             return None
         state = resume.latest_readable(folder, members.pack_id, say)
         gap, lacking = _first_gap(session, members, results, int(state["epoch"]), resume.saved_members(state["extra"]))
