@@ -76,13 +76,16 @@ class FaultPlan:
         `restartable()` says the step before's checkpoint is one a restart would use."""
         if epoch in self.holds:
             open(f"{self.marker}.held-{epoch}-{os.getpid()}", "w").close()
-            deadline = time.monotonic() + HOLD_LIMIT
-            while not self.released(epoch) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait(lambda: self.released(epoch), 0.05)
             return
-        deadline = time.monotonic() + HOLD_LIMIT
-        while not restartable() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait(restartable, 0.1)
         if self.marker:
             open(self.marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait(condition: Callable[[], bool], poll: float) -> None:
+    """Until `condition()`, asked every `poll` seconds, or HOLD_LIMIT seconds have passed."""
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(poll)
