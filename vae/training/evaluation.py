@@ -133,16 +133,14 @@ class Recorder:
         last."""
         cfg = m.cfg
         model.eval()
-        activity = diagnostics.unit_activity(ev.mu)
-        active = diagnostics.active_units(activity, cfg.active_threshold)
+        activity, active = _activity(ev, cfg.active_threshold)
         state = m.observe(epoch, ev.kl_per_dim.numpy().astype(float), activity.numpy().astype(float), self.thresholds)
         used = state.units_in_use  # counted by vae.tables.collapse.in_use, with the run's thresholds
         final = epoch >= 1 and (epoch == cfg.budget or (cfg.until_settled and epoch >= cfg.epochs and state.settled))
         snapshot = epoch in self.snapshot_epochs or final
         if final and len(ev.mu) < self.test_x.shape[-2]:  # the numbers it ends with: on the whole test set
             ev = self._whole_test_set(model, test_eps, m)
-            activity = diagnostics.unit_activity(ev.mu)
-            active = diagnostics.active_units(activity, cfg.active_threshold)
+            activity, active = _activity(ev, cfg.active_threshold)
             used = units_in_use(ev.kl_per_dim.numpy(), activity.numpy(), self.thresholds)
         mi = self._mutual_info(m, ev) if snapshot or m.aggressive else float("nan")
         aggressive.end_of_epoch(m, mi)  # aggressive training's phase ends once I(x; z) stops rising
@@ -223,3 +221,9 @@ class Recorder:
         tracker = self.trackers.pop(m.trial_id, None)
         if tracker is not None:
             tracker.close(m.status)
+
+
+def _activity(ev: diagnostics.Evaluation, threshold: float) -> tuple[torch.Tensor, int]:
+    """Each unit's activity (the variance of its posterior mean over the test images) and the active units' count."""
+    activity = diagnostics.unit_activity(ev.mu)
+    return activity, diagnostics.active_units(activity, threshold)
