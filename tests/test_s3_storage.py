@@ -52,6 +52,11 @@ def _epoch_files(res) -> dict:
                                                                                   allow_not_found=True))}
 
 
+def _untouched(res, done: dict) -> bool:
+    """Whether the epoch files in `done` (`_epoch_files` earlier) are still as they were: not written again."""
+    return {name: mtime for name, mtime in _epoch_files(res).items() if name in done} == done
+
+
 def _stopped_by(proc: subprocess.Popen, sig: int, code: int, res) -> tuple[str, int]:
     """Send `sig`; the job must end with `code` after a whole epoch, its trial marked, the tables and the
     checkpoint in S3 agreeing, and the resume command printed. (Its stdout, the last epoch.)"""
@@ -119,10 +124,10 @@ def test_a_run_in_s3_that_fails_or_is_stopped_by_a_signal_resumes_from_there_wit
     _wait_for_rows(res, 4)
     out, last = _stopped_by(second, signal.SIGTERM, 143, res)
     _resumed(out, 1, last)
-    assert {name: mtime for name, mtime in _epoch_files(res).items() if name in done} == done  # from S3's checkpoint
+    assert _untouched(res, done)  # from S3's checkpoint
     done = _epoch_files(res)
     third = start()
     _wait_for_rows(res, last + 3)  # two epochs past the interrupted one
     out, stop = _stopped_by(third, signal.SIGINT, 130, res)
     _resumed(out, last, stop)
-    assert {name: mtime for name, mtime in _epoch_files(res).items() if name in done} == done
+    assert _untouched(res, done)
