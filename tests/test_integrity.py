@@ -332,6 +332,44 @@ def test_the_driver_says_once_how_the_worker_resumed(tmp_path):
     assert lines == ["epoch 2 of n is missing from epochs/ ...: redoing epochs 2 on"]
 
 
+def _shown(lines: list[str]) -> list[int]:
+    """The epochs of the driver's epoch lines."""
+    return [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("epoch ")]
+
+
+def test_the_driver_prints_each_epoch_once_reading_only_the_files_written_since_its_last_poll(tmp_path,
+                                                                                              monkeypatch):
+    """A long run's driver must not read all its epoch files every second (its poll grew with the run: 300 toy
+    epochs cost the driver half the CPU the worker used): each poll reads only the files new since the last."""
+    from vae import launch
+    from vae.config import TrainConfig
+    from vae.tables.results import epoch_row, file_key
+
+    cfg = TrainConfig(dataset="gaussian2d", storage=str(tmp_path), name="f")
+    res = Results(str(tmp_path / "f"))
+    lines, reads = [], []
+    follower = launch.EpochFollower(cfg, emit=lines.append)
+    read = Results.read
+    monkeypatch.setattr(Results, "read", lambda self, table, filter=None, files=None: (
+        reads.append(None if files is None else [os.path.basename(f) for f in files]),
+        read(self, table, filter, files))[1])
+
+    def epoch(e: int, trial_id: str = cfg.run_id) -> str:
+        res.write("epochs", [epoch_row(cfg, trial_id, e, 1.0, None, {"loss": 1.0})], file_key(trial_id, e))
+        return file_key(trial_id, e)
+
+    first = [epoch(0), epoch(1), epoch(0, "other")]
+    follower.poll()
+    assert reads == [sorted(first)] and _shown(lines) == [0, 1]
+    reads.clear()
+    follower.poll()  # nothing new
+    assert reads == [[]] and len(lines) == 2
+    reads.clear()
+    new = epoch(2)
+    follower.poll()
+    assert reads == [[new]] and _shown(lines) == [0, 1, 2]
+
+
 def test_the_test_only_hold_waits_in_its_step_until_released_and_never_again(tmp_path, monkeypatch):
     """The node-loss tests' hold (vae/training/faults.py): every rank stops half-way through the step asked for,
     says so in a file, and goes on only once released; other steps, and that step after the release, pass."""

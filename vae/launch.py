@@ -201,6 +201,7 @@ class EpochFollower(threading.Thread):
         self.cfg, self.emit, self.every = cfg, emit, every
         self.results = Results(run_root(cfg.storage, cfg.name))
         self.seen: set[int] = set()
+        self.files_read: set[str] = set()  # epoch files already read (`_rows`)
         self.shown = False  # an epoch line was printed (until then: say what the cluster must still provide)
         self.pending = ""  # what the cluster must still provide (an autoscaling cluster): said every so often
         self.pending_said = 1
@@ -212,7 +213,12 @@ class EpochFollower(threading.Thread):
         self.lost = ""  # why the run ended on a lost node (the driver's last line)
 
     def _rows(self):
-        return self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id)
+        """The trial's rows in the epoch files not read before: each poll lists the folder and reads what is new
+        (a file is renamed into place whole), so a long run's poll costs what it adds, not all it has written."""
+        new = [f for f in self.results.files("epochs") if f not in self.files_read]
+        rows = self.results.read("epochs", ds.field("trial_id") == self.cfg.run_id, files=new)
+        self.files_read.update(new)
+        return rows
 
     def resumed_after(self) -> int | None:
         """Epochs already in the table (a rerun of the same name): marked seen; the last one, or None."""
@@ -222,8 +228,8 @@ class EpochFollower(threading.Thread):
 
     def poll(self) -> None:
         try:
-            df = self._rows()
             info = self.results.read_json("run.json") or {}
+            df = self._rows()  # last: the files it reads are marked read
         except Exception:  # a file being renamed in place: try again on the next tick
             return
         for key in RESUME_NOTES:  # how the worker resumed (an older checkpoint, epochs redone): said once

@@ -294,12 +294,14 @@ class Results:
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
                       and not i.base_name.startswith((".", "_")))
 
-    def read(self, table: str, filter: ds.Expression | None = None) -> pd.DataFrame:
-        """The whole table as a DataFrame with the contract's columns (empty if absent).
+    def read(self, table: str, filter: ds.Expression | None = None,
+             files: list[str] | None = None) -> pd.DataFrame:
+        """The whole table (or only its `files`, paths from `files(table)`) as a DataFrame with the contract's
+        columns (empty if absent).
 
         A file that cannot be read raises `DamagedTable` naming it (`set_aside_damaged` moves it away)."""
         schema = SCHEMAS[table]
-        files = self.files(table)
+        files = self.files(table) if files is None else files
         if not files:
             return schema.empty_table().to_pandas()
         try:
