@@ -131,7 +131,7 @@ def test_denormal_weights_and_moments_are_cleared_after_an_epoch(tmp_path):
                                        storage=str(tmp_path), name="c"))], LocalSession())
     _train_epoch(run, 1)
     weight = run.model.dec.weight
-    moment = run.opt.state[weight]["exp_avg"]
+    moment = run.opt.state[next(i for i, p in enumerate(run.opt.params) if p is weight)]["exp_avg"]
     with torch.no_grad():
         weight[0, 0], moment[0, 0], weight[1, 0] = 1e-39, -1e-40, 1e-3
     cpu.clear_denormals(list(run.model.parameters()) + pack.moments(run.opt))

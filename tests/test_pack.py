@@ -3,6 +3,7 @@ alone, and a diverging member's isolation."""
 
 from __future__ import annotations
 
+import io
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +19,90 @@ from vae.training.loop import train_loop, train_pack
 from vae.model.models import build_model
 from vae.tables.results import Results
 from vae.training.session import LocalSession
+
+
+def test_one_adam_is_torchs_fused_adam_bit_for_bit_and_their_checkpoints_load_into_each_other():
+    """A pack of one's optimiser (`OneAdam`) against `torch.optim.Adam(fused=True)`: the same weights bit for bit
+    over steps where one parameter has no gradient at first and the learning rate changes; each one's
+    `state_dict` continues in the other (checkpoints written before OneAdam resume under it)."""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    torch_adam, one = torch.optim.Adam(ref, lr=1e-2, fused=True), pack_adam.OneAdam(ours, 1e-2)
+
+    def step(k: int, a: list, b: list, opt_a, opt_b) -> None:
+        for i, (p, q) in enumerate(zip(a, b)):
+            g = None if (k < 2 and i == 1) else torch.randn_like(p)  # the bias has no gradient in steps 0, 1
+            p.grad, q.grad = g, None if g is None else g.clone()
+        opt_a.step()
+        opt_b.step()
+
+    for k in range(6):
+        if k == 4:
+            torch_adam.param_groups[0]["lr"] = 3e-3
+            one.set_lrs([3e-3])
+        step(k, ref, ours, torch_adam, one)
+    assert all(torch.equal(p, q) for p, q in zip(ref, ours))
+    assert {i: s["step"].item() for i, s in one.state.items()} == {0: 6.0, 1: 4.0}
+    for src, dst_cls in ((torch_adam, lambda ps: pack_adam.OneAdam(ps, 1.0)),  # lr from the state
+                         (one, lambda ps: torch.optim.Adam(ps, lr=1.0, fused=True))):
+        a = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+        fresh, again = dst_cls(b), type(src)(a, lr=1.0) if src is torch_adam else pack_adam.OneAdam(a, 1.0)
+        for opt in (fresh, again):  # through a file, as a checkpoint
+            buffer = io.BytesIO()
+            torch.save(src.state_dict(), buffer)
+            opt.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+        for k in range(6, 9):
+            step(k, a, b, again, fresh)
+        assert all(torch.equal(p, q) for p, q in zip(a, b)), type(src).__name__
+
+
+def test_a_pack_of_ones_training_never_imports_torch_dynamo():
+    """Why `OneAdam`: torch.optim's first step imports torch._dynamo, 1.7 CPU-s in every trial and worker
+    process (on 2 Xeon cores). A fresh process training the plain model a few epochs, under a constant rate and
+    under a schedule (pack.RateHolder), must not load it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile\n"
+            "from vae.config import TrainConfig\n"
+            "from vae.training.loop import train_loop\n"
+            "from vae.training.session import LocalSession\n"
+            "d = tempfile.mkdtemp()\n"
+            "for schedule in ('constant', 'cosine'):\n"
+            "    train_loop(TrainConfig(dataset='gaussian2d', model='gaussian-mlp', iw_samples=0, subset=1000,"
+            " epochs=2, lr_schedule=schedule, storage=d, name=schedule), LocalSession(d + '/ck-' + schedule))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "burda", "plateau"])
+def test_member_schedules_give_the_rates_torchs_schedulers_give_a_real_optimiser(schedule):
+    """`pack.RateHolder` (no `Optimizer.__init__`) under each schedule against the same scheduler driving an SGD
+    over a parameter, epoch by epoch, also after a state_dict round trip half-way."""
+    sched = torch.optim.lr_scheduler
+    lrs, budget = [1e-2, 3e-3], 12
+    ours = pack.MemberSchedules(lrs, schedule, budget)
+    sgd = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr) for lr in lrs]
+    make = {"constant": None, "cosine": lambda o: sched.CosineAnnealingLR(o, T_max=budget),
+            "burda": lambda o: sched.LambdaLR(o, lambda e: pack.burda_factor(e, budget)),
+            "plateau": lambda o: sched.ReduceLROnPlateau(o, factor=0.5, patience=3, threshold=1e-3)}[schedule]
+    theirs = [make(o) for o in sgd] if make else []
+    losses = [5.0, 4.0, 3.9, 3.9, 3.9, 3.9, 3.9, 3.9, 3.9, 3.9, 3.9, 3.9]
+    for epoch, loss in enumerate(losses):
+        if epoch == 6:
+            again = pack.MemberSchedules(lrs, schedule, budget)
+            again.load_state_dict(ours.state_dict())
+            ours = again
+        ours.step([loss, loss], [True, True])
+        for o, s in zip(sgd, theirs):
+            o.step()
+            s.step(loss) if schedule == "plateau" else s.step()
+        assert ours.lrs() == [o.param_groups[0]["lr"] for o in sgd], (schedule, epoch)
+    assert schedule == "constant" or ours.lrs() != lrs  # the schedule moved the rates
 
 
 @pytest.mark.parametrize("fused", [False, True])

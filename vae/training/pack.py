@@ -33,7 +33,7 @@ from vae.config import SHAPE_KEYS
 from vae.model import losses
 from vae.model.kernels import PackedLinear
 from vae.model.models import MaskedLinear
-from vae.training.pack_adam import EncoderDecoderAdam, PackAdam
+from vae.training.pack_adam import EncoderDecoderAdam, OneAdam, PackAdam
 
 def check_members(cfgs: Sequence[Any]) -> None:
     """Members of one pack share a shape, a run folder and the data folder, and have distinct trial ids."""
@@ -278,11 +278,11 @@ def shared_by_members(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 def optimizer(model: nn.Module, lrs: Sequence[float], split: bool = False):
-    """Adam for the pack: torch's fused Adam for a pack of one (one kernel for every parameter: 0.45 ms a step
-    instead of 1.3 ms on 2 CPU cores), else `PackAdam` (a learning rate, step count and freeze per member);
-    `split`: one of them for the encoder and one for the decoder (aggressive training)."""
+    """Adam for the pack: torch's fused Adam for a pack of one (`OneAdam`: one kernel for every parameter,
+    0.45 ms a step instead of 1.3 ms on 2 CPU cores), else `PackAdam` (a learning rate, step count and freeze per
+    member); `split`: one of them for the encoder and one for the decoder (aggressive training)."""
     def adam(params):
-        return torch.optim.Adam(params, lr=lrs[0], fused=True) if len(lrs) == 1 else PackAdam(params, lrs)
+        return OneAdam(params, lrs[0]) if len(lrs) == 1 else PackAdam(params, lrs)
 
     if not split:
         return adam(model.parameters())
@@ -297,35 +297,24 @@ def _parts(opt) -> list:
 
 def set_lrs(opt, lrs: Sequence[float]) -> None:
     for part in _parts(opt):
-        if isinstance(part, PackAdam):
-            part.set_lrs(lrs)
-        else:
-            part.param_groups[0]["lr"] = lrs[0]
+        part.set_lrs(lrs)
 
 
 def freeze(opt, k: int, frozen: bool = True) -> None:
     """Member k's weights are left alone from now on (a pack of one has nothing left to train instead)."""
     for part in _parts(opt):
-        if isinstance(part, PackAdam):
-            part.freeze(k, frozen)
+        part.freeze(k, frozen)
 
 
 def reset(opt, k: int) -> None:
     """Member k's optimiser state as a fresh optimiser's (no moments, step 0), and unfrozen: a refilled slot."""
     for part in _parts(opt):
-        if isinstance(part, PackAdam):
-            part.reset(k)
-        else:  # a pack of one: torch's Adam starts again from no state
-            part.state.clear()
+        part.reset(k)
 
 
 def moments(opt) -> list[torch.Tensor]:
     """The optimiser's Adam moments (for clearing denormals)."""
-    out = []
-    for part in _parts(opt):
-        out += (part.exp_avg + part.exp_avg_sq if isinstance(part, PackAdam) else
-                [t for st in part.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")])
-    return out
+    return [t for part in _parts(opt) for t in part.moments()]
 
 
 def kl_weights(members: Sequence[Member], fraction: float, device: Any) -> float | torch.Tensor:
@@ -417,6 +406,20 @@ def burda_factor(epochs_done: int, budget: int) -> float:
     return 10 ** (-stage / 7)
 
 
+class RateHolder(torch.optim.Optimizer):
+    """One learning rate for a `torch.optim.lr_scheduler` to drive, with no parameters to update: an optimiser
+    as the schedulers see one (`param_groups`, `step`). Not built through `Optimizer.__init__`, whose
+    `add_param_group` imports torch._dynamo, as a torch optimiser's first step does (see pack_adam.OneAdam)."""
+
+    def __init__(self, lr: float):  # noqa: the base class's __init__ is what this avoids
+        self.defaults = {"lr": lr}
+        self.param_groups = [{"params": [], "lr": lr}]
+        self.state = {}
+
+    def step(self, closure=None) -> None:
+        """Nothing to update; the schedulers check that it is called before they step."""
+
+
 class MemberSchedules:
     """Each member's learning rate under its schedule (`constant`, `cosine`, `plateau`): the standard
     `torch.optim.lr_scheduler` classes, each driving a one-number holder optimiser, stepped once per epoch.
@@ -424,7 +427,7 @@ class MemberSchedules:
 
     def __init__(self, lrs: Sequence[float], schedule: str, budget: int):
         sched = torch.optim.lr_scheduler
-        self.holders = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr) for lr in lrs]
+        self.holders = [RateHolder(lr) for lr in lrs]
         if schedule == "cosine":  # to zero at the end of the budget: lowers the optimiser's noise floor
             self.schedulers = [sched.CosineAnnealingLR(h, T_max=budget) for h in self.holders]
         elif schedule == "burda":  # Burda et al. 2015: stage i of 3^i passes at lr * 10^(-i/7), i = 0..7
@@ -442,7 +445,7 @@ class MemberSchedules:
         for s, loss, on in zip(self.schedulers, train_losses, live):
             if not on:
                 continue
-            s.optimizer.step()  # the holder has no gradient: a no-op that keeps the scheduler's order check quiet
+            s.optimizer.step()  # a no-op that keeps the scheduler's order check quiet
             if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 s.step(loss)
             else:

@@ -141,6 +141,9 @@ class PackAdam:
     def set_lrs(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), dtype=torch.float64)
 
+    def moments(self) -> list[torch.Tensor]:
+        return self.exp_avg + self.exp_avg_sq
+
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr.clone(), "steps": self.steps.clone(), "frozen": self.frozen.clone(),
                 "exp_avg": [t.detach().cpu().clone() for t in self.exp_avg],
@@ -151,6 +154,73 @@ class PackAdam:
         self.frozen = state["frozen"].clone()
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src.to(dst.device))
+
+
+class OneAdam:
+    """`torch.optim.Adam(fused=True)` for a pack of one (one model), without `torch.optim.Optimizer`: the same
+    update through torch's functional Adam (`torch.optim.adam.adam`, what `Adam.step` calls) on the same state,
+    so the same numbers bit for bit, and `state_dict` in torch's Adam format (a checkpoint of either loads into
+    the other). Why not torch's class: its first step imports torch._dynamo (for graph breaks), 1.7 CPU-s in
+    every trial and worker process on 2 Xeon cores, more than a toy trial's training.
+
+    The interface is PackAdam's for one member: `set_lrs`, `freeze` (a pack of one has nothing left to train
+    instead: nothing to do), `reset`, `moments`."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas=(0.9, 0.999), eps=1e-8):
+        self.params = [p for p in params]
+        self.lr, self.betas, self.eps = float(lr), tuple(betas), eps
+        self.fused = all(p.device.type in ("cpu", "cuda") for p in self.params)  # where torch has the kernel
+        self.state: dict[int, dict[str, torch.Tensor]] = {}  # index -> step, exp_avg, exp_avg_sq (torch's Adam)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from torch.optim.adam import adam
+
+        live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        for i, p in live:
+            if i not in self.state:  # as torch's Adam starts a parameter's state (fused: the step a float32 on its device)
+                self.state[i] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        states = [self.state[i] for i, _ in live]
+        adam([p for _, p in live], [p.grad for _, p in live], [s["exp_avg"] for s in states],
+             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=self.fused or None,
+             amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr, weight_decay=0.0, eps=self.eps,
+             maximize=False)
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        self.lr = float(lrs[0])
+
+    def freeze(self, k: int, frozen: bool = True) -> None:
+        pass
+
+    def reset(self, k: int) -> None:
+        """As a fresh optimiser: no state (a refilled slot)."""
+        self.state.clear()
+
+    def moments(self) -> list[torch.Tensor]:
+        return [s[key] for s in self.state.values() for key in ("exp_avg", "exp_avg_sq")]
+
+    def state_dict(self) -> dict[str, Any]:
+        group = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0.0, "amsgrad": False,
+                 "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                 "fused": self.fused or None, "decoupled_weight_decay": False,
+                 "params": list(range(len(self.params)))}
+        return {"state": {i: dict(s) for i, s in self.state.items()}, "param_groups": [group]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state from `state_dict`, or from a `torch.optim.Adam` over the same parameters."""
+        self.lr = float(state["param_groups"][0]["lr"])
+        self.state = {}
+        for i, s in state["state"].items():
+            p = self.params[int(i)]
+            self.state[int(i)] = {"step": s["step"].to(dtype=torch.float32, device=p.device, copy=True),
+                                  "exp_avg": s["exp_avg"].to(dtype=p.dtype, device=p.device, copy=True),
+                                  "exp_avg_sq": s["exp_avg_sq"].to(dtype=p.dtype, device=p.device, copy=True)}
 
 
 class EncoderDecoderAdam:
