@@ -182,8 +182,9 @@ class OneAdam:
 
         live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
         for i, p in live:
-            if i not in self.state:  # as torch's Adam starts a parameter's state (fused: the step a float32 on its device)
-                self.state[i] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+            if i not in self.state:  # as torch's Adam starts a parameter's state: the step a float32, on the
+                # parameter's device when fused, else on the CPU
+                self.state[i] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu"),
                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
         states = [self.state[i] for i, _ in live]
@@ -218,7 +219,8 @@ class OneAdam:
         self.state = {}
         for i, s in state["state"].items():
             p = self.params[int(i)]
-            self.state[int(i)] = {"step": s["step"].to(dtype=torch.float32, device=p.device, copy=True),
+            self.state[int(i)] = {"step": s["step"].to(dtype=torch.float32, device=p.device if self.fused else "cpu",
+                                                       copy=True),
                                   "exp_avg": s["exp_avg"].to(dtype=p.dtype, device=p.device, copy=True),
                                   "exp_avg_sq": s["exp_avg_sq"].to(dtype=p.dtype, device=p.device, copy=True)}
 
