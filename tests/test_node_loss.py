@@ -51,8 +51,6 @@ def _held(hold: str, workers: int, run: str | None = None, step: int = 2) -> Non
         _wait_for(lambda: checkpoint_registered(pafs.LocalFileSystem(), f"{run}/{SNAPSHOT}", step - 1))
 
 
-
-
 def _release(hold: str, step: int = 2) -> None:
     open(f"{hold}.release-{step}", "w").close()
 

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.adam import adam  # the functional Adam (torch's Adam.step calls it): no torch._dynamo
 
 FUSED_ADAM = getattr(torch, "_fused_adam_", None)  # None: PackAdam always takes the stacked passes
 
@@ -178,8 +179,6 @@ class OneAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        from torch.optim.adam import adam
-
         live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
         for i, p in live:
             if i not in self.state:  # as torch's Adam starts a parameter's state: the step a float32, on the
