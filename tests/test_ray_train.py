@@ -1,12 +1,20 @@
-"""The loop under Ray Train: two gloo workers, per-rank probes, a killed worker restarted from its checkpoint."""
+"""The loop under Ray Train: two gloo workers, per-rank probes, a killed worker restarted from its checkpoint, a run on
+its own instance beside another Ray instance."""
 
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import ray.cloudpickle
 import ray.train
 
 import tests
+from tests.conftest import ROOT
 
 from vae import launch
 from vae.config import TrainConfig, resolve
@@ -81,3 +89,42 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint_within_one_run(ray_clu
     assert list(killed.index) == [0, 1, 2, 3]  # every epoch exactly once
     # epoch noise and data order are seeded per epoch, so the restarted run retraces the clean one
     assert killed.test_loss.tolist() == pytest.approx(clean.test_loss.tolist(), rel=1e-4)
+
+
+def test_a_run_on_its_own_instance_is_not_torn_down_by_another_instance_that_knows_none_of_its_actors(tmp_path):
+    """Another Ray instance on the machine (a `ray start`, another job's) is where Ray's state API questions from a
+    local instance's processes go, since that instance serves none: here a stand-in for its state API
+    (`RAY_API_SERVER_ADDRESS`, what Ray resolves first) answers "not found" for every actor, as that instance
+    would, once the run has trained two epochs. Ray Train's placement-group cleaner took that answer for its
+    controller's death and removed the live run's placement group ("Destroying worker since its placement group
+    was removed"); a run on its own instance goes without the cleaner (`launch.trainer_class`) and finishes."""
+    run = Results(str(tmp_path / "beside"))
+
+    class KnowsNoActor(BaseHTTPRequestHandler):
+        def do_GET(self):
+            deadline = time.monotonic() + 120
+            while len(run.files("epochs")) < 3 and time.monotonic() < deadline:  # epoch 0 and two trained
+                time.sleep(0.05)
+            body = json.dumps({"result": True, "msg": "", "data": {"result": {"result": [], "total": 0}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), KnowsNoActor)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{other.server_port}"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        job = subprocess.run([sys.executable, "-m", "jobs.train", "--dataset", "gaussian2d", "--model", "linear",
+                              "--decoder-var", "1", "--iw-samples", "0", "--epochs", "20",
+                              "--storage", str(tmp_path), "--name", "beside"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        other.shutdown()
+    assert job.returncode == 0, job.stdout[-1500:] + job.stderr[-1500:]
+    assert sorted(run.read("epochs")["epoch"]) == list(range(21))

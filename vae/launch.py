@@ -315,6 +315,31 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
                    + config_yaml(config))
 
 
+def trainer_class() -> type:
+    """Ray Train's `TorchTrainer`; on a local instance (not `attached()`), without its placement-group cleaner.
+
+    The cleaner is a detached actor that removes the run's placement group once the run's controller is dead,
+    for a cluster that outlives a crashed controller. A local instance ends with this process, so it has
+    nothing to do there, and it asks wrongly: it looks the controller up through the state API, which a local
+    instance does not serve (`include_dashboard=False`), so the question goes to the latest other Ray instance
+    on the machine (a `ray start`, another job's), which takes our controller for dead and has the cleaner
+    remove a live run's placement group (docs/failures.md). Ray 2.60 has no switch for it; the pin in
+    pyproject.toml and tests/test_ray_train.py hold this override to that version.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if attached():
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None,
         run_name: str = "", run_storage: str = ""):
     """Run `train_loop` on `cfg.num_workers` Ray Train workers; returns the `ray.train.Result`.
@@ -324,14 +349,13 @@ def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: lis
     its latest checkpoint. A failed run raises `ray.train.TrainingFailedError`.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from vae.training.loop import train_func
 
     resources = {"CPU": cfg.cpus_per_worker or 1}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_func,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
