@@ -20,10 +20,16 @@ from vae.training.faults import FAULT_HOLD_ENV, FAULT_MARKER_ENV, SNAPSHOT, chec
 pytestmark = pytest.mark.slow
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
+    """Its processes ask its own state API (Ray Train's placement-group cleaner runs on the head and asks whether
+    the run's controller lives): left to themselves they would ask the latest other Ray instance on the machine
+    (a concurrent test's), which knows none of our actors, and the cleaner would take that for a dead
+    controller (docs/failures.md). The raylets, and so every worker, inherit this process's environment."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "dashboard_port": free_port()})
+    port = free_port()
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "dashboard_port": port})
     yield c
     c.shutdown()
 
