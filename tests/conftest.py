@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -35,12 +36,30 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A port free now, for a Ray head's fixed ones (the dashboard's default, 8265, is one for the whole machine,
-    and pytest-xdist's workers may start two heads at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    and pytest-xdist's workers may start two heads at once). Drawn between Ray's worker ports (10002-19999) and
+    the kernel's ephemeral range, where every outgoing connection and every port-0 listener (Ray's own among
+    them) takes one and could take ours before the head binds it; never the same one twice in a process."""
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral = int(range_file.read_text().split()[0]) if range_file.exists() else 32768
+    draw = random.SystemRandom()
+    while True:
+        port = draw.randrange(20000, ephemeral) if ephemeral > 21000 else 0  # 0: a range set low, the kernel's pick
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def recorded_run(root: Path, kind: str = "train", **config) -> dict:

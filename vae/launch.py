@@ -316,28 +316,30 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
 
 
 def trainer_class() -> type:
-    """Ray Train's `TorchTrainer`; on a local instance (not `attached()`), without its placement-group cleaner.
+    """Ray Train's `TorchTrainer` without two of the helpers it starts for every run (Ray 2.60 has no switch for
+    either; the pin in pyproject.toml and the tests that train under Ray hold this override to that version):
 
-    The cleaner is a detached actor that removes the run's placement group once the run's controller is dead,
-    for a cluster that outlives a crashed controller. A local instance ends with this process, so it has
-    nothing to do there, and it asks wrongly: it looks the controller up through the state API, which a local
-    instance does not serve (`include_dashboard=False`), so the question goes to the latest other Ray instance
-    on the machine (a `ray start`, another job's), which takes our controller for dead and has the cleaner
-    remove a live run's placement group (docs/failures.md). Ray 2.60 has no switch for it; the pin in
-    pyproject.toml and tests/test_ray_train.py hold this override to that version.
+    - its datasets callback, which starts a `DatasetManager` actor, one more process (about 2 CPU-s), to hand out
+      Ray Data shards: we give it no datasets (the loop reads its own data, vae/model/data.py);
+    - on a local instance (not `attached()`), its placement-group cleaner, a detached actor that removes the
+      run's placement group once the run's controller is dead, for a cluster that outlives a crashed
+      controller. A local instance ends with this process, so it has nothing to do there, and it asks wrongly:
+      it looks the controller up through the state API, which a local instance does not serve
+      (`include_dashboard=False`), so the question goes to the latest other Ray instance on the machine (a
+      `ray start`, another job's), which takes our controller for dead and has the cleaner remove a live run's
+      placement group (docs/failures.md).
     """
     from ray.train.torch import TorchTrainer
-
-    if attached():
-        return TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class LocalTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+    dropped = (DatasetsCallback,) if attached() else (DatasetsCallback, PlacementGroupCleanerCallback)
 
-    return LocalTorchTrainer
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
+
+    return Trainer
 
 
 def fit(cfg: TrainConfig, env_vars: dict[str, str] | None = None, callbacks: list | None = None,
