@@ -131,3 +131,38 @@ def test_a_run_in_s3_that_fails_or_is_stopped_by_a_signal_resumes_from_there_wit
     out, stop = _stopped_by(third, signal.SIGINT, 130, res)
     _resumed(out, last, stop)
     assert _untouched(res, done)
+
+
+def test_a_sweeps_saved_state_naming_a_deleted_checkpoint_in_s3_gets_the_newest_copied_there(
+        s3_env, linear_sweep, monkeypatch):
+    """What `--resume` mends before Tune restores (tune/sweep.py; end to end on local storage in
+    tests/test_sweep.py), on an object store, which renames no folder: a finished sweep copied into S3, the
+    checkpoint its saved state names for a trial deleted, as Tune's own deletion can leave it."""
+    for k, v in s3_env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    from tune.sweep import checkpoints_named_by_saved_state, stand_in_for_deleted_checkpoints
+    from vae.tables.results import Results
+
+    root = "s3://vae/sweeps/linear"
+    fs = Results(root).fs
+    pafs.copy_files(linear_sweep, "vae/sweeps/linear", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    here = {os.path.relpath(f, linear_sweep): os.path.relpath(n, linear_sweep)
+            for f, n in checkpoints_named_by_saved_state(linear_sweep).items()}
+    named = checkpoints_named_by_saved_state(root)
+    assert {os.path.relpath(f, "vae/sweeps/linear"): os.path.relpath(n, "vae/sweeps/linear")
+            for f, n in named.items()} == here and len(here) == 3
+    folder, gone = sorted(named.items())[0]
+    kept = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder))
+                  if i.base_name.startswith("checkpoint_") and i.path != gone)
+    assert kept
+    fs.delete_dir(gone)
+    assert stand_in_for_deleted_checkpoints(root) == [(gone, kept[-1])]
+
+    def read(path: str) -> bytes:
+        with fs.open_input_stream(f"{path}/state.pt") as src:
+            return src.read()
+
+    assert read(gone) == read(kept[-1])
+    assert stand_in_for_deleted_checkpoints(root) == []  # nothing named is missing now

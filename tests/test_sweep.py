@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,8 +105,20 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
     started = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{tmp_path}/killed/epochs/*.e00000.parquet")
                if os.path.exists(p.replace(".e00000.", ".e00002."))}
     assert started
+    # what a driver killed between Tune deleting a superseded checkpoint and saving its state leaves (seen in this
+    # test once): the saved state names a checkpoint that is gone. Made certain here for every trial with another
+    # checkpoint kept beside it; the resume copies the newest kept one under the missing name
+    from tune.sweep import checkpoints_named_by_saved_state
+
+    gone = [named for folder, named in checkpoints_named_by_saved_state(f"{tmp_path}/killed").items()
+            if os.path.isdir(named) and len(glob.glob(f"{folder}/checkpoint_*")) > 1]
+    assert gone
+    for named in gone:
+        shutil.rmtree(named)
     proc = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stood_in = [line for line in proc.stdout.splitlines() if line.startswith("jobs.sweep: Tune's saved state names")]
+    assert len(stood_in) == len(gone), proc.stdout[-2000:]
     assert {p: os.stat(p).st_mtime_ns for p in started} == started  # continued, not started again
     trials = res.read("trials")
     assert sorted(trials.beta) == betas and set(trials.status) == {"finished"}

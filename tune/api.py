@@ -125,11 +125,15 @@ def resumed_config(sweep, given_flags, res):
 
 
 def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, str]:
-    from .sweep import settle_trials, tuner  # Ray
+    from .sweep import settle_trials, stand_in_for_deleted_checkpoints, tuner  # Ray
 
     for path in Results(root).set_aside_damaged() if resume else []:
         emit(f"{PROG}: {path} could not be read: moved aside to {os.path.basename(path)}.damaged (a trial that "
              "resumes redoes that epoch; Tune does not rerun a finished trial, which keeps the gap)")
+    for named, source in stand_in_for_deleted_checkpoints(root) if resume else []:
+        emit(f"{PROG}: Tune's saved state names {named}, which Tune had deleted before it saved that state (the "
+             f"driver stopped in between): the trial resumes from its newest checkpoint, "
+             f"{os.path.basename(source)}, copied there")
     launch.connect(verbose=verbose)
     cpus, _ = launch.cluster_resources()
     try:

@@ -9,11 +9,14 @@ torch and the loop load inside `trial`, in the trial's own process: the driver n
 
 from __future__ import annotations
 
+import json
 import math
+import posixpath
 import time
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -214,6 +217,64 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
+
+
+def checkpoints_named_by_saved_state(root: str) -> dict[str, str]:
+    """{trial folder: the checkpoint folder Tune's saved experiment state names as that trial's latest}, paths
+    under `root` (the newest `experiment_state-*.json`, the one `Tuner.restore` reads; its entries are read with
+    Tune's own decoder)."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    res = Results(root)
+    state_file = _find_newest_experiment_checkpoint(res.path, fs=res.fs)
+    if state_file is None:
+        return {}
+    with res.fs.open_input_stream(state_file) as src:
+        state = json.loads(src.read().decode())
+    named = {}
+    for _, run_metadata in state.get("trial_data", []):
+        manager = _TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager
+        latest = manager.latest_checkpoint_result if manager else None
+        if latest is not None:  # its path as the state recorded it; the storage may have moved since
+            trial_dir = posixpath.basename(posixpath.dirname(latest.checkpoint.path.rstrip("/")))
+            named[f"{res.path}/{trial_dir}"] = f"{res.path}/{trial_dir}/{posixpath.basename(latest.checkpoint.path)}"
+    return named
+
+
+def stand_in_for_deleted_checkpoints(root: str) -> list[tuple[str, str]]:
+    """Before a sweep resumes: where Tune's saved state names a checkpoint that is gone, copy the newest one kept
+    in that trial's folder under the missing name; returns (the name, the copy's source) for each.
+
+    Tune deletes a trial's superseded checkpoint as soon as it registers a newer one (we keep two), but saves the
+    experiment's state only at the end of that step, and uploads it after: a driver killed in between leaves a
+    state whose latest checkpoint for the trial is gone, and Tune then fails the trial on restore ("does not exist
+    on storage anymore"). The copy is of a later step than the one named (Tune keeps the newest), so the trial
+    resumes where it was; Tune numbers its next checkpoints after the named one and overwrites the newer folders
+    as it goes.
+    """
+    fs = Results(root).fs
+    made = []
+    for trial_dir, named in checkpoints_named_by_saved_state(root).items():
+        if fs.get_file_info(named).type != pafs.FileType.NotFound:
+            continue
+        if fs.get_file_info(trial_dir).type != pafs.FileType.Directory:
+            continue  # the trial's folder itself is gone: nothing to resume it from, Tune says so
+        kept = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir))
+                      if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
+        if not kept:
+            continue
+        if isinstance(fs, pafs.LocalFileSystem):  # under a hidden name, then renamed: never half a checkpoint
+            part = f"{trial_dir}/.{posixpath.basename(named)}.part"
+            if fs.get_file_info(part).type != pafs.FileType.NotFound:
+                fs.delete_dir(part)
+            fs.create_dir(part)
+            pafs.copy_files(kept[-1], part, source_filesystem=fs, destination_filesystem=fs)
+            fs.move(part, named)
+        else:  # an object store renames no folder, and each file (a checkpoint is one) lands whole or not at all
+            pafs.copy_files(kept[-1], named, source_filesystem=fs, destination_filesystem=fs)
+        made.append((named, kept[-1]))
+    return made
 
 
 def set_restored_callbacks(restored: tune.Tuner, callbacks: list) -> None:
