@@ -131,6 +131,26 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_missing_named_checkpoint_is_stood_in_for_by_the_last_written_not_the_highest_numbered(linear_sweep,
+                                                                                                    tmp_path):
+    """After one mend the trial writes its next checkpoints under the numbers after the named one, over older
+    folders, so the highest number can hold an older step: the copy is of the folder written last."""
+    from tune.sweep import checkpoints_named_by_saved_state, stand_in_for_deleted_checkpoints
+
+    root = shutil.copytree(linear_sweep, tmp_path / "linear")
+    folder, named = sorted(checkpoints_named_by_saved_state(str(root)).items())[0]
+    kept = sorted(p for p in glob.glob(f"{folder}/checkpoint_*") if p != named)
+    assert kept
+    shutil.copytree(named, f"{folder}/checkpoint_999999")  # a higher number, written before...
+    shutil.rmtree(named)
+    later = time.time() + 60
+    os.utime(f"{kept[0]}/state.pt", (later, later))  # ...a lower one
+    assert stand_in_for_deleted_checkpoints(str(root)) == [(named, kept[0])]
+    assert open(f"{named}/state.pt", "rb").read() == open(f"{kept[0]}/state.pt", "rb").read()
+    assert not glob.glob(f"{folder}/.checkpoint_*")  # no partial copy left
+
+
+@pytest.mark.slow
 def test_two_sweeps_on_one_storage_keep_their_own_rows_an_errored_trial_is_retried_and_a_signal_saves_state(
         tmp_path):
     """Two sweeps at once on one storage, each on its own Ray. One of them ("left", under ASHA) has a trial

@@ -244,14 +244,15 @@ def checkpoints_named_by_saved_state(root: str) -> dict[str, str]:
 
 def stand_in_for_deleted_checkpoints(root: str) -> list[tuple[str, str]]:
     """Before a sweep resumes: where Tune's saved state names a checkpoint that is gone, copy the newest one kept
-    in that trial's folder under the missing name; returns (the name, the copy's source) for each.
+    in that trial's folder (the last written: after an earlier mend, Tune's numbers no longer say) under the
+    missing name; returns (the name, the copy's source) for each.
 
     Tune deletes a trial's superseded checkpoint as soon as it registers a newer one (we keep two), but saves the
     experiment's state only at the end of that step, and uploads it after: a driver killed in between leaves a
     state whose latest checkpoint for the trial is gone, and Tune then fails the trial on restore ("does not exist
     on storage anymore"). The copy is of a later step than the one named (Tune keeps the newest), so the trial
-    resumes where it was; Tune numbers its next checkpoints after the named one and overwrites the newer folders
-    as it goes.
+    resumes where it was; Tune numbers its next checkpoints after the named one and overwrites the folders with
+    those numbers as it goes.
     """
     fs = Results(root).fs
     made = []
@@ -260,20 +261,25 @@ def stand_in_for_deleted_checkpoints(root: str) -> list[tuple[str, str]]:
             continue
         if fs.get_file_info(trial_dir).type != pafs.FileType.Directory:
             continue  # the trial's folder itself is gone: nothing to resume it from, Tune says so
-        kept = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir))
-                      if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
-        if not kept:
+        written: dict[str, float] = {}  # each kept checkpoint folder: when its newest file was written
+        for i in fs.get_file_info(pafs.FileSelector(trial_dir, recursive=True)):
+            parts = posixpath.relpath(i.path, trial_dir).split("/")
+            if len(parts) > 1 and parts[0].startswith("checkpoint_") and i.type == pafs.FileType.File:
+                folder = f"{trial_dir}/{parts[0]}"
+                written[folder] = max(written.get(folder, 0.0), i.mtime.timestamp() if i.mtime else 0.0)
+        if not written:
             continue
+        newest = max(written, key=lambda folder: (written[folder], folder))
         if isinstance(fs, pafs.LocalFileSystem):  # under a hidden name, then renamed: never half a checkpoint
             part = f"{trial_dir}/.{posixpath.basename(named)}.part"
             if fs.get_file_info(part).type != pafs.FileType.NotFound:
                 fs.delete_dir(part)
             fs.create_dir(part)
-            pafs.copy_files(kept[-1], part, source_filesystem=fs, destination_filesystem=fs)
+            pafs.copy_files(newest, part, source_filesystem=fs, destination_filesystem=fs)
             fs.move(part, named)
         else:  # an object store renames no folder, and each file (a checkpoint is one) lands whole or not at all
-            pafs.copy_files(kept[-1], named, source_filesystem=fs, destination_filesystem=fs)
-        made.append((named, kept[-1]))
+            pafs.copy_files(newest, named, source_filesystem=fs, destination_filesystem=fs)
+        made.append((named, newest))
     return made
 
 
