@@ -130,6 +130,15 @@ def test_killed_driver_then_resume_finishes_every_configuration_once(tmp_path):
     assert sorted(res.read("collapse_map").beta) == betas
 
 
+@pytest.mark.parametrize("state", [b"{not json", b'{"trial_data": [["{}", "{\\"checkpoint_manager\\": 3}"]]}'])
+def test_a_saved_state_that_cannot_be_read_is_left_to_tune(tmp_path, state):
+    from tune.sweep import checkpoints_named_by_saved_state, stand_in_for_deleted_checkpoints
+
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_bytes(state)
+    assert checkpoints_named_by_saved_state(str(tmp_path)) == {}
+    assert stand_in_for_deleted_checkpoints(str(tmp_path)) == []
+
+
 @pytest.mark.slow
 def test_a_missing_named_checkpoint_is_stood_in_for_by_the_last_written_not_the_highest_numbered(linear_sweep,
                                                                                                     tmp_path):

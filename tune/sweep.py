@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import posixpath
 import time
 from typing import Any
@@ -222,7 +223,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
 def checkpoints_named_by_saved_state(root: str) -> dict[str, str]:
     """{trial folder: the checkpoint folder Tune's saved experiment state names as that trial's latest}, paths
     under `root` (the newest `experiment_state-*.json`, the one `Tuner.restore` reads; its entries are read with
-    Tune's own decoder)."""
+    Tune's own decoder). Empty when there is no state, or one it cannot read."""
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
@@ -230,15 +231,19 @@ def checkpoints_named_by_saved_state(root: str) -> dict[str, str]:
     state_file = _find_newest_experiment_checkpoint(res.path, fs=res.fs)
     if state_file is None:
         return {}
-    with res.fs.open_input_stream(state_file) as src:
-        state = json.loads(src.read().decode())
+    try:
+        with res.fs.open_input_stream(state_file) as src:
+            state = json.loads(src.read().decode())
+        managers = [_TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager
+                    for _, run_metadata in state.get("trial_data", [])]
+        paths = [m.latest_checkpoint_result.checkpoint.path.rstrip("/") for m in managers
+                 if m is not None and m.latest_checkpoint_result is not None]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pickle.UnpicklingError):
+        return {}  # a state this cannot read is Tune's to report, when it restores
     named = {}
-    for _, run_metadata in state.get("trial_data", []):
-        manager = _TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager
-        latest = manager.latest_checkpoint_result if manager else None
-        if latest is not None:  # its path as the state recorded it; the storage may have moved since
-            trial_dir = posixpath.basename(posixpath.dirname(latest.checkpoint.path.rstrip("/")))
-            named[f"{res.path}/{trial_dir}"] = f"{res.path}/{trial_dir}/{posixpath.basename(latest.checkpoint.path)}"
+    for path in paths:  # as the state recorded it; the storage may have moved since
+        trial_dir = posixpath.basename(posixpath.dirname(path))
+        named[f"{res.path}/{trial_dir}"] = f"{res.path}/{trial_dir}/{posixpath.basename(path)}"
     return named
 
 
