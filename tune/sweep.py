@@ -255,7 +255,8 @@ def stand_in_for_deleted_checkpoints(root: str) -> list[tuple[str, str]]:
     Tune deletes a trial's superseded checkpoint as soon as it registers a newer one (we keep two), but saves the
     experiment's state only at the end of that step, and uploads it after: a driver killed in between leaves a
     state whose latest checkpoint for the trial is gone, and Tune then fails the trial on restore ("does not exist
-    on storage anymore"). The copy is of a later step than the one named (Tune keeps the newest), so the trial
+    on storage anymore"; Tune once fell back to the latest checkpoint kept itself, ray-project/ray#29099, and Ray
+    Train V2 saves its state before it deletes). The copy is of a later step than the one named (Tune keeps the newest), so the trial
     resumes where it was; Tune numbers its next checkpoints after the named one and overwrites the folders with
     those numbers as it goes.
     """
