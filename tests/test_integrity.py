@@ -84,9 +84,26 @@ def test_more_workers_than_a_local_instance_has_fail_at_once(ray_cluster):
     cfg = launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=3))
     with pytest.raises(RunError, match=r"needs 3 CPUs \(3 worker\(s\) x 1\).*cannot grow"):
         launch.check_resources(cfg)
-    with pytest.raises(RunError, match="one trial needs 4 CPUs"):
-        launch.check_trial_resources(4, 0, 1)
+    with pytest.raises(RunError, match="one trial holds 4 CPUs"):
+        launch.check_trial_resources(4, 0)
     launch.check_resources(launch.settle_scaling(TrainConfig(dataset="gaussian2d", num_workers=2)))
+
+
+def test_a_sweep_whose_trial_a_local_instance_cannot_hold_is_refused_not_left_waiting(ray_cluster, tmp_path, capsys):
+    """Two Train workers of a whole CPU each (fractions round up to one) beside the trial's own process: more than
+    the shared instance's 2 CPUs. Counted as two half CPUs it was let through, and Train's controller retried
+    starting its workers for ever."""
+    from jobs import sweep as sweep_job
+    from tune.space import SweepConfig
+
+    assert SweepConfig(workers_per_trial=2, cpus_per_trial=0.5).resources_held() == (2.01, 0.0)
+    assert SweepConfig(workers_per_trial=1, cpus_per_trial=0.5, gpus_per_trial=0.5).resources_held() == (0.5, 0.5)
+    code = sweep_job.main([*TOY, "--latent-dims", "2", "--lrs", "1e-2", "--betas", "1", "--epochs", "2",
+                           "--workers-per-trial", "2", "--cpus-per-trial", "0.5", "--storage", str(tmp_path),
+                           "--name", "wide"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "one trial holds 2.01 CPUs and 0 GPUs at once but the local Ray instance has 2 CPUs" in err[0]
 
 
 @pytest.mark.parametrize("address, attaches", [(None, False), ("", False), ("local", False), ("auto", True),

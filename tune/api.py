@@ -137,7 +137,7 @@ def _run(sweep, argv, root, resume, retry_errored, verbose, emit) -> tuple[int, 
     launch.connect(verbose=verbose)
     cpus, _ = launch.cluster_resources()
     try:
-        launch.check_trial_resources(sweep.cpus_per_trial, sweep.gpus_per_trial, sweep.workers_per_trial)
+        launch.check_trial_resources(*sweep.resources_held())
     except RunError as e:
         return 2, f"error: {e}"
     if not resume:

@@ -26,6 +26,7 @@ PASSED_THROUGH = ("dataset", "model", "subset", "data_dir", "hidden_widths", "ac
                   "objective", "objective_k", "num_mc", "epochs", "until_settled", "max_epochs", "lr_schedule",
                   "batch_size", "seed", "active_threshold", "kl_threshold", "iw_samples", "iw_subset", "eval_subset", "tracker")
 SWEEP_DEFAULTS = {"iw_samples": 100, "iw_subset": 500}
+TRAIN_TRIAL_CPU = 0.01  # what a trial that launches Ray Train holds itself, beside its workers
 
 
 class _Sweep:
@@ -81,12 +82,33 @@ class _Sweep:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def cpus_per_worker(self) -> int:
+        """What each Train worker of a trial asks for: whole CPUs (they set its torch threads)."""
+        return max(1, int(self.cpus_per_trial))
+
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for a trial's own process: all it trains on, or, when it launches Ray Train, a
+        sliver (its workers ask for their own CPUs and GPUs)."""
+        if self.workers_per_trial == 1:
+            return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
+        return {"cpu": TRAIN_TRIAL_CPU}
+
+    def resources_held(self) -> tuple[float, float]:
+        """(CPUs, GPUs) one trial holds at once: its own process and, with more than one worker, its Train
+        workers as `vae.launch.fit` asks for them (`cpus_per_worker` CPUs and one GPU each)."""
+        own = self.trial_resources()
+        if self.workers_per_trial == 1:
+            return own["cpu"], own["gpu"]
+        return (own["cpu"] + self.workers_per_trial * self.cpus_per_worker,
+                float(self.workers_per_trial if self.gpus_per_trial > 0 else 0))
+
     def trial_config(self, **overrides: Any) -> TrainConfig:
         """The resolved TrainConfig of one trial: passed-through settings plus the trial's point."""
         values = {k: getattr(self, k) for k in PASSED_THROUGH}
         values.update(num_workers=self.workers_per_trial, max_failures=0, storage=self.storage,
                       name=self.name or "x", use_gpu=self.gpus_per_trial > 0,
-                      cpus_per_worker=max(1, int(self.cpus_per_trial)))
+                      cpus_per_worker=self.cpus_per_worker)
         values.update({k: v for k, v in overrides.items()})
         if "latent_dim" not in values:
             values["latent_dim"] = (self.axis("latent_dims") or [0])[0]
@@ -229,7 +251,7 @@ SWEEP_HELP = {
     "beta_range": "boundary search: LOW,HIGH betas that bracket the critical beta",
     "beta_tolerance": "boundary search: stop when a bracket's upper / lower beta <= this",
     "workers_per_trial": "1: each trial trains in its Tune process; more: each trial runs a Ray Train TorchTrainer",
-    "cpus_per_trial": "CPUs per trial (per worker with --workers-per-trial > 1)",
+    "cpus_per_trial": "CPUs per trial (with --workers-per-trial > 1: per worker, whole CPUs, at least 1)",
     "gpus_per_trial": "GPUs per trial, fractions allowed (0.25: four trials share one GPU)",
     "max_concurrent": "trials at once (0: as many as the cluster's resources fit)",
     "scheduler": "none; asha: stop trials with a hopeless test loss early (never for collapsing); settled: stop "

@@ -170,9 +170,7 @@ def trial_memory(sweep: SweepConfig, slots: int) -> float:
 
 
 def trainable(sweep: SweepConfig):
-    resources = ({"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial} if sweep.workers_per_trial == 1
-                 else {"cpu": 0.01})  # the Train workers ask for their own CPUs and GPUs
-    return tune.with_resources(trial, resources)
+    return tune.with_resources(trial, sweep.trial_resources())
 
 
 def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False, emit=print,
@@ -187,7 +185,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     max_concurrent = sweep.max_concurrent or None
     if sweep.workers_per_trial > 1 and not max_concurrent and cluster_cpus:
         # Tune counts only the trial process, not its Train workers: cap by what the workers need.
-        max_concurrent = max(1, int(cluster_cpus // (sweep.workers_per_trial * sweep.cpus_per_trial)))
+        max_concurrent = max(1, int(cluster_cpus // sweep.resources_held()[0]))
     constants = {"sweep": sweep.to_dict()}
     search_alg = None
     slots = max_concurrent or max(1, int(cluster_cpus // sweep.cpus_per_trial))

@@ -104,14 +104,15 @@ def check_resources(cfg: TrainConfig, emit: Callable[[str], None] = print) -> st
     return f"the run needs {' and '.join(short)}, {have} when it started"
 
 
-def check_trial_resources(cpus_per_trial: float, gpus_per_trial: float, workers_per_trial: int) -> None:
-    """The same for one sweep trial: a trial that no node of a local instance can hold never starts."""
+def check_trial_resources(need_cpu: float, need_gpu: float) -> None:
+    """The same for one sweep trial (`SweepConfig.resources_held`): a trial that a local instance cannot hold
+    never starts (with Train workers, their controller retries for ever)."""
     cpus, gpus = cluster_resources()
-    need_cpu, need_gpu = workers_per_trial * cpus_per_trial, workers_per_trial * gpus_per_trial
     if attached() or (need_cpu <= cpus and need_gpu <= gpus):
         return
-    raise RunError(f"--cpus-per-trial/--gpus-per-trial: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
-                   f"but the local Ray instance has {cpus} CPUs and {gpus} GPUs and cannot grow")
+    raise RunError(f"--cpus-per-trial/--gpus-per-trial/--workers-per-trial: one trial holds {need_cpu:g} CPUs and "
+                   f"{need_gpu:g} GPUs at once but the local Ray instance has {cpus} CPUs and {gpus} GPUs and "
+                   "cannot grow")
 
 
 class Abandoned(RuntimeError):
