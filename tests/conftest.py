@@ -49,8 +49,6 @@ def free_port() -> int:
     draw = random.SystemRandom()
     while True:
         port = draw.randrange(20000, ephemeral) if ephemeral > 21000 else 0  # 0: a range set low, the kernel's pick
-        if port in _HANDED_OUT:
-            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

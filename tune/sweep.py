@@ -254,19 +254,18 @@ def stand_in_for_deleted_checkpoints(root: str) -> list[tuple[str, str]]:
     experiment's state only at the end of that step, and uploads it after: a driver killed in between leaves a
     state whose latest checkpoint for the trial is gone, and Tune then fails the trial on restore ("does not exist
     on storage anymore"; Tune once fell back to the latest checkpoint kept itself, ray-project/ray#29099, and Ray
-    Train V2 saves its state before it deletes). The copy is of a later step than the one named (Tune keeps the newest), so the trial
-    resumes where it was; Tune numbers its next checkpoints after the named one and overwrites the folders with
-    those numbers as it goes.
+    Train V2 saves its state before it deletes). The copy is of a later step than the one named (Tune keeps the
+    newest), so the trial resumes where it was; Tune numbers its next checkpoints after the named one and
+    overwrites the folders with those numbers as it goes.
     """
     fs = Results(root).fs
     made = []
     for trial_dir, named in checkpoints_named_by_saved_state(root).items():
         if fs.get_file_info(named).type != pafs.FileType.NotFound:
             continue
-        if fs.get_file_info(trial_dir).type != pafs.FileType.Directory:
-            continue  # the trial's folder itself is gone: nothing to resume it from, Tune says so
-        written: dict[str, float] = {}  # each kept checkpoint folder: when its newest file was written
-        for i in fs.get_file_info(pafs.FileSelector(trial_dir, recursive=True)):
+        written: dict[str, float] = {}  # each kept checkpoint folder: when its newest file was written (none:
+        # the trial's folder itself is gone, nothing to resume it from, and Tune says so)
+        for i in fs.get_file_info(pafs.FileSelector(trial_dir, recursive=True, allow_not_found=True)):
             parts = posixpath.relpath(i.path, trial_dir).split("/")
             if len(parts) > 1 and parts[0].startswith("checkpoint_") and i.type == pafs.FileType.File:
                 folder = f"{trial_dir}/{parts[0]}"
