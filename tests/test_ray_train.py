@@ -71,6 +71,13 @@ def test_two_gloo_workers_train_disjoint_shards_in_step(ray_cluster, tmp_path, d
     assert epochs.samples_per_second.iloc[1:].notna().all()
     assert len(res.read("kl_per_dim")) == 3 * 4
     assert res.read("trials").status.tolist() == ["finished"]
+    # nor did any run on this local instance start the helpers `launch.trainer_class` leaves out (Ray's actor
+    # table, from its GCS: a local instance serves no state API)
+    from ray._private.state import state
+
+    started = {a["ActorClassName"] for a in state.actor_table(None).values()}
+    assert "TrainController" in started, started
+    assert started.isdisjoint({"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}), started
 
 
 def test_worker_killed_mid_epoch_restarts_from_checkpoint_within_one_run(ray_cluster, tmp_path, data_dir):

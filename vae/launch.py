@@ -22,11 +22,14 @@ from vae.tables.results import Results, run_root
 from vae.tables.runs import RunError
 
 
-# Ray Train settings for the local cluster that `connect` starts (a cluster we attach to keeps its own):
-# the controller polls its workers every 2 s by default, so a finished run waited up to two polls (about
-# 3.5 s measured) before `fit()` returned; and a single machine is never drained by a cloud provider, so
-# the preemption watcher (one more actor process to start on every run) has nothing to watch.
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray settings for the local cluster that `connect` starts (a cluster we attach to keeps its own): Train's
+# controller polls its workers every 2 s by default, so a finished run waited up to two polls (about 3.5 s
+# measured) before `fit()` returned; a single machine is never drained by a cloud provider, so the preemption
+# watcher (one more actor process to start on every run) has nothing to watch; and the raylet starts one idle
+# Python worker per CPU when the driver connects, which no actor of ours takes (each gets a process of its own):
+# two processes that only import Ray (about 1.2 CPU-s on this 2-CPU machine, measured with and without).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                   "RAY_prestart_worker_first_driver": "0"}
 
 
 def connect(verbose: bool = False, num_cpus: int | None = None) -> None:
@@ -317,8 +320,8 @@ def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) ->
 
 
 def trainer_class() -> type:
-    """Ray Train's `TorchTrainer` without two of the helpers it starts for every run (Ray 2.60 has no switch for
-    either; the pin in pyproject.toml and the tests that train under Ray hold this override to that version):
+    """Ray Train's `TorchTrainer` without three of the helpers it starts for every run (Ray 2.60 has no switch for
+    any; the pin in pyproject.toml and the tests that train under Ray hold this override to that version):
 
     - its datasets callback, which starts a `DatasetManager` actor, one more process (about 2 CPU-s), to hand out
       Ray Data shards: we give it no datasets (the loop reads its own data, vae/model/data.py);
@@ -328,17 +331,38 @@ def trainer_class() -> type:
       it looks the controller up through the state API, which a local instance does not serve
       (`include_dashboard=False`), so the question goes to the latest other Ray instance on the machine (a
       `ray start`, another job's), which takes our controller for dead and has the cleaner remove a live run's
-      placement group (docs/failures.md).
+      placement group (docs/failures.md);
+    - on a local instance, the resource requests of its scaling policy to an autoscaling coordinator, a
+      detached actor (one more process, about 2 CPU-s, importing Ray Data) that passes them on to an
+      autoscaler: a local instance has none, and cannot grow (`check_resources` refuses what it cannot hold).
     """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
-    dropped = (DatasetsCallback,) if attached() else (DatasetsCallback, PlacementGroupCleanerCallback)
+    local = not attached()
+    dropped = (DatasetsCallback, PlacementGroupCleanerCallback) if local else (DatasetsCallback,)
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        """A fixed worker group that asks no autoscaler for its resources (the base class creates the
+        coordinator on the controller's start and asks it again on each decision; its cancel does nothing when
+        it was never created)."""
+
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = LocalFixedScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer
 
