@@ -60,6 +60,21 @@ def free_port() -> int:
             return port
 
 
+def watch_torch(env: dict[str, str], folder: Path) -> Path:
+    """Have a `python -m jobs.sweep` process started with `env` leave a file (the returned path) as it exits
+    if it imported torch (about 2.4 CPU-s, which an unpacked sweep's driver never needs: its trials import
+    torch in their own processes): a sitecustomize.py in `folder`, first on the PYTHONPATH. The run itself is
+    as a user's; Ray's workers, which inherit `env`, are not watched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "driver-imported-torch"
+    (folder / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "if sys.orig_argv[1:3] == ['-m', 'jobs.sweep']:\n"
+        f"    atexit.register(lambda: 'torch' in sys.modules and open({str(marker)!r}, 'w').close())\n")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH", "")]))
+    return marker
+
+
 def recorded_run(root: Path, kind: str = "train", **config) -> dict:
     """A run.json as an earlier start of the toy linear VAE (plus `config`) would have left it in `root`."""
     from vae.config import TrainConfig, resolve
@@ -101,7 +116,7 @@ def _fetch_mnist(session: pytest.Session, items: list[pytest.Item]) -> None:
     if offline():
         return _stop(session, items, f"MNIST is not in {DATA_DIR}: point {DATA_DIR_ENV} at a folder that holds it, "
                                      f"or unset {OFFLINE_ENV} to let the tests download it there once")
-    from vae.model.data import DataError, download_mnist
+    from vae.model.sources import DataError, download_mnist
 
     Path(DATA_DIR).mkdir(parents=True, exist_ok=True)
     with open(Path(DATA_DIR) / ".download.lock", "w") as lock:  # pytest-xdist's workers: one downloads, the other waits

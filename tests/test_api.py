@@ -30,6 +30,7 @@ def test_train_returns_its_tables_figures_and_a_model_to_use(ray_cluster, tmp_pa
                     storage=str(tmp_path), name="api", quiet=True)
     assert sorted(run.epochs.epoch) == [0, 1, 2] and run.trials.status.tolist() == ["finished"]
     assert run.config["decoder_var"] == "1" and run.info["kind"] == "train"
+    assert run.info["versions"]["torch"] == torch.__version__  # read from torch's files, not by importing it
     fig = run.plot("loss_curves")
     assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 3
     again = vae.open_results(str(tmp_path / "api"))

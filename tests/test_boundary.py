@@ -179,7 +179,7 @@ def test_resume_mid_search_gives_the_same_brackets(whole_search, tmp_path):
     import sys
     import time
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, watch_torch
     from vae.tables.results import Results
 
     env = dict(os.environ)
@@ -203,9 +203,11 @@ def test_resume_mid_search_gives_the_same_brackets(whole_search, tmp_path):
     assert 3 <= (done.status == "finished").sum() < n_whole  # it died before the search ended
     finished = done[done.status == "finished"].trial_id
     before = {p: os.path.getmtime(p) for t in finished for p in glob.glob(f"{tmp_path}/cut/epochs/{t}.e*.parquet")}
+    imported_torch = watch_torch(env, tmp_path / "watch")
     resumed = subprocess.run(cmd + _search_args(tmp_path, "cut", ["--resume"]), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert not imported_torch.exists()  # the driver, searcher and Tune's restore included, never needed torch
     assert {p: os.path.getmtime(p) for p in before} == before  # finished trials were not trained again
     a = Results(whole_search).read("collapse_map")
     b = Results(f"{tmp_path}/cut").read("collapse_map")

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from vae.model import data
+from vae.model import data, sources
 
 
 def test_shards_are_disjoint_cover_everything_and_reshuffle_every_epoch():
@@ -59,7 +59,7 @@ def test_truncated_mnist_file_is_named_and_left_alone(data_dir, tmp_path):
     target = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     target.chmod(0o644)
     target.write_bytes(target.read_bytes()[:100])
-    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.*100 bytes"):
+    with pytest.raises(sources.DataError, match="t10k-labels-idx1-ubyte.*100 bytes"):
         data.load_mnist(root)
     assert target.stat().st_size == 100  # not "fixed" by a download
 
@@ -67,7 +67,7 @@ def test_truncated_mnist_file_is_named_and_left_alone(data_dir, tmp_path):
 def test_corrupted_mnist_file_fails_its_checksum(data_dir, tmp_path):
     root = _copy_mnist(data_dir, tmp_path)
     _flip_last_byte(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte")
-    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte has MD5 .* expected a25bea73"):
+    with pytest.raises(sources.DataError, match="train-labels-idx1-ubyte has MD5 .* expected a25bea73"):
         data.load_mnist(root)
 
 
@@ -77,14 +77,14 @@ def test_without_an_md5sums_file_the_known_digests_are_checked(data_dir, tmp_pat
     (tmp_path / "MNIST" / "MD5SUMS").unlink(missing_ok=True)  # as torchvision downloads it
     data.check_mnist_files(root)
     _flip_last_byte(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
-    with pytest.raises(data.DataError, match="has MD5 .* expected 27ae3e4e.* from the known MNIST digests"):
+    with pytest.raises(sources.DataError, match="has MD5 .* expected 27ae3e4e.* from the known MNIST digests"):
         data.load_mnist(root)
 
 
 def test_missing_mnist_file_is_named(data_dir, tmp_path):
     root = _copy_mnist(data_dir, tmp_path)
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").unlink()
-    with pytest.raises(data.DataError, match="missing: .*train-images-idx3-ubyte"):
+    with pytest.raises(sources.DataError, match="missing: .*train-images-idx3-ubyte"):
         data.load_mnist(root)
 
 
@@ -105,9 +105,9 @@ def test_a_file_that_is_not_idx_is_refused_by_name(data_dir, tmp_path):
     target.chmod(0o644)
     good = target.read_bytes()
     target.write_bytes(b"\x00\x00\x09\x09" + good[4:])
-    for check in (lambda: data.preflight("mnist", root), lambda: data.load_mnist(root)):  # before Ray starts too
-        with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte is not an IDX file"):
+    for check in (lambda: sources.preflight("mnist", root), lambda: data.load_mnist(root)):  # before Ray starts too
+        with pytest.raises(sources.DataError, match="t10k-labels-idx1-ubyte is not an IDX file"):
             check()
     target.write_bytes(good[:4] + (9999).to_bytes(4, "big") + good[8:])  # a header that miscounts
-    with pytest.raises(data.DataError, match=r"holds 10000 values, its header says \[9999\]"):
-        data.preflight("mnist", root)
+    with pytest.raises(sources.DataError, match=r"holds 10000 values, its header says \[9999\]"):
+        sources.preflight("mnist", root)

@@ -52,7 +52,8 @@ def test_offline_without_mnist_stops_at_once_naming_both_ways_out(tmp_path, proc
 
 
 def test_the_cli_refuses_to_download_when_offline(tmp_path, monkeypatch):
-    from vae.model.data import DataError, load_mnist
+    from vae.model.data import load_mnist
+    from vae.model.sources import DataError
 
     monkeypatch.setenv("VAE_OFFLINE", "1")
     with pytest.raises(DataError, match="VAE_OFFLINE=1 forbids downloading"):

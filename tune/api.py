@@ -6,8 +6,8 @@
     s = sweep(dataset="gaussian2d", model="linear", decoder_var=1, latent_dims="2", betas="0.3,1,3", epochs=5)
     s.collapse_map; s.plot("collapse_heatmaps")
 
-Imports: Ray (`ray.tune`, `tune.sweep`) and torch (`vae.model.data`) load inside the functions that run a sweep,
-so building and checking a SweepConfig stays light.
+Imports: Ray (`ray.tune`, `tune.sweep`) loads inside the functions that run a sweep, so building and checking a
+SweepConfig stays light; torch loads in the trials' processes (tune/sweep.py says when the driver needs it).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vae import launch
 from vae.tables import collapse
 from vae.api import RunFailed, RunResults, open_results
 from vae.config import ConfigError, build
+from vae.model.sources import DataError, preflight
 from vae.tables.results import Results, StorageError, pack_utilisation, run_root, slot_utilisation
 from vae.tables.runs import RunError, RunLock, check_identity
 
@@ -49,8 +50,6 @@ def run_sweep(sweep: SweepConfig, argv: list[str], resume: bool = False, retry_e
     """The sweep job: identity and lock, Ray, resources, Tune, trials settled, collapse map, summary.
     Returns (exit code, last line): 0 done, 1 some trials errored, 2 refused."""
     from ray import tune as ray_tune
-
-    from vae.model.data import DataError, preflight  # torch
 
     root = run_root(sweep.storage, sweep.name)
     if resume and not ray_tune.Tuner.can_restore(root):

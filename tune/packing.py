@@ -17,6 +17,7 @@ import math
 from typing import Any, Callable, Sequence
 
 from vae.config import SHAPE_KEYS
+from vae.model.sources import INPUT_DIM, TEST_SIZE
 
 MAX_AUTO = 64  # --pack auto: at most this many slots a pack
 DEPTH = 4  # about this many configurations pass through each slot of a pack (fewer slots cost little: see below)
@@ -108,7 +109,6 @@ def member_bytes(cfg: Any) -> int:
     encoder outputs; one evaluation batch (2,048 examples)."""
     import torch  # the meta device: sizes without memory
 
-    from vae.model.data import INPUT_DIM, TEST_SIZE
     from vae.model.models import model_for
 
     input_dim, n_test = INPUT_DIM[cfg.dataset], TEST_SIZE[cfg.dataset]

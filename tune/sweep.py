@@ -4,13 +4,16 @@ With one worker per trial the trial trains inside its Tune process; with more,
 the trial launches a Ray Train TorchTrainer (a V2 trainer cannot be passed to
 Tune directly) and forwards its reports with TuneReportCallback.
 
-torch and the loop load inside `trial`, in the trial's own process: the driver never needs them.
+torch and the loop load inside `trial`, in the trial's own process. The driver imports torch only to size a
+pack's members (`tune.packing.member_bytes`, on torch's meta device) with `--pack` above 1: its data checks
+(`vae.model.sources`), its run record and its Tune callbacks (`driver_callbacks`) do without it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import posixpath
 import time
@@ -180,7 +183,7 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
     if resume:
         restored = tune.Tuner.restore(root, trainable=trainable(sweep), resume_unfinished=True,
                                       resume_errored=False, restart_errored=retry_errored)
-        set_restored_callbacks(restored, [progress])
+        set_restored_callbacks(restored, driver_callbacks(progress))
         return restored
     max_concurrent = sweep.max_concurrent or None
     if sweep.workers_per_trial > 1 and not max_concurrent and cluster_cpus:
@@ -212,7 +215,8 @@ def tuner(sweep: SweepConfig, resume: bool = False, retry_errored: bool = False,
                                     search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     metric="test_loss" if scheduler else None, mode="min" if scheduler else None),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=0, callbacks=[progress],
+        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=0,
+                                  callbacks=driver_callbacks(progress),
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -284,6 +288,18 @@ def stand_in_for_deleted_checkpoints(root: str) -> list[tuple[str, str]]:
             pafs.copy_files(newest, named, source_filesystem=fs, destination_filesystem=fs)
         made.append((named, newest))
     return made
+
+
+def driver_callbacks(progress) -> list:
+    """The driver's Tune callbacks: our progress line, and Tune's JSON and CSV loggers (each trial's
+    result.json and progress.csv), without the TensorBoardX logger that Tune adds by default: it imports torch
+    into the driver (about 2.4 CPU-s; the trials import it in their own processes) to write what
+    `--tracker tensorboard` writes from inside the loop with more in it. Tune adds its loggers itself only
+    when this process's environment allows it."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return [progress, JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 def set_restored_callbacks(restored: tune.Tuner, callbacks: list) -> None:

@@ -11,8 +11,9 @@
 message), and runs through the same function as the CLI (`run_training`). Sweeps: `tune.api.sweep`;
 trained models: `vae.trained.load_model`.
 
-Imports: torch (through `vae.model.data`) and matplotlib (`vae.figures.plots`) load inside the one function each that
-needs them, so `open_results` and the tables stay pandas-only (0.4 s to import, against about 3 s).
+Imports: torch (through Ray Train's `TorchTrainer`, in `run_training`) and matplotlib (`vae.figures.plots`) load
+inside the one function each that needs them, so `open_results` and the tables stay pandas-only (0.4 s to
+import, against about 3 s).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pandas as pd
 from vae import launch
 from vae.tables.collapse import collapse_map, final_rows, recorded_thresholds
 from vae.config import ConfigError, TrainConfig, build, resolve
+from vae.model.sources import DataError, preflight
 from vae.tables.results import SCHEMAS, Results, StorageError, run_root
 from vae.tables.runs import RunError, RunLock, check_identity
 
@@ -50,8 +52,6 @@ def run_training(cfg: TrainConfig, argv: list[str], verbose: bool = False, emit:
                  warn: Callable[[str], None] | None = None, handle_signals: bool = False) -> tuple[int, str]:
     """The training job: data check, identity and lock, Ray, resources, fit, summary. Returns (exit code,
     last line). Codes as `jobs.train`'s: 0, 1 failed or diverged, 2 refused, 130 / 143 interrupted."""
-    from vae.model.data import DataError, preflight  # torch
-
     warn = warn or emit
     root = run_root(cfg.storage, cfg.name)
     res = Results(root)

@@ -6,10 +6,12 @@ load inside the functions that use them, so the Python API's readers (`vae.api.o
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import platform
+import re
 import threading
 import time
 import warnings
@@ -307,16 +309,23 @@ def alive_nodes() -> dict[str, tuple[str, float]]:
 def record_run(root: str, kind: str, argv: list[str], config: dict[str, Any]) -> None:
     """`run.json` beside the tables: the command, config, start time and versions, for the report."""
     import ray
-    import torch
 
     res = Results(root)
     res.write_json("run.json", {
         "kind": kind, "command": " ".join(["python -m", f"jobs.{kind}", *argv]), "config": config,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}})
+        "versions": {"python": platform.python_version(), "torch": torch_version(), "ray": ray.__version__}})
     # what `--config` takes back as is: rerunning it reproduces (or resumes) the run
     res.write_text("config.yaml", f"# python -m jobs.{kind} --config config.yaml\n"
                    + config_yaml(config))
+
+
+def torch_version() -> str:
+    """`torch.__version__` (with its build label, such as +cu130), read from torch's version.py: a sweep's
+    driver never imports torch (about 2.4 CPU-s); its trials do, in their own processes."""
+    spec = importlib.util.find_spec("torch")  # finds the package without importing it
+    with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
+        return re.search(r"^__version__\s*=\s*['\"]([^'\"]+)", f.read(), re.M).group(1)
 
 
 def trainer_class() -> type:

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import torch
 
 from vae.config import TrainConfig
-from vae.model.data import INPUT_DIM
+from vae.model.sources import INPUT_DIM
 from vae.model.models import model_for
 from vae.tables.results import CONFIG_COLUMNS, Results
 from vae.training.checkpoint import CheckpointError, from_bytes

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from vae.config import KL_THRESHOLD  # noqa: E402
-from vae.model.data import GAUSSIAN_COV, GAUSSIAN_MEAN  # noqa: E402
+from vae.model.sources import GAUSSIAN_COV, GAUSSIAN_MEAN  # noqa: E402
 
 DPI = 100
 STYLE = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,

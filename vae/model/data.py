@@ -9,33 +9,13 @@ generated from a seed. Batches are index slices of these tensors.
 from __future__ import annotations
 
 import functools
-import hashlib
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from vae.model import streams
-from vae.config import DATA_DIR_ENV, OFFLINE_ENV, offline
-
-GAUSSIAN_MEAN = (1.0, 0.5)
-GAUSSIAN_COV = ((1.0, 0.5), (0.5, 1.0))
-GAUSSIAN_TRAIN, GAUSSIAN_TEST = 10_000, 2_000
-INPUT_DIM = {"mnist": 784, "binarized-mnist": 784, "gaussian2d": len(GAUSSIAN_MEAN)}  # features of one example
-TEST_SIZE = {"mnist": 10_000, "binarized-mnist": 10_000, "gaussian2d": GAUSSIAN_TEST}  # examples in the test split
-# binarized-mnist's test set is binarized once, with this seed, for every run (streams.test_binarization)
-BINARIZED_TEST_SEED = 0
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-MNIST_SIZES = dict(zip(MNIST_FILES, (47_040_016, 60_008, 7_840_016, 10_008)))
-# The raw files' digests (the same bytes every mirror serves); a folder's own MNIST/MD5SUMS, if any, wins.
-MNIST_MD5 = dict(zip(MNIST_FILES, ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
-                                   "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")))
-
-
-class DataError(RuntimeError):
-    """Data that cannot be had; the message names the folder or file."""
+from vae.model.sources import (BINARIZED_TEST_SEED, GAUSSIAN_COV, GAUSSIAN_MEAN, GAUSSIAN_TEST, GAUSSIAN_TRAIN,
+                               download_mnist, mnist_present, read_mnist_files)
 
 
 @dataclass(frozen=True)
@@ -45,7 +25,6 @@ class Split:
 
     def __len__(self) -> int:
         return self.x.shape[0]
-
 
 
 @dataclass(frozen=True)
@@ -72,78 +51,10 @@ def binarized_mnist(root: str, subset: int = 0) -> Data:
 
 
 def check_mnist_files(root: str) -> dict[str, torch.Tensor]:
-    """Refuse missing, truncated or corrupted MNIST files, naming the file; returns their values.
-
-    Sizes, IDX headers and MD5 digests are checked (the digests in `MNIST/MD5SUMS` when the folder has
-    one, else the known ones).
-    Each file is read once, and its values are a uint8 view of that read. Nothing is repaired or
-    downloaded here.
-    """
-    raw = Path(root) / "MNIST" / "raw"
-    sums_file = Path(root) / "MNIST" / "MD5SUMS"
-    expected = dict(MNIST_MD5)
-    source = "the known MNIST digests"
-    if sums_file.is_file():
-        source = str(sums_file)
-        for line in sums_file.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                expected[parts[1]] = parts[0]
-    values: dict[str, torch.Tensor] = {}
-    for name in MNIST_FILES:
-        path = raw / name
-        if not path.is_file():
-            raise DataError(f"MNIST file missing: {path}")
-        size = path.stat().st_size
-        if size != MNIST_SIZES[name]:
-            raise DataError(f"MNIST file {path} has {size} bytes, expected {MNIST_SIZES[name]} "
-                            "(truncated or corrupted; replace it, it is not repaired here)")
-        blob = bytearray(size)  # writable, so torch.frombuffer can view it without a copy
-        with open(path, "rb") as f:
-            f.readinto(blob)
-        values[name] = _parse_idx(blob, path)
-        want = expected.get(name, "")
-        if want:
-            got = hashlib.md5(blob).hexdigest()
-            if got != want:
-                raise DataError(f"MNIST file {path} has MD5 {got}, expected {want} from {source} "
-                                "(corrupted; replace it, it is not repaired here)")
-    return values
-
-
-def _parse_idx(blob: bytearray, path: Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes (magic 0x0000080N, N big-endian int32 sizes, then the values)."""
-    magic = int.from_bytes(blob[:4], "big")
-    ndim = magic & 0xFF
-    if magic >> 8 != 0x08 or ndim not in (1, 3):
-        raise DataError(f"MNIST file {path} is not an IDX file of bytes (magic {magic:#x})")
-    shape = [int.from_bytes(blob[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    if len(blob) - offset != math.prod(shape):
-        raise DataError(f"MNIST file {path} holds {len(blob) - offset} values, its header says {shape}")
-    return torch.frombuffer(blob, dtype=torch.uint8, offset=offset).reshape(shape)
-
-
-def mnist_present(root: str) -> bool:
-    """Some of MNIST's raw files are in `root` (whether whole is `check_mnist_files`'s question)."""
-    raw = Path(root) / "MNIST" / "raw"
-    return any((raw / f).exists() for f in MNIST_FILES)
-
-
-def download_mnist(root: str) -> None:
-    """Fetch MNIST into `root` with torchvision, unless $VAE_OFFLINE forbids the network; one-line errors."""
-    raw = Path(root) / "MNIST" / "raw"
-    if offline():
-        raise DataError(f"MNIST is not in {raw} and {OFFLINE_ENV}=1 forbids downloading it; point --data-dir "
-                        f"or {DATA_DIR_ENV} at a folder that holds it, or unset {OFFLINE_ENV} to download it")
-    from torchvision.datasets import MNIST  # only a download needs torchvision (about 1 s to import)
-
-    try:
-        MNIST(root, train=True, download=True)
-    except Exception as e:  # URLError, HTTPError, RuntimeError from torchvision
-        raise DataError(f"MNIST is not in {raw} and could not be downloaded "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"point --data-dir or {DATA_DIR_ENV} at a folder that holds it") from None
+    """`read_mnist_files`' checks (one-line `DataError`s naming the file); returns each file's values, a uint8
+    view of its one read."""
+    return {name: torch.frombuffer(blob, dtype=torch.uint8, offset=offset).reshape(shape)
+            for name, (blob, shape, offset) in read_mnist_files(root).items()}
 
 
 def load_mnist(root: str, subset: int = 0) -> Data:
@@ -173,15 +84,6 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
     zeros = torch.zeros(len(x), dtype=torch.int64)
     return Data(Split(x[:n_train], zeros[:n_train]),
                 Split(x[GAUSSIAN_TRAIN:], zeros[GAUSSIAN_TRAIN:]), None)
-
-
-def preflight(dataset: str, data_dir: str) -> None:
-    """Fail early, naming the file, if the data cannot be had; cheap when MNIST is already there."""
-    if dataset in ("mnist", "binarized-mnist"):
-        if mnist_present(data_dir):
-            check_mnist_files(data_dir)
-        else:
-            load_mnist(data_dir)  # downloads it (or says why it cannot)
 
 
 def load(dataset: str, data_dir: str, seed: int, subset: int = 0) -> Data:
