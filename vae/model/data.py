@@ -76,10 +76,12 @@ def gaussian2d(seed: int, subset: int = 0) -> Data:
     """The 2-D Gaussian toy's correlated Gaussian: 10,000 training and 2,000 test points."""
     mean = torch.tensor(GAUSSIAN_MEAN)
     cov = torch.tensor(GAUSSIAN_COV)
-    dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)  # checks positive definiteness
+    # the Cholesky factor, as torch.distributions.MultivariateNormal takes it (whose shape checks import sympy,
+    # half a CPU-second in every process that loads the toy); it refuses a covariance that is not positive definite
+    scale_tril = torch.linalg.cholesky(cov)
     gen = streams.toy_data(seed)
     eps = torch.randn(GAUSSIAN_TRAIN + GAUSSIAN_TEST, 2, generator=gen)
-    x = mean + eps @ dist.scale_tril.T
+    x = mean + eps @ scale_tril.T
     n_train = subset or GAUSSIAN_TRAIN
     zeros = torch.zeros(len(x), dtype=torch.int64)
     return Data(Split(x[:n_train], zeros[:n_train]),
