@@ -294,8 +294,9 @@ def driver_callbacks(progress) -> list:
     """The driver's Tune callbacks: our progress line, and Tune's JSON and CSV loggers (each trial's
     result.json and progress.csv), without the TensorBoardX logger that Tune adds by default: it imports torch
     into the driver (about 2.4 CPU-s; the trials import it in their own processes) to write what
-    `--tracker tensorboard` writes from inside the loop with more in it. Tune adds its loggers itself only
-    when this process's environment allows it."""
+    `--tracker tensorboard` writes from inside the loop with more in it. Tune adds its loggers itself unless
+    this process's environment says not to, so this says it (for the rest of the process, as
+    `tune.api._graceful_signals` turns Tune's own SIGINT handler off)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
