@@ -335,7 +335,11 @@ backward (vae/model/kernels.py, checked against autograd by `gradcheck` in tests
 Bernoulli NLL as `relu(l) - x*l + log1p(exp(-|l|))` in vector form; fused Adam (one kernel for every
 parameter); metrics summed on the device and read once an epoch; glibc's heap kept between steps
 (`mallopt`); denormals flushed. Under Ray: the local cluster polls its workers every 0.25 s instead of 2 s
-and skips the cloud preemption watcher; sweeps reuse trial processes with a per-process data cache. Tried
+and skips the cloud preemption watcher, the idle workers Ray starts when a driver connects, and the helper
+actors a local run has no use for (`vae.launch.trainer_class`: a datasets manager, a placement-group cleaner and
+an autoscaling coordinator, each one more process to start); sweeps reuse trial processes with a per-process
+data cache, and an unpacked sweep's driver never imports torch (its data checks, run record and Tune loggers do
+without it). Tried
 and not kept: `torch.compile` (tens of seconds to compile, no gain at this size), one product for the mean
 and log-variance heads (no gain), preloading torch into Ray's idle workers (slower on 2 cores), bfloat16
 autocast (faster, but not the same arithmetic), and a oneDNN path chosen by a start-up timing probe (on the
